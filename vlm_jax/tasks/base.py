@@ -68,11 +68,12 @@ class Task(abc.ABC):
         return {}
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, params: PyTree, model_state: PyTree, *, workdir: str, step: int,
-                 mesh=None, final: bool = False) -> dict[str, float]:
+    def evaluate(self, params: PyTree, model_state: PyTree, *, workdir: str, step: int, mesh,
+                 tokenizer=None, final: bool = False) -> dict[str, float]:
         """Run this family's evaluation (generation, metrics, plots) and write its files.
 
-        Called by the trainer every `train.eval_every` steps and at the end, and by eval.py.
-        Returns flat scalar metrics to log. Default: no evaluation.
+        Called by the trainer every `train.eval_every` steps and at the end, and by eval.py
+        (`vlm_jax.eval_lib`). Writes under `<workdir>/eval/step_<step>/`. Returns flat scalar
+        metrics to log. Default: no evaluation.
         """
         return {}

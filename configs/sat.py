@@ -1,0 +1,162 @@
+"""Show, Attend and Tell (Xu et al. 2015) configs.
+
+Variants (`--config configs/sat.py:VARIANT[,key=value,...]`):
+  tiny       seconds; what tests and smoke runs use.
+  synthetic  the default main job: the embedded synthetic shapes dataset, trains on a 2-core CPU.
+  coco       the paper's setup on COCO Karpathy splits: 14x14 annotation grid from a ResNet-101,
+             10k vocabulary, the paper's widths, lambda = 1, beam 5.
+
+Variant-level shortcuts (inside the arg): `attention=hard`, `blind=1`.
+Every other key is overridden on the command line as `--config.section.key=value`.
+
+Commands:
+  python train.py --config configs/sat.py:synthetic --workdir runs/sat_soft
+  python train.py --config configs/sat.py:synthetic,attention=hard --workdir runs/sat_hard
+  python train.py --config configs/sat.py:synthetic,blind=1 --workdir runs/sat_blind
+  python eval.py  --config configs/sat.py:synthetic --workdir runs/sat_soft [--step N]
+  python train.py --config configs/sat.py:coco --workdir runs/sat_coco \
+      --config.data.manual_dir=/data/coco   # dataset_coco.json + train2014/ val2014/
+  python train.py --config configs/sat.py:tiny --workdir /tmp/sat_tiny
+"""
+import ml_collections
+
+from vlm_jax import config_lib
+
+VARIANTS = ("tiny", "synthetic", "coco")
+
+
+def get_config(arg=None):
+    variant, overrides = config_lib.parse_arg(arg, VARIANTS, default="synthetic")
+    c = ml_collections.ConfigDict()
+    c.task = "sat"
+    c.variant = variant
+    c.seed = 0
+
+    # ---------------------------------------------------------------- data
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions'
+    d.data_dir = ""                    # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    d.manual_dir = ""                  # karpathy: folder with dataset_*.json and the images
+    d.builder_config = ""              # karpathy: coco | flickr8k | flickr30k
+    d.image_size = 56                  # S (pixels, square)
+    d.num_train = 6000                 # synthetic split sizes (images)
+    d.num_val = 500
+    d.num_test = 500
+    d.max_caption_len = 16             # words; T = max_caption_len + 2 (bos, eos)
+    d.vocab_min_count = 1
+    d.vocab_max_size = 10000
+    d.blind = False                    # blind baseline: every caption paired with a random other image
+    d.worker_count = 0
+    d.mean = (0.5, 0.5, 0.5)
+    d.std = (0.25, 0.25, 0.25)
+
+    # ---------------------------------------------------------------- model
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 0                   # set from the tokenizer by the trainer; 0 = not yet known
+    m.encoder = "cnn"                  # 'cnn' | 'resnet50' | 'resnet101'
+    m.cnn_widths = (32, 64, 128)
+    m.grid = 14                        # G: annotation grid is G x G (L = 196)
+    m.annotation_dim = 128             # D
+    m.embed_dim = 128                  # E
+    m.hidden_dim = 256                 # n, LSTM units
+    m.attention_dim = 128              # A
+    m.dropout = 0.3
+    m.attention = "soft"               # 'soft' | 'hard'
+    m.ds_lambda = 1.0                  # doubly stochastic regularisation weight (paper: 1)
+    m.gate = True                      # beta gate on the context
+    m.hard_entropy_weight = 0.01       # hard attention: lambda_e entropy bonus
+    m.hard_baseline_decay = 0.9        # hard attention: moving-average baseline decay
+    m.hard_sample_fraction = 0.5       # prob. of using the expectation instead of a sample (paper: 0.5)
+    m.freeze_encoder = False
+
+    # ---------------------------------------------------------------- optimisation
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 2e-3
+    o.end_lr_fraction = 0.05           # cosine decays to lr * end_lr_fraction
+    o.warmup_steps = 100
+    o.weight_decay = 1e-4
+    o.grad_clip = 5.0
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+
+    # ---------------------------------------------------------------- training loop
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 64                  # global batch (examples = image-caption pairs)
+    t.num_steps = 3000
+    t.log_every = 50
+    t.eval_every = 0                   # 0 = evaluate only at the end
+    t.checkpoint_every = 500
+    t.max_to_keep = 2
+    t.dtype = "float32"                # compute dtype; bfloat16 on accelerators
+    t.param_dtype = "float32"
+
+    # ---------------------------------------------------------------- device mesh
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                   # -1 = all devices not used by fsdp x tensor
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # ---------------------------------------------------------------- evaluation
+    c.eval = e = ml_collections.ConfigDict()
+    e.split = "test"
+    e.batch_size = 100
+    e.beam_size = 3
+    e.length_penalty = 0.0             # score = log p / length**length_penalty
+    e.max_len = 18                     # generated words incl. eos
+    e.num_figures = 6                  # attention figures (PNG) written per evaluation
+    e.max_examples = 0                 # 0 = the whole split
+
+    if variant == "tiny":
+        d.image_size = 16
+        d.num_train, d.num_val, d.num_test = 64, 16, 16
+        d.max_caption_len = 12
+        m.cnn_widths = (8, 16)
+        m.grid = 4
+        m.annotation_dim = m.embed_dim = m.attention_dim = 16
+        m.hidden_dim = 32
+        m.dropout = 0.0
+        o.warmup_steps = 2
+        t.batch_size = 8
+        t.num_steps = 4
+        t.log_every = 2
+        t.checkpoint_every = 2
+        e.batch_size = 8
+        e.beam_size = 2
+        e.max_len = 8
+        e.num_figures = 1
+    elif variant == "coco":
+        d.name = "karpathy_captions"
+        d.builder_config = "coco"
+        d.image_size = 224
+        d.max_caption_len = 20
+        d.vocab_min_count = 5
+        d.vocab_max_size = 10000
+        d.mean = (0.485, 0.456, 0.406)
+        d.std = (0.229, 0.224, 0.225)
+        m.encoder = "resnet101"
+        m.annotation_dim = 2048        # ResNet-101 final stage, 14 x 14 x 2048 (paper: VGG 14 x 14 x 512)
+        m.embed_dim = 512
+        m.hidden_dim = 1800            # paper's LSTM width
+        m.attention_dim = 512
+        m.dropout = 0.5
+        m.freeze_encoder = True
+        o.lr = 4e-4
+        o.warmup_steps = 1000
+        t.batch_size = 64
+        t.num_steps = 100_000
+        t.log_every = 100
+        t.eval_every = 10_000
+        t.checkpoint_every = 2000
+        t.max_to_keep = 3
+        t.dtype = "bfloat16"
+        e.split = "test"
+        e.batch_size = 64
+        e.beam_size = 5
+        e.max_len = 22
+        e.num_figures = 10
+
+    shortcuts = {"attention": "model.attention", "blind": "data.blind"}
+    config_lib.apply_overrides(c, {shortcuts.get(k, k): v for k, v in overrides.items()})
+    c.lock()
+    return c

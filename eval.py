@@ -1,0 +1,17 @@
+"""Evaluate a trained workdir: python eval.py --config configs/sat.py:synthetic --workdir runs/sat [--step N]"""
+import sys
+
+from vlm_jax import cli, config_lib
+
+
+def main(argv):
+    args, config = cli.parse(argv, "Evaluate a vlm_jax checkpoint.", with_step=True)
+    from vlm_jax import eval_lib
+    try:
+        eval_lib.evaluate(config, args.workdir, step=args.step)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,17 @@
+"""Train (and finally evaluate) a model: python train.py --config configs/sat.py:synthetic --workdir runs/sat"""
+import sys
+
+from vlm_jax import cli, config_lib
+
+
+def main(argv):
+    args, config = cli.parse(argv, "Train a vlm_jax model, then evaluate it.")
+    from vlm_jax import train_lib
+    try:
+        train_lib.train_and_evaluate(config, args.workdir)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,147 @@
+"""The one checkpoint path: Orbax CheckpointManager over (train state, data-iterator state, metadata).
+
+Layout under `<workdir>/checkpoints/<step>/`: `state/` (Orbax PyTree of the TrainState),
+`data/` (JSON of the input iterator's state) and `meta/` (JSON: task, step, config digest, versions).
+
+- Saves are asynchronous; `max_to_keep` old steps are kept.
+- Restore always goes through an abstract target carrying the shardings of the *current* mesh,
+  so a checkpoint written on one mesh restores onto another.
+- A corrupted latest step (Orbax keeps listing it) is walked back past with a logged warning.
+- A workdir holding a checkpoint of another model family or shape gives a clear error.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The workdir's checkpoint belongs to another model (family or shapes)."""
+
+
+def encode_data_state(state: Any) -> dict:
+    """Iterator state (bytes / str / JSON-able dict) -> JSON-able dict."""
+    if isinstance(state, bytes):
+        return {"kind": "bytes", "value": base64.b64encode(state).decode("ascii")}
+    return {"kind": "json", "value": state}
+
+
+def decode_data_state(blob: dict) -> Any:
+    if blob["kind"] == "bytes":
+        return base64.b64decode(blob["value"])
+    return blob["value"]
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, max_to_keep: int = 2, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    # ------------------------------------------------------------------ query
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state, *, data_state: Any, meta: dict, force: bool = False) -> bool:
+        """Async save; returns whether a save was started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(encode_data_state(data_state)),
+                                  meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+        return self.manager.save(int(step), args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # ------------------------------------------------------------------ restore
+    def _check_params_match(self, step: int, abstract_state) -> None:
+        """Compare saved parameter names/shapes with this model's before touching array data."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+            saved = getattr(saved, "tree", saved)
+            saved = _params_shapes(saved["params"])
+        except Exception:  # metadata unreadable: let restore decide (corruption walk-back)
+            return
+        want = _params_shapes(abstract_state.params)
+        if saved == want:
+            return
+        missing = sorted(set(want) - set(saved))[:3]
+        extra = sorted(set(saved) - set(want))[:3]
+        shape = [(k, saved[k], want[k]) for k in sorted(set(saved) & set(want)) if saved[k] != want[k]][:3]
+        raise CheckpointMismatchError(
+            f"the checkpoint at {self.directory} (step {step}) was written by a different model: "
+            f"parameters missing from it {missing}, unexpected in it {extra}, shape differences "
+            f"(name, saved, expected) {shape}. Use a fresh --workdir, or the config that wrote it.")
+
+    def read_meta(self, step: int) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, abstract_state, *, step: int | None = None, expect_meta: dict | None = None):
+        """-> (step, state, data_state, meta) or None if there is nothing to restore.
+
+        `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` for the current mesh.
+        `expect_meta`: keys that must match the saved metadata (e.g. {'task': 'sat'}); a mismatch
+        raises CheckpointMismatchError naming the key. With `step=None` the latest readable step
+        is used, walking back past corrupted ones with a warning.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None
+        candidates = [step] if step is not None else list(reversed(steps))
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}.")
+        last_error = None
+        for s in candidates:
+            try:
+                meta = self.read_meta(s)
+            except Exception as e:  # unreadable metadata: corrupted step
+                last_error = e
+                log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an earlier step.",
+                            s, self.directory, type(e).__name__, e)
+                continue
+            for key, want in (expect_meta or {}).items():
+                have = meta.get(key)
+                if have != want:
+                    raise CheckpointMismatchError(
+                        f"the checkpoint at {self.directory} (step {s}) was written with {key}={have!r} but this "
+                        f"run has {key}={want!r}. Use a fresh --workdir, or the config that wrote it.")
+            self._check_params_match(s, abstract_state)
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            except Exception as e:  # truncated / missing files: a corrupted step
+                last_error = e
+                log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying an earlier step.",
+                            s, self.directory, type(e).__name__, str(e)[:300])
+                continue
+            return s, out["state"], decode_data_state(out["data"]), meta
+        raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
+                           f"{type(last_error).__name__}: {last_error}. Move the directory away to start fresh.")
+
+
+def _params_shapes(tree) -> dict[str, tuple]:
+    """{'a/b/kernel': shape} for a params pytree of arrays / ShapeDtypeStructs / Orbax ArrayMetadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape")):
+        if hasattr(leaf, "shape"):
+            out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = tuple(leaf.shape)
+    return out

@@ -1,0 +1,31 @@
+"""Shared command-line handling for train.py and eval.py (flags + `--config.key=value` overrides)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vlm_jax import config_lib
+
+
+def parse(argv: list[str], description: str, with_step: bool = False):
+    try:
+        rest, overrides = config_lib.split_config_argv(argv)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="configs/<family>.py:VARIANT[,key=value,...]")
+    p.add_argument("--workdir", required=True, help="directory for checkpoints, logs, results")
+    if with_step:
+        p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--log_level", default="INFO")
+    args = p.parse_args(rest)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = config_lib.load_config(args.config, overrides)
+    except config_lib.ConfigError as e:
+        sys.exit(f"config error: {e}")
+    return args, config

@@ -1,0 +1,206 @@
+"""Config helpers: variant parsing, validation before anything compiles, saving the resolved config.
+
+Every check here raises `ConfigError` whose message names the offending key and the fix, so a
+bad command line fails in milliseconds instead of deep inside XLA.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and how to fix it."""
+
+
+def parse_arg(arg: str | None, variants: Iterable[str], default: str) -> tuple[str, dict[str, str]]:
+    """Parse a `get_config` argument: 'VARIANT' or 'VARIANT,key=value,...' or 'key=value,...'.
+
+    Returns (variant, {key: raw value}). Raw values are typed later by `apply_overrides`.
+    """
+    variants = tuple(variants)
+    variant, overrides = default, {}
+    for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+        if "=" in part:
+            key, value = part.split("=", 1)
+            overrides[key.strip()] = value.strip()
+        elif part in variants:
+            variant = part
+        else:
+            raise ConfigError(f"unknown config variant {part!r}; choose one of {', '.join(variants)} "
+                              f"(e.g. --config configs/<family>.py:{variants[0]}).")
+    return variant, overrides
+
+
+def _coerce(key: str, raw: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+    elif isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+    elif isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    elif isinstance(current, str):
+        return raw
+    elif isinstance(current, tuple):
+        try:
+            items = [s for s in raw.strip("()[]").split(":" if ":" in raw else ";") if s]
+            return tuple(type(current[0])(s) if current else int(s) for s in items)
+        except ValueError:
+            pass
+    kind = {bool: "boolean (true/false)", int: "integer", float: "number", tuple: "tuple like 1:2:3"}.get(
+        type(current), type(current).__name__)
+    raise ConfigError(f"config key {key!r}: cannot use {raw!r}, it must be a {kind} "
+                      f"(current value {current!r}); e.g. --config.{key}={current!r}.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> None:
+    """Apply 'a.b=value' overrides with the type of the existing field."""
+    for key, raw in overrides.items():
+        node, *_ = config, None
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                raise ConfigError(f"unknown config key {key!r}: {p!r} is not a section; "
+                                  f"sections are {sorted(k for k in node.keys())}.")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(node.keys())}.")
+        node[parts[-1]] = _coerce(key, raw, node[parts[-1]])
+
+
+def check_choice(config, key: str, choices: Iterable[Any]) -> None:
+    value = get_path(config, key)
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"config.{key}={value!r} is not valid; choose one of {choices} "
+                          f"(--config.{key}=...).")
+
+
+def check_positive(config, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        value = get_path(config, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"config.{key}={value!r} must be a number {bound} (--config.{key}=...).")
+
+
+def get_path(config, key: str) -> Any:
+    node = config
+    for p in key.split("."):
+        if p not in node:
+            raise ConfigError(f"config is missing the key {key!r}; add it to the config file.")
+        node = node[p]
+    return node
+
+
+def mesh_shape(config, num_devices: int) -> dict[str, int]:
+    """Resolve config.mesh (data may be -1 = all remaining devices) against `num_devices`."""
+    m = config.mesh
+    for axis in ("data", "fsdp", "tensor"):
+        v = m[axis]
+        if not isinstance(v, int) or v == 0 or v < -1 or (v == -1 and axis != "data"):
+            raise ConfigError(f"config.mesh.{axis}={v!r}: use a positive int"
+                              + (" or -1 (all remaining devices)" if axis == "data" else "") + ".")
+    fixed = m.fsdp * m.tensor
+    data = m.data if m.data != -1 else max(num_devices // fixed, 1)
+    total = data * fixed
+    if total > num_devices:
+        raise ConfigError(
+            f"config.mesh asks for data={data} x fsdp={m.fsdp} x tensor={m.tensor} = {total} devices but only "
+            f"{num_devices} are available; lower --config.mesh.data/fsdp/tensor (data=-1 uses all devices).")
+    if num_devices % total:
+        raise ConfigError(f"config.mesh ({data}x{m.fsdp}x{m.tensor}={total}) does not divide the {num_devices} "
+                          "available devices; choose sizes whose product divides the device count.")
+    return {"data": data, "fsdp": m.fsdp, "tensor": m.tensor}
+
+
+def validate_common(config, num_devices: int, process_count: int = 1) -> dict[str, int]:
+    """Checks shared by every family. Returns the resolved mesh shape."""
+    for key in ("task", "seed", "data", "model", "optim", "train", "mesh", "eval"):
+        get_path(config, key)
+    check_choice(config, "train.dtype", ("float32", "bfloat16"))
+    check_choice(config, "train.param_dtype", ("float32", "bfloat16"))
+    check_positive(config, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
+                   "train.max_to_keep", "eval.batch_size", "optim.lr")
+    check_positive(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.eval_every",
+                   allow_zero=True)
+    shape = mesh_shape(config, num_devices)
+    dp = shape["data"] * shape["fsdp"]
+    bs = config.train.batch_size
+    if bs % dp:
+        raise ConfigError(f"config.train.batch_size={bs} is not divisible by the data-parallel size "
+                          f"{dp} (mesh.data={shape['data']} x mesh.fsdp={shape['fsdp']}); use a multiple of {dp}, "
+                          f"e.g. --config.train.batch_size={max(dp, bs - bs % dp)}.")
+    if bs % process_count:
+        raise ConfigError(f"config.train.batch_size={bs} is not divisible by the {process_count} processes.")
+    if config.eval.batch_size % dp:
+        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel "
+                          f"size {dp}; use a multiple of {dp}.")
+    if config.optim.warmup_steps > config.train.num_steps:
+        raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds "
+                          f"config.train.num_steps={config.train.num_steps}; lower it.")
+    return shape
+
+
+def save_config(config, workdir: str) -> str:
+    """Write the resolved config as JSON (and readable repr) into the workdir."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_config(spec: str, overrides: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
+    """'configs/sat.py:tiny' + {'train.num_steps': '10'} -> locked ConfigDict.
+
+    The file must define `get_config(arg)`. Overrides take the type of the existing field;
+    unknown keys and wrong types raise ConfigError naming the key.
+    """
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {spec!r}: no config file at {path!r}; use e.g. configs/sat.py:synthetic.")
+    module_name = "_vlm_config_" + os.path.splitext(os.path.basename(path))[0]
+    mod_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(arg).")
+    config = module.get_config(arg or None)
+    config.unlock()
+    apply_overrides(config, overrides or {})
+    config.lock()
+    return config
+
+
+def split_config_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull `--config.a.b=value` (or `--config.a.b value`) pairs out of argv."""
+    rest, overrides, i = [], {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            key, eq, value = a[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{a} needs a value: {a}=VALUE.")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
