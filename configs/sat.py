@@ -128,6 +128,7 @@ def get_config(arg=None):
     elif variant == "coco":
         d.name = "karpathy_captions"
         d.builder_config = "coco"
+        d.num_train = d.num_val = d.num_test = 0   # 0 = whole Karpathy split
         d.image_size = 224
         d.max_caption_len = 20
         d.vocab_min_count = 5

@@ -59,9 +59,9 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
             return tuple(type(current[0])(s) if current else int(s) for s in items)
         except ValueError:
             pass
-    kind = {bool: "boolean (true/false)", int: "integer", float: "number", tuple: "tuple like 1:2:3"}.get(
-        type(current), type(current).__name__)
-    raise ConfigError(f"config key {key!r}: cannot use {raw!r}, it must be a {kind} "
+    kind = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+            tuple: "a tuple like 1:2:3"}.get(type(current), "a " + type(current).__name__)
+    raise ConfigError(f"config key {key!r}: cannot use {raw!r}, it must be {kind} "
                       f"(current value {current!r}); e.g. --config.{key}={current!r}.")
 
 

@@ -159,8 +159,8 @@ def _train_step(state: TrainState, batch, rng, *, task: Task, tx, labels):
     params = optax.apply_updates(state.params, updates)
     trainable = jax.tree.map(lambda g, l: g if l == "train" else None, grads, labels)
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.global_norm(trainable)
-    metrics["param_norm"] = optax.global_norm(params)
+    metrics["grad_norm"] = optax.tree.norm(trainable)
+    metrics["param_norm"] = optax.tree.norm(params)
     metrics["loss"] = loss
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=new_model_state), metrics
@@ -226,7 +226,34 @@ def checkpoint_meta(config) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate."""
+    """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate the final state."""
+    result = train(config, workdir)
+    if result.stopped_early:
+        return {}
+    metrics = result.task.evaluate(result.state.params, result.state.model_state, workdir=workdir,
+                                   step=result.step, mesh=result.mesh, tokenizer=result.tokenizer, final=True)
+    if jax.process_index() == 0:
+        logger = MetricLogger(workdir)
+        logger.scalars(result.step, metrics, prefix="eval")
+        logger.close()
+    return metrics
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int
+    stopped_early: bool
+    task: Task
+    mesh: Any
+    tokenizer: Any
+    train_iter: Any
+    config: Any
+
+
+def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
+    """The training loop. `stop_at` stops (with a checkpoint) before `train.num_steps`, as a
+    preemption would; rerunning resumes exactly where it stopped."""
     config, tokenizer, task, mesh = prepare(config, workdir)
     from vlm_jax.data import pipeline
     is_main = jax.process_index() == 0
@@ -263,26 +290,25 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     start = int(jax.device_get(state.step))
     meta = checkpoint_meta(config)
     progress = _progress(start, num_steps, enabled=is_main)
-    window_t, window_ex, window_tok, pending = time.time(), 0, 0, []
+    window_t, window_ex, pending = time.time(), 0, []
     step = start
     compile_done = False
-    eval_metrics: dict[str, float] = {}
+    stop = min(num_steps, stop_at) if stop_at is not None else num_steps
     try:
-        while step < num_steps:
+        while step < stop:
             local = next(train_iter)
             batch = sharding.put_batch(local, mesh)
             state, metrics = s.train_step(state, batch, rng)
             step += 1
             pending.append(metrics)
             window_ex += config.train.batch_size
-            if not compile_done:  # do not count compilation in throughput
+            progress.update(1)
+            if not compile_done:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(metrics)
                 compile_done = True
+                log.info("first step (incl. compilation) took %.1fs", time.time() - window_t)
                 window_t, window_ex, pending = time.time(), 0, []
-                progress.update(1)
-                continue
-            progress.update(1)
-            if step % config.train.log_every == 0 or step == num_steps:
+            elif step % config.train.log_every == 0 or step == stop:
                 host = jax.device_get(pending)
                 dt = time.time() - window_t
                 values = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -295,13 +321,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     raise FloatingPointError(f"loss is {values['loss']} at step {step}; not saving. Lower "
                                              "--config.optim.lr or check the data.")
                 logger.scalars(step, values)
-                progress.write(f"step {step}/{num_steps} " + _fmt(values))
+                eta = (stop - step) * dt / max(len(host), 1)
+                progress.write(f"step {step}/{num_steps} eta {eta / 60:.1f}min " + _fmt(values))
                 window_t, window_ex, pending = time.time(), 0, []
             if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
                 eval_metrics = task.evaluate(state.params, state.model_state, workdir=workdir, step=step,
                                              mesh=mesh, tokenizer=tokenizer)
                 logger.scalars(step, eval_metrics, prefix="eval")
-            if step % config.train.checkpoint_every == 0 or step == num_steps or preempted["flag"]:
+            if step % config.train.checkpoint_every == 0 or step == stop or preempted["flag"]:
                 _check_finite(state, step)
                 ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta)
             if preempted["flag"]:
@@ -313,12 +340,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
 
-    if not preempted["flag"]:
-        eval_metrics = task.evaluate(state.params, state.model_state, workdir=workdir, step=step, mesh=mesh,
-                                     tokenizer=tokenizer, final=True)
-        logger.scalars(step, eval_metrics, prefix="eval")
     logger.close()
-    return eval_metrics
+    return TrainResult(state=state, step=step, stopped_early=preempted["flag"] or step < num_steps, task=task,
+                       mesh=mesh, tokenizer=tokenizer, train_iter=train_iter, config=config)
 
 
 def _check_finite(state: TrainState, step: int) -> None:

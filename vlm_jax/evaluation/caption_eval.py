@@ -56,7 +56,7 @@ def run(predict: Callable, params, model_state, *, config, tokenizer, workdir: s
             caption = tokenizer.decode(ids)
             predictions[image_id] = caption
             toks = _tokens_until_eos(ids, tokenizer.eos_id)
-            words[image_id] = [tokenizer.decode([t]) or tokenizer.id_to_word(t) for t in toks]
+            words[image_id] = [tokenizer.id_to_word(t) for t in toks]
             if "alphas" in out:
                 alphas[image_id] = np.asarray(out["alphas"][row][: len(toks)], np.float32)
         n_done += int(valid.sum())
@@ -73,7 +73,8 @@ def run(predict: Callable, params, model_state, *, config, tokenizer, workdir: s
         if alphas:
             loc = localization.attention_localization(words, alphas, objects, grid=config.model.grid,
                                                       colors=COLORS, shapes=SHAPES)
-            metrics.update({f"localization_{k}": v for k, v in loc.items()})
+            metrics.update(localization_rate=loc.rate, localization_chance=loc.chance_rate,
+                           localization_words=loc.num_words)
     metrics["num_images"] = len(predictions)
     metrics["generation_seconds"] = gen_time
 

@@ -1,0 +1,306 @@
+"""Show, Attend and Tell: model shapes and attention invariants, step-by-step decoding == teacher
+forcing, the caption losses on hand-computed examples, hard-attention gradients, encoder freezing,
+beam-search predict, and overfitting a 2-example batch. Tiny sizes (S=16, G=4, widths 16)."""
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vlm_jax import config_lib
+from vlm_jax.layers.cnn import GridCNN, adaptive_avg_pool
+from vlm_jax.models.sat import SATModel
+from vlm_jax.objectives import captioning
+from vlm_jax.tasks import sat as sat_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAT_CONFIG = os.path.join(ROOT, "configs", "sat.py")
+
+V, B, T, S, G = 13, 2, 8, 16, 4
+L = G * G
+
+
+def tiny_config(**overrides):
+    ov = {"data.image_size": S, "data.max_caption_len": T - 2, "model.vocab_size": V,
+          "model.cnn_widths": "16:16", "model.grid": G, "model.annotation_dim": 16, "model.embed_dim": 16,
+          "model.hidden_dim": 32, "model.attention_dim": 16, "model.dropout": 0.0}
+    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return config_lib.load_config(f"{SAT_CONFIG}:tiny", ov)
+
+
+def make_batch(seed=0):
+    """Two images and captions <bos> w.. <eos> <pad>.. (second caption shorter, so it has pads)."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(B, S, S, 3)).astype(np.float32)
+    tokens = np.zeros((B, T), np.int32)
+    tokens[0] = [1, 5, 6, 7, 8, 9, 10, 2]
+    tokens[1, :5] = [1, 11, 4, 12, 2]
+    return {"image": images, "tokens": tokens}
+
+
+@pytest.fixture(scope="module")
+def soft():
+    task = sat_task.make_task(tiny_config())
+    batch = make_batch()
+    variables = jax.jit(task.init)(jax.random.key(0), batch)
+    return task, batch, nn.meta.unbox(variables)
+
+
+@pytest.fixture(scope="module")
+def hard():
+    task = sat_task.make_task(tiny_config(model__attention="hard"))
+    batch = make_batch()
+    variables = jax.jit(task.init)(jax.random.key(0), batch)
+    return task, batch, nn.meta.unbox(variables)
+
+
+def _apply(task, variables, batch, *, train, seed=1):
+    fn = jax.jit(lambda p, im, tok, r: task.model.apply(
+        {"params": p}, im, tok, train=train,
+        rngs={"dropout": jax.random.fold_in(r, 0), "hard": jax.random.fold_in(r, 1)}))
+    return fn(variables["params"], batch["image"], batch["tokens"], jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step_loop(model, params, images, inputs, greedy=False):
+    """encode -> init_decode_state -> decode_step over inputs i32[steps, B] (teacher forcing), or
+    feeding back the argmax (greedy, inputs[0] is <bos>). -> (logits [B, steps, V], alphas, final state)."""
+    ann = model.apply(params, images, method=SATModel.encode)
+    state = model.apply(params, ann, method=SATModel.init_decode_state)
+
+    def body(carry, tok):
+        state, prev = carry
+        logits, state, alpha = model.apply(params, jnp.where(greedy, prev, tok), state, method=SATModel.decode_step)
+        return (state, jnp.argmax(logits, -1).astype(jnp.int32)), (logits, alpha)
+
+    (state, _), (logits, alphas) = jax.lax.scan(body, (state, inputs[0]), inputs)
+    return jnp.swapaxes(logits, 0, 1), jnp.swapaxes(alphas, 0, 1), state
+
+
+# ---------------------------------------------------------------------------- encoder
+def test_grid_cnn_shapes_and_adaptive_pool():
+    """S=64 -> G=14 through the stride/pool rule; adaptive pooling averages the right bins."""
+    cnn = GridCNN(widths=(4, 4, 4), grid=14)
+    out = jax.eval_shape(lambda x: cnn.init_with_output(jax.random.key(0), x)[0], jnp.zeros((1, 64, 64, 3)))
+    assert out.shape == (1, 14, 14, 4)
+    x = jnp.arange(5.0).reshape(1, 5, 1, 1) * jnp.ones((1, 5, 2, 1))
+    pooled = adaptive_avg_pool(x, (2, 1))
+    # bins [0, 3) and [2, 5) of rows 0..4
+    np.testing.assert_allclose(np.asarray(pooled)[0, :, 0, 0], [1.0, 3.0])
+
+
+# ---------------------------------------------------------------------------- model
+def test_output_shapes_alpha_beta(soft, hard):
+    for task, batch, variables in (soft, hard):
+        out = _apply(task, variables, batch, train=True)
+        assert out["logits"].shape == (B, T - 1, V)
+        assert out["alphas"].shape == (B, T - 1, L)
+        assert out["betas"].shape == (B, T - 1)
+        np.testing.assert_allclose(np.asarray(out["alphas"]).sum(-1), 1.0, atol=1e-5)
+        betas = np.asarray(out["betas"])
+        assert np.all(betas > 0) and np.all(betas < 1)
+        assert np.all(np.isfinite(np.asarray(out["logits"])))
+        if task.hard:
+            assert out["sample_logp"].shape == (B, T - 1) and out["entropy"].shape == (B, T - 1)
+            # per caption: either sampled at every step (log p(s_t) = log alpha_t at one location < 0)
+            # or used the expectation at every step (0)
+            logp = np.asarray(out["sample_logp"])
+            assert np.all((logp < 0).all(1) | (logp == 0).all(1))
+            near = np.min(np.abs(np.log(np.asarray(out["alphas"])) - logp[..., None]), axis=-1)
+            assert np.all(near[(logp < 0)] < 1e-5)
+            ent = np.asarray(out["entropy"])
+            assert np.all(ent > 0) and np.all(ent <= np.log(L) + 1e-5)
+        else:
+            assert "sample_logp" not in out
+
+
+def test_decode_step_matches_teacher_forcing(soft, hard):
+    """encode -> init_decode_state -> decode_step loop == __call__ (train=False), logits and alphas."""
+    for task, batch, variables in (soft, hard):
+        model = task.model
+        params = {"params": variables["params"]}
+        ref = _apply(task, variables, batch, train=False)
+
+        logits, alphas, state = _step_loop(model, params, batch["image"], batch["tokens"][:, :-1].T)
+        assert set(state) == {"h", "c", "annotations", "projected"}
+        assert state["annotations"].shape == (B, L, 16) and state["projected"].shape == (B, L, 16)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref["logits"]), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(alphas), np.asarray(ref["alphas"]), atol=1e-5, rtol=0)
+
+
+def test_every_param_has_logical_axes():
+    boxed = jax.eval_shape(sat_task.make_task(tiny_config(model__annotation_dim=24)).init, jax.random.key(0),
+                           make_batch())
+    leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+    names = {path[0].key for path, _ in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed["params"]))}
+    assert {"encoder", "encoder_proj", "att_a", "att_h", "att_w", "gate_beta", "lstm_x", "lstm_h", "out_o"} <= names
+
+
+def test_bad_inputs_name_the_fix():
+    with pytest.raises(ValueError, match="model.encoder"):
+        sat_task.make_task(tiny_config(model__encoder="vgg")).init(jax.random.key(0), make_batch())
+    with pytest.raises(ValueError, match="vocab_size"):
+        sat_task.make_task(tiny_config(model__vocab_size=0))
+    task = sat_task.make_task(tiny_config())
+    with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
+        jax.eval_shape(task.init, jax.random.key(0), {"image": np.zeros((B, S, S)), "tokens": np.zeros((B, T), np.int32)})
+
+
+# ---------------------------------------------------------------------------- losses
+def test_masked_cross_entropy_ignores_pad():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 5)).astype(np.float32)
+    targets = np.array([[1, 2, 3, 0], [4, 0, 0, 0]])
+    mask = targets != 0
+    res = captioning.masked_cross_entropy(logits, targets, mask)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.mean([logp[0, 0, 1], logp[0, 1, 2], logp[0, 2, 3], logp[1, 0, 4]])
+    np.testing.assert_allclose(float(res.loss), expected, rtol=1e-6)
+    assert float(res.num_tokens) == 4
+    acc = np.mean([logits[0, 0].argmax() == 1, logits[0, 1].argmax() == 2, logits[0, 2].argmax() == 3,
+                   logits[1, 0].argmax() == 4])
+    np.testing.assert_allclose(float(res.accuracy), acc)
+    # changing logits and target ids at pad positions changes nothing
+    logits2, targets2 = logits.copy(), targets.copy()
+    logits2[~mask] = 100.0 * rng.normal(size=logits2[~mask].shape)
+    targets2[~mask] = 3
+    res2 = captioning.masked_cross_entropy(logits2, targets2, mask)
+    np.testing.assert_allclose(float(res2.loss), float(res.loss), rtol=1e-6)
+    assert np.all(np.asarray(res2.nll)[~mask] == 0)
+
+
+def test_doubly_stochastic_hand_computed():
+    # B=1, T=3 (last step is pad), L=2
+    alphas = np.array([[[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]]], np.float32)
+    mask = np.array([[True, True, False]])
+    # sum_t alpha over valid steps: [0.75, 1.25] -> (1-0.75)^2 + (1-1.25)^2 = 0.125; lambda=2;
+    # divided by the 2 target tokens (same normaliser as the token cross-entropy)
+    np.testing.assert_allclose(float(captioning.doubly_stochastic_reg(alphas, mask, 2.0)), 0.125, rtol=1e-6)
+    # a second caption with coverage [1, 1] adds 0 to the sum but 2 tokens to the normaliser
+    alphas2 = np.concatenate([alphas, np.array([[[0.5, 0.5], [0.5, 0.5], [0.3, 0.7]]], np.float32)])
+    mask2 = np.array([[True, True, False], [True, True, False]])
+    np.testing.assert_allclose(float(captioning.doubly_stochastic_reg(alphas2, mask2, 2.0)), 0.0625, rtol=1e-6)
+
+
+def test_reinforce_baseline_and_surrogate_arithmetic():
+    reward = jnp.array([-2.0, -4.0])
+    sample_logp = jnp.array([[-0.5, -1.0, -7.0], [-0.25, 0.0, 0.0]])
+    mask = jnp.array([[True, True, False], [True, True, True]])
+    res = captioning.reinforce_hard_attention(reward, sample_logp, mask, jnp.float32(-1.0), decay=0.9,
+                                              normalizer=jnp.float32(5.0))
+    # b_new = 0.9 * (-1) + 0.1 * mean(-2, -4) = -1.2
+    np.testing.assert_allclose(float(res.new_baseline), -1.2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(res.advantage), [-1.0, -3.0])
+    # loss = -[(-1)(-1.5) + (-3)(-0.25)] / 5 = -0.45
+    np.testing.assert_allclose(float(res.loss), -0.45, rtol=1e-6)
+    # gradient flows only through log p(s): d loss / d sample_logp = -(r - b) m / normalizer
+    g = jax.grad(lambda lp, r: captioning.reinforce_hard_attention(
+        r, lp, mask, jnp.float32(-1.0), decay=0.9, normalizer=jnp.float32(5.0)).loss, argnums=(0, 1))(sample_logp, reward)
+    np.testing.assert_allclose(np.asarray(g[0]), [[0.2, 0.2, 0.0], [0.6, 0.6, 0.6]], rtol=1e-6)
+    assert np.all(np.asarray(g[1]) == 0)
+
+
+def test_hard_loss_metrics_and_attention_gradients(hard):
+    """Every caption samples (fraction 0): the attention MLP gets gradient only through REINFORCE
+    (non-zero, finite); the cross-entropy alone gives it none, since z = a_{s_t} ignores alpha."""
+    task = sat_task.make_task(tiny_config(model__attention="hard", model__hard_sample_fraction=0.0,
+                                          model__ds_lambda=0.0, model__hard_entropy_weight=0.0))
+    _, batch, variables = hard  # same parameter tree (the sample fraction has no parameters)
+    assert float(variables["model_state"]["reinforce_baseline"]) == 0.0
+
+    @jax.jit
+    def grads(params, model_state, batch, rng):
+        def f(p):  # (total loss, cross-entropy alone): one reverse pass for both rows
+            loss, (metrics, new_state) = task.loss_fn(p, model_state, batch, rng, train=True)
+            return jnp.stack([loss, metrics["xent"]]), (loss, metrics, new_state)
+        jac, (loss, metrics, new_state) = jax.jacrev(f, has_aux=True)(params)
+        return loss, metrics, new_state, jax.tree.map(lambda x: x[0], jac), jax.tree.map(lambda x: x[1], jac)
+
+    loss, metrics, new_state, g, xent_g = grads(variables["params"], variables["model_state"], batch,
+                                                jax.random.key(3))
+    assert set(metrics) >= {"loss", "xent", "ds_reg", "accuracy", "num_tokens", "reinforce", "entropy", "baseline"}
+    assert float(metrics["num_tokens"]) == 7 + 4
+    # baseline after one batch: 0.9 * 0 + 0.1 * mean reward, reward = -(sum of token NLLs per caption)
+    # mean reward = -(sum of all token NLLs) / B = -xent * num_tokens / B
+    expected_b = 0.1 * (-float(metrics["xent"]) * 11 / B)
+    np.testing.assert_allclose(float(new_state["reinforce_baseline"]), expected_b, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["baseline"]), expected_b, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(metrics["xent"] + metrics["reinforce"]), rtol=1e-5)
+    for name in ("att_a", "att_h", "att_w"):
+        for leaf in jax.tree.leaves(g[name]):
+            assert np.all(np.isfinite(np.asarray(leaf)))
+        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g[name])) > 1e-6, name
+        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(xent_g[name])) == 0.0, name
+
+
+# ---------------------------------------------------------------------------- task
+def test_param_labels_freeze_encoder(soft):
+    task, _, variables = soft
+    labels = task.param_labels(variables["params"])
+    assert set(jax.tree.leaves(labels)) == {"train"}
+    frozen = sat_task.make_task(tiny_config(model__freeze_encoder=True))
+    labels = frozen.param_labels(variables["params"])
+    assert set(jax.tree.leaves(labels["encoder"])) == {"freeze"}
+    assert all(set(jax.tree.leaves(sub)) == {"train"} for k, sub in labels.items() if k != "encoder")
+    # the frozen encoder's output is cut from the graph
+    g = jax.jit(jax.grad(lambda p: frozen.loss_fn(p, {}, make_batch(), jax.random.key(0), train=True)[0]))(
+        variables["params"])
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g["encoder"]))
+    assert float(jnp.abs(g["lstm_x"]["kernel"]).max()) > 0
+
+
+def test_predict_beam_search(soft):
+    pytest.importorskip("vlm_jax.decoding")
+    task, batch, variables = soft
+    max_len = 5
+    predict = jax.jit(task.predict, static_argnames=("beam_size", "max_len", "length_penalty", "bos_id", "eos_id"))
+    out = predict(variables["params"], variables["model_state"], batch["image"], beam_size=1, max_len=max_len,
+                  length_penalty=0.0, bos_id=1, eos_id=2)
+    assert out["tokens"].shape == (B, max_len) and out["scores"].shape == (B,)
+    assert out["alphas"].shape == (B, max_len, L)
+    # beam 1 == greedy: replay argmax decoding with decode_step
+    bos = jnp.ones((max_len, B), jnp.int32)
+    logits, alphas, _ = _step_loop(task.model, {"params": variables["params"]}, batch["image"], bos, greedy=True)
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(np.asarray(out["alphas"][:, 0]), np.asarray(alphas[:, 0]), atol=1e-5)
+    for b in range(B):
+        ref = list(greedy[b])
+        if 2 in ref:
+            ref = ref[:ref.index(2) + 1]
+        np.testing.assert_array_equal(np.asarray(out["tokens"][b, :len(ref)]), ref)
+        assert np.all(np.asarray(out["tokens"][b, len(ref):]) == 0)
+        # score = sum log p (length_penalty 0)
+        np.testing.assert_allclose(float(out["scores"][b]), sum(logp[b, t, w] for t, w in enumerate(ref)), rtol=1e-5)
+    beam = predict(variables["params"], variables["model_state"], batch["image"], beam_size=3, max_len=max_len,
+                   length_penalty=0.0, bos_id=1, eos_id=2)
+    assert np.all(np.asarray(beam["scores"]) >= np.asarray(out["scores"]) - 1e-5)
+
+
+def test_overfits_two_examples(soft):
+    """30 Adam steps on one 2-caption batch: the loss falls to a small fraction of its start."""
+    task, batch, variables = soft
+    params = variables["params"]
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, opt_state, rng):
+        (loss, (metrics, _)), g = jax.value_and_grad(
+            lambda p: task.loss_fn(p, {}, batch, rng, train=True), has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    opt_state = tx.init(params)
+    first = None
+    for i in range(30):
+        params, opt_state, metrics = step(params, opt_state, jax.random.key(i))
+        first = float(metrics["xent"]) if first is None else first
+    last = float(metrics["xent"])
+    assert first > 2.0, first  # ~log(13) at init
+    assert last < 0.2 * first, (first, last)
+    assert float(metrics["accuracy"]) > 0.9

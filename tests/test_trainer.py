@@ -1,0 +1,132 @@
+"""The one trainer on Show, Attend and Tell (tiny): sharding equality, checkpoint/resume exactness,
+mismatched-workdir errors and the end-to-end train -> eval job."""
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import checkpoint as ckpt_lib
+from vlm_jax import config_lib, sharding, train_lib
+from vlm_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAT = os.path.join(ROOT, "configs", "sat.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny(data_dir, arg="tiny", **overrides):
+    ov = {"data.data_dir": data_dir}
+    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return config_lib.load_config(f"{SAT}:{arg}", ov)
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64)
+                                                                                - np.asarray(y, np.float64)))), a, b)))
+
+
+def test_sharded_step_equals_single_device(data_dir, tmp_path):
+    """Two train steps on a 2x2x2 mesh of 8 CPU devices == the same steps on one device (<= 1e-5)."""
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
+    config = tiny(data_dir)
+    config, tokenizer, task, _ = train_lib.prepare(config, str(tmp_path))
+    it = pipeline.make_train_iterator(config, tokenizer)
+    batches = [next(it) for _ in range(2)]
+    results = []
+    for shape, devices in (({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                           ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())):
+        mesh = sharding.create_mesh(shape, devices)
+        s = train_lib.setup(config, task, mesh)
+        state = s.init_fn(jax.random.key(0))
+        for b in batches:
+            state, metrics = s.train_step(state, sharding.put_batch(b, mesh), jax.random.key(1))
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+        if shape["tensor"] == 2:  # the 8-device run really is sharded somewhere
+            specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
+            assert any(any(ax is not None for ax in spec) for spec in specs)
+    (p1, m1), (p8, m8) = results
+    assert _max_diff(p1, p8) <= 1e-5
+    assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5
+
+
+def test_save_restore_identical_params_and_next_batch(data_dir, tmp_path):
+    config = tiny(data_dir, train__num_steps=4)
+    result = train_lib.train(config, str(tmp_path), stop_at=2)
+    assert result.stopped_early and result.step == 2
+    expected_next = next(result.train_iter)
+
+    config2 = tiny(data_dir, train__num_steps=4)
+    config2, tokenizer, task, mesh = train_lib.prepare(config2, str(tmp_path))
+    s = train_lib.setup(config2, task, mesh)
+    ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    step, state, data_state, meta = ck.restore(s.abstract_state)
+    ck.close()
+    assert step == 2 and meta["task"] == "sat"
+    assert _max_diff(jax.device_get(state.params), jax.device_get(result.state.params)) == 0.0
+    assert _max_diff(jax.device_get(state.opt_state), jax.device_get(result.state.opt_state)) == 0.0
+    it = pipeline.make_train_iterator(config2, tokenizer)
+    it.set_state(data_state)
+    got_next = next(it)
+    for k in expected_next:
+        np.testing.assert_array_equal(got_next[k], expected_next[k])
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path):
+    """N steps + restart + N steps == 2N uninterrupted steps (params and optimizer state)."""
+    n = 3
+    straight = train_lib.train(tiny(data_dir, train__num_steps=2 * n, train__checkpoint_every=100),
+                               str(tmp_path / "straight"))
+    first = train_lib.train(tiny(data_dir, train__num_steps=2 * n, train__checkpoint_every=100),
+                            str(tmp_path / "resumed"), stop_at=n)
+    assert first.step == n
+    second = train_lib.train(tiny(data_dir, train__num_steps=2 * n, train__checkpoint_every=100),
+                             str(tmp_path / "resumed"))
+    assert second.step == 2 * n and not second.stopped_early
+    assert _max_diff(jax.device_get(second.state.params), jax.device_get(straight.state.params)) <= 1e-6
+    assert _max_diff(jax.device_get(second.state.opt_state), jax.device_get(straight.state.opt_state)) <= 1e-6
+
+
+def test_workdir_with_other_model_gives_clear_error(data_dir, tmp_path):
+    train_lib.train(tiny(data_dir, train__num_steps=2), str(tmp_path))
+    wider = tiny(data_dir, train__num_steps=3, model__hidden_dim=48)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"different model.*fresh --workdir"):
+        train_lib.train(wider, str(tmp_path))
+    # A checkpoint whose metadata says another family.
+    ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    meta = ck.read_meta(ck.latest_step())
+    assert meta["task"] == "sat"
+    other = tiny(data_dir, train__num_steps=2)
+    config, tokenizer, task, mesh = train_lib.prepare(other, str(tmp_path))
+    s = train_lib.setup(config, task, mesh)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"task='sat' but this run has task='blip2'"):
+        ck.restore(s.abstract_state, expect_meta={"task": "blip2"})
+    ck.close()
+
+
+def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
+    """The main job on the tiny config: checkpoints, TensorBoard events, results/metrics JSON, PNGs."""
+    workdir = str(tmp_path)
+    metrics = train_lib.train_and_evaluate(tiny(data_dir), workdir)
+    for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
+        assert key in metrics
+    ck = ckpt_lib.Checkpointer(workdir)
+    assert ck.latest_step() == 4
+    ck.close()
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert os.path.isfile(os.path.join(workdir, "config.json")) and os.path.isfile(os.path.join(workdir, "vocab.json"))
+    out = os.path.join(workdir, "eval", "step_4")
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results and {"image_id", "caption"} <= set(results[0])
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["step"] == 4 and "CIDEr" in saved
+    assert glob.glob(os.path.join(out, "attention_*.png"))
+    lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_lines = [l for l in lines if l["split"] == "train"]
+    assert train_lines and {"loss", "grad_norm", "learning_rate", "examples_per_sec"} <= set(train_lines[-1])

@@ -1,0 +1,81 @@
+"""Pieces shared by the caption dataset builders and the input pipeline.
+
+Legend of dimension letters: H, W image height/width (pixels), S output side, C channels (3).
+"""
+from __future__ import annotations
+
+import inspect
+import io
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+
+def caption_features(image_shape=(None, None, 3), encoding_format: str = "png"):
+    """The FeaturesDict shared by every caption dataset (docs/interfaces.md "Data").
+
+    image [H, W, 3] uint8 (PNG/JPEG encoded on disk), image_id int64, captions: list of text,
+    objects: list of {shape, color, size, bbox f32[4] = [ymin, xmin, ymax, xmax] in [0, 1]},
+    questions: list of {question, answer, qtype}.
+    """
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=image_shape, encoding_format=encoding_format),
+        "image_id": np.int64,
+        "captions": tfds.features.Sequence(tfds.features.Text()),
+        "objects": tfds.features.Sequence({
+            "shape": tfds.features.Text(),
+            "color": tfds.features.Text(),
+            "size": tfds.features.Text(),
+            "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        }),
+        "questions": tfds.features.Sequence({
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "qtype": tfds.features.Text(),
+        }),
+    })
+
+
+class PackageBuilderMixin:
+    """Lets a `GeneratorBasedBuilder` live inside the vlm_jax package without TensorFlow.
+
+    TFDS' default `code_path` for builders defined in a package consults
+    `importlib_resources`, which is not part of the JAX stack and raises
+    ModuleNotFoundError during `download_and_prepare`. The builder's source file is all TFDS
+    needs it for (locating an optional checksums file), so return it directly.
+    """
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:  # pytype: disable=signature-mismatch
+        return epath.Path(inspect.getfile(cls))
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes (fast compression level)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 [H, W, 3] (grayscale / RGBA / palette converted to RGB)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [S, S, 3]: shorter side to S (bilinear, PIL), centre crop.
+
+    Square inputs are simply resized (or returned unchanged when already S x S).
+    """
+    h, w = img.shape[:2]
+    if h == w == size:
+        return img
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    im = Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))

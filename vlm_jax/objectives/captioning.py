@@ -1,0 +1,112 @@
+"""Captioning losses: masked token cross-entropy, and Show, Attend and Tell's attention terms.
+
+Dimension letters: B batch, T target positions, V vocabulary, L annotation locations.
+
+Notation follows Xu et al. (2015): y the caption, a the annotations, alpha_ti the attention weight
+of location i at step t, s_t the location sampled by hard attention, b the moving-average
+baseline, lambda the doubly stochastic weight, lambda_e the entropy weight.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class XentResult(NamedTuple):
+    loss: jax.Array         # f32[]     mean NLL over non-pad target tokens
+    nll: jax.Array          # f32[B, T] -log p(y_t | ...), 0 at pad positions
+    num_tokens: jax.Array   # f32[]     number of non-pad target tokens
+    accuracy: jax.Array     # f32[]     argmax accuracy over non-pad target tokens
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> XentResult:
+    """Token cross-entropy over the positions where `mask` is true.
+
+    logits f32[B, T, V], targets i32[B, T], mask bool[B, T] (False at pad) ->
+      loss = sum_{b,t} m_bt (-log p(y_bt)) / max(1, sum_{b,t} m_bt)
+    Pad positions contribute nothing, whatever their logits or target ids.
+    """
+    if logits.shape[:-1] != targets.shape or targets.shape != mask.shape:
+        raise ValueError(f"masked_cross_entropy: logits {logits.shape} must be [B, T, V] with targets and mask "
+                         f"[B, T]; got targets {targets.shape}, mask {mask.shape}.")
+    logits = logits.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0] * m
+    num = m.sum()
+    denom = jnp.maximum(num, 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * m
+    return XentResult(loss=nll.sum() / denom, nll=nll, num_tokens=num, accuracy=correct.sum() / denom)
+
+
+def doubly_stochastic_reg(alphas: jax.Array, mask: jax.Array, weight: float) -> jax.Array:
+    """Doubly stochastic attention regulariser (paper eq. 14): lambda * sum_i (1 - sum_t alpha_ti)^2.
+
+    alphas f32[B, T, L], mask bool[B, T] (only steps t whose target is not pad are summed) -> f32[].
+
+    The paper's per-caption loss is  -log p(y|x) + lambda * sum_i (1 - sum_t alpha_ti)^2.  Our token
+    cross-entropy is that NLL summed over the batch and divided by the number of target tokens, so
+    the regulariser is summed over captions and divided by the same token count: the total is
+    exactly the paper's batch loss / #tokens, and lambda keeps the paper's meaning (lambda=1).
+    Encourages the model to look at every part of the image over the course of the caption.
+    """
+    if alphas.shape[:2] != mask.shape:
+        raise ValueError(f"doubly_stochastic_reg: alphas {alphas.shape} must be [B, T, L] with mask [B, T]; "
+                         f"got mask {mask.shape}.")
+    mask = mask.astype(jnp.float32)
+    coverage = jnp.sum(alphas.astype(jnp.float32) * mask[..., None], axis=1)  # [B, L]
+    per_caption = jnp.sum((1.0 - coverage) ** 2, axis=-1)                    # [B]
+    return weight * jnp.sum(per_caption) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class ReinforceResult(NamedTuple):
+    loss: jax.Array          # f32[]  surrogate whose gradient is the REINFORCE term
+    new_baseline: jax.Array  # f32[]  b after this batch
+    advantage: jax.Array     # f32[B] r - b (b before the update)
+
+
+def caption_log_likelihood(nll: jax.Array) -> jax.Array:
+    """Reward r = log p(y | s, a) per caption: nll f32[B, T] (0 at pad) -> f32[B]."""
+    return -jnp.sum(nll, axis=-1)
+
+
+def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: jax.Array,
+                             baseline: jax.Array, *, decay: float, normalizer: jax.Array) -> ReinforceResult:
+    """REINFORCE term of hard ("stochastic") attention (paper eq. 11-12) with a moving-average baseline.
+
+    The paper's gradient for one caption with sampled locations s~ is
+        dL_s/dW ~= d log p(y | s~, a)/dW + lambda_r (log p(y | s~, a) - b) d log p(s~ | a)/dW
+                   + lambda_e dH[s~]/dW,           log p(s~ | a) = sum_t log alpha_{t, s~_t}.
+    The first term is the token cross-entropy and the last the entropy bonus (`attention_entropy`);
+    this function gives the middle one (lambda_r = 1) as a loss to minimise:
+        loss = -sum_b stop_grad(r_b - b) * sum_t m_bt log alpha_{t, s_bt} / normalizer
+    with r_b = log p(y_b | s~, a) (`caption_log_likelihood`), b the baseline *before* this batch.
+    Use the token count as `normalizer` so the ratio to a per-token-mean cross-entropy is the
+    paper's per-caption ratio. The baseline (model state, not a parameter) then moves as
+        b <- decay * b + (1 - decay) * mean_b r_b.
+
+    reward f32[B], sample_logp f32[B, T] (0 where no location was sampled), mask bool[B, T],
+    baseline f32[] -> ReinforceResult(loss f32[], new_baseline f32[], advantage f32[B]).
+    """
+    if sample_logp.shape != mask.shape or reward.shape != sample_logp.shape[:1]:
+        raise ValueError(f"reinforce_hard_attention: reward must be [B] and sample_logp, mask [B, T]; got "
+                         f"{reward.shape}, {sample_logp.shape}, {mask.shape}.")
+    reward = jax.lax.stop_gradient(reward.astype(jnp.float32))
+    baseline = jax.lax.stop_gradient(jnp.asarray(baseline, jnp.float32))
+    advantage = reward - baseline
+    logp_s = jnp.sum(sample_logp.astype(jnp.float32) * mask.astype(jnp.float32), axis=-1)  # log p(s~ | a)  [B]
+    loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
+    new_baseline = decay * baseline + (1.0 - decay) * jnp.mean(reward)
+    return ReinforceResult(loss=loss, new_baseline=new_baseline, advantage=advantage)
+
+
+def attention_entropy(entropy: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean attention entropy H[alpha_t] = -sum_i alpha_ti log alpha_ti over non-pad steps.
+
+    entropy f32[B, T] (per-step H[alpha_t]), mask bool[B, T] -> f32[]. The hard-attention loss
+    subtracts lambda_e times this (an entropy *bonus*, paper eq. 12).
+    """
+    m = mask.astype(jnp.float32)
+    return jnp.sum(entropy.astype(jnp.float32) * m) / jnp.maximum(m.sum(), 1.0)

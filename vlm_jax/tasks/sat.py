@@ -1,0 +1,223 @@
+"""Show, Attend and Tell as a trainer task: model construction, loss, frozen encoder, beam-search predict.
+
+Dimension letters: B batch, S image side, T caption length (<bos> .. <eos> <pad>..), V vocabulary,
+L annotation locations.
+
+Loss (Xu et al. 2015, eq. 13-14 for soft, eq. 12 for hard attention):
+  soft: [sum_b -log p(y_b) + lambda * sum_b sum_i (1 - sum_t alpha_bti)^2] / #target tokens
+  hard: the same + REINFORCE surrogate with a moving-average baseline - lambda_e * H[alpha]
+See `vlm_jax.objectives.captioning` for each term.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.models.sat import SATModel
+from vlm_jax.objectives import captioning
+from vlm_jax.tasks.base import Batch, Metrics, PyTree, Task
+
+PAD_ID = 0                      # WordTokenizer.pad_id (docs/interfaces.md)
+BASELINE_KEY = "reinforce_baseline"
+ENCODER_SUBTREE = "encoder"     # params['encoder'] is the image CNN; frozen with model.freeze_encoder
+
+
+def _dtype(name: str, key: str):
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"config.{key}={name!r}: use 'float32' or 'bfloat16'.")
+    return jnp.dtype(name)
+
+
+def build_model(config) -> SATModel:
+    """SATModel from config.model (+ config.train.dtype / param_dtype)."""
+    m = config.model
+    if int(m.vocab_size) <= 0:
+        raise ValueError("config.model.vocab_size is not set (0): the trainer sets it from the tokenizer; "
+                         "when building the SAT task by hand pass --config.model.vocab_size=<tokenizer.vocab_size>.")
+    return SATModel(
+        vocab_size=int(m.vocab_size),
+        encoder_kind=m.encoder,
+        cnn_widths=tuple(m.cnn_widths),
+        grid=int(m.grid),
+        annotation_dim=int(m.annotation_dim),
+        embed_dim=int(m.embed_dim),
+        hidden_dim=int(m.hidden_dim),
+        attention_dim=int(m.attention_dim),
+        dropout=float(m.dropout),
+        attention=m.attention,
+        gate=bool(m.gate),
+        hard_sample_fraction=float(m.hard_sample_fraction),
+        freeze_encoder=bool(m.freeze_encoder),
+        dtype=_dtype(config.train.dtype, "train.dtype"),
+        param_dtype=_dtype(config.train.param_dtype, "train.param_dtype"),
+    )
+
+
+class SATTask(Task):
+    """Show, Attend and Tell: batch = dict(image f32[B, S, S, 3], tokens i32[B, T])."""
+
+    name = "sat"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = build_model(config)
+        self.hard = config.model.attention == "hard"
+        self.image_size = int(config.data.image_size)
+        self.seq_len = int(config.data.max_caption_len) + 2
+
+    # ------------------------------------------------------------------ variables
+    def _variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
+        """Flax variables: params + every model-state entry that is a Flax collection (e.g. batch_stats)."""
+        extra = {k: v for k, v in model_state.items() if k != BASELINE_KEY}
+        return {"params": params, **extra}
+
+    def example_batch(self, batch_size: int) -> dict[str, Any]:
+        return {
+            "image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
+            "tokens": np.zeros((batch_size, self.seq_len), np.int32),
+        }
+
+    def init(self, rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
+        """-> {'params': boxed params, 'model_state': {Flax non-param collections..., 'reinforce_baseline': f32[] (hard)}}."""
+        images = jnp.asarray(batch["image"])
+        tokens = jnp.asarray(batch["tokens"])
+        variables = dict(self.model.init({"params": rng}, images, tokens, train=False))
+        params = variables.pop("params")
+        model_state = dict(variables)
+        if self.hard:
+            model_state[BASELINE_KEY] = jnp.zeros((), jnp.float32)
+        return {"params": params, "model_state": model_state}
+
+    # ------------------------------------------------------------------ loss
+    def loss_fn(self, params: PyTree, model_state: PyTree, batch: Batch, rng: jax.Array,
+                *, train: bool) -> tuple[jax.Array, tuple[Metrics, PyTree]]:
+        """Pure and jittable. -> (loss, (metrics, new_model_state)).
+
+        metrics: loss, xent, ds_reg, accuracy, num_tokens; hard attention also reinforce,
+        entropy (mean H[alpha_t] over target tokens) and baseline (after the update).
+        """
+        mcfg = self.config.model
+        images, tokens = batch["image"], batch["tokens"]
+        targets = tokens[:, 1:]
+        mask = targets != PAD_ID
+        drop_rng, hard_rng = jax.random.split(rng)
+        variables = self._variables(params, model_state)
+        mutable = [k for k in ("batch_stats",) if k in variables] if train and not mcfg.freeze_encoder else []
+        result = self.model.apply(variables, images, tokens, train=train,
+                                  rngs={"dropout": drop_rng, "hard": hard_rng}, mutable=mutable or False)
+        outputs, updates = result if mutable else (result, {})
+        new_state = dict(model_state)
+        new_state.update(updates)
+
+        xent = captioning.masked_cross_entropy(outputs["logits"], targets, mask)
+        ds_reg = captioning.doubly_stochastic_reg(outputs["alphas"], mask, float(mcfg.ds_lambda))
+        loss = xent.loss + ds_reg
+        metrics = {"xent": xent.loss, "ds_reg": ds_reg, "accuracy": xent.accuracy, "num_tokens": xent.num_tokens}
+        if self.hard:
+            baseline = model_state[BASELINE_KEY]
+            entropy = captioning.attention_entropy(outputs["entropy"], mask)
+            if train:
+                reward = captioning.caption_log_likelihood(xent.nll)
+                rf = captioning.reinforce_hard_attention(
+                    reward, outputs["sample_logp"], mask, baseline,
+                    decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens)
+                reinforce, baseline = rf.loss, rf.new_baseline
+                new_state[BASELINE_KEY] = baseline
+            else:
+                reinforce = jnp.zeros((), jnp.float32)
+            loss = loss + reinforce - float(mcfg.hard_entropy_weight) * entropy
+            metrics.update(reinforce=reinforce, entropy=entropy, baseline=baseline)
+        metrics["loss"] = loss
+        return loss, (metrics, new_state)
+
+    # ------------------------------------------------------------------ freezing
+    def param_labels(self, params: PyTree) -> PyTree:
+        """'freeze' for params['encoder'] when config.model.freeze_encoder, else 'train'."""
+        freeze = bool(self.config.model.freeze_encoder)
+
+        def label(path, _):
+            top = path[0].key if path and hasattr(path[0], "key") else None
+            return "freeze" if freeze and top == ENCODER_SUBTREE else "train"
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    # ------------------------------------------------------------------ generation
+    def predict(self, params: PyTree, model_state: PyTree, images: jax.Array, *, beam_size: int,
+                max_len: int, length_penalty: float, bos_id: int, eos_id: int) -> dict[str, jax.Array]:
+        """Beam search for a batch of images (jittable; keyword args are static).
+
+        images f32[B, S, S, 3] -> dict(tokens i32[B, max_len] (no <bos>; <eos> then pad 0),
+        scores f32[B] (sum log p / length**length_penalty), alphas f32[B, max_len, L] (the
+        attention that produced each generated word)) for the best beam.
+        """
+        from vlm_jax import decoding  # written beside this file; imported where used
+
+        variables = self._variables(params, model_state)
+        annotations = self.model.apply(variables, images, method=SATModel.encode)
+        state = self.model.apply(variables, annotations, method=SATModel.init_decode_state)
+
+        def step_fn(tokens, state, t):
+            del t
+            return self.model.apply(variables, tokens, state, method=SATModel.decode_step)
+
+        res = decoding.beam_search(step_fn, state, bos_id=bos_id, eos_id=eos_id, max_len=max_len,
+                                   beam_size=beam_size, length_penalty=length_penalty)
+        return {"tokens": res.tokens[:, 0], "scores": res.scores[:, 0], "alphas": res.aux[:, 0]}
+
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, params: PyTree, model_state: PyTree, *, workdir: str, step: int, mesh,
+                 tokenizer=None, final: bool = False) -> dict[str, float]:
+        """Beam-search captions for the eval split -> results/metrics JSON, attention PNGs, table."""
+        import functools
+
+        from vlm_jax.evaluation import caption_eval
+
+        e = self.config.eval
+        predict = functools.partial(self.predict, beam_size=int(e.beam_size), max_len=int(e.max_len),
+                                    length_penalty=float(e.length_penalty), bos_id=tokenizer.bos_id,
+                                    eos_id=tokenizer.eos_id)
+        return caption_eval.run(predict, params, model_state, config=self.config, tokenizer=tokenizer,
+                                workdir=workdir, step=step, mesh=mesh, final=final)
+
+
+def validate(config) -> None:
+    """SAT-specific config checks (run by the trainer before anything compiles)."""
+    from vlm_jax.config_lib import ConfigError, check_choice, check_positive
+
+    check_choice(config, "model.attention", ("soft", "hard"))
+    check_choice(config, "model.encoder", ("cnn", "resnet50", "resnet101"))
+    check_positive(config, "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
+                   "model.attention_dim", "eval.beam_size", "eval.max_len", "data.image_size",
+                   "data.max_caption_len")
+    check_positive(config, "model.ds_lambda", "model.hard_entropy_weight", "eval.length_penalty",
+                   allow_zero=True)
+    for key in ("model.dropout", "model.hard_baseline_decay", "model.hard_sample_fraction"):
+        value = config_value(config, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config.{key}={value!r} must lie in [0, 1] (--config.{key}=...).")
+    if config.model.encoder == "cnn" and not config.model.cnn_widths:
+        raise ConfigError("config.model.cnn_widths is empty; give the channel widths, e.g. 32:64:128.")
+    try:
+        from vlm_jax.data.pipeline import validate_data_config
+    except ImportError:  # data stack not installed (model-only node): nothing more to check here
+        return
+    try:
+        validate_data_config(config.data)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def config_value(config, key: str):
+    from vlm_jax.config_lib import get_path
+    return get_path(config, key)
+
+
+def make_task(config) -> SATTask:
+    return SATTask(config)
