@@ -1,0 +1,230 @@
+"""Multi-head attention (self and cross) with an optional KV cache for incremental decoding.
+
+Dimension letters: B batch (N = batch*beam while decoding), T query length, S key length
+(the cache length while decoding), D query-input width, Dkv key/value-input width,
+H heads, K head dim.
+
+Parameters (logical axes in brackets):
+  query/key/value: kernel ``[D|Dkv, H, K]`` ('embed', 'heads', 'kv'), bias ``[H, K]`` ('heads', 'kv')
+  out:             kernel ``[H, K, Dout]`` ('heads', 'kv', 'embed'), bias ``[Dout]`` ('embed',)
+
+Masks are boolean, rank 4, ``[B|1, 1|H, T, S]``, True = may attend (build them with
+`vlm_jax.layers.masks`). An additive ``bias`` ``[B|1, H|1, T, S]`` (T5 relative positions)
+is added to the logits before the softmax. The softmax is computed by
+`jax.nn.dot_product_attention` with ``implementation`` None (let JAX pick; the only choice
+on CPU), 'xla' or 'cudnn' (the flash kernel on NVIDIA GPUs; needs bf16/fp16 compute). When
+attention-probability dropout is active (``dropout_rate > 0`` and not deterministic) an
+explicit einsum/softmax path is used instead, because the fused kernel has no dropout.
+
+KV cache (self-attention only), in the Flax ``'cache'`` collection:
+  cached_key, cached_value  ``[B, S, H, K]`` (S = the maximum length)
+  cache_index               ``[B]`` int32 — per row, so beam search can reorder rows by a
+                            gather on axis 0 of every leaf (docs/interfaces.md, Decoding).
+Create an empty cache by running the module once with ``decode=True`` on an input of the
+full length S and ``mutable=['cache']`` (the first call only shapes the cache and computes
+ordinary attention), or use `init_cache`. Every later ``decode=True`` call writes its T new
+keys/values at each row's ``cache_index``, advances it by T and attends causally over the
+cache: key slot s is visible to new token t of row b iff ``s <= cache_index[b] + t``. A
+caller mask passed while decoding must cover the cache length S (e.g. a key padding mask
+``[B, 1, 1, S]`` for left-padded prompts). Writing past S is not checked (it would clamp).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def _check_mask(mask, name, b, t, s):
+    if mask is None:
+        return None
+    if mask.ndim != 4:
+        raise ValueError(f"{name} must be rank 4 [B|1, 1|H, T, S]; got shape {mask.shape}. "
+                         "Build it with vlm_jax.layers.masks (e.g. padding_mask(valid) gives [B,1,1,S]).")
+    for got, want, letter in zip((mask.shape[0], mask.shape[2], mask.shape[3]), (b, t, s), "BTS"):
+        if got not in (1, want):
+            raise ValueError(f"{name} shape {mask.shape} does not broadcast to [B={b}, H, T={t}, S={s}] "
+                             f"(dim {letter}: {got} vs {want}).")
+    return mask
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: ``inputs_q [B, T, D]`` (+ ``inputs_kv [B, S, Dkv]``) -> ``[B, T, Dout]``.
+
+    Attributes:
+      num_heads, head_dim: H and K.
+      out_features: Dout (default: D, the query input width).
+      use_bias: bias on the q/k/v projections; out_bias: bias on the output projection.
+      scale: logit scale; None -> 1/sqrt(K) (T5 uses 1.0).
+      dropout_rate: dropout on attention probabilities (training only).
+      implementation: None | 'xla' | 'cudnn' for `jax.nn.dot_product_attention`.
+      zero_empty_rows: rows whose mask has no True key return exactly 0 (Flamingo text
+        before the first image) instead of the softmax's uniform average.
+    """
+    num_heads: int
+    head_dim: int
+    out_features: int | None = None
+    use_bias: bool = True
+    out_bias: bool = True
+    scale: float | None = None
+    dropout_rate: float = 0.0
+    implementation: str | None = None
+    zero_empty_rows: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = DEFAULT_KERNEL_INIT
+
+    def _proj(self, name, x):
+        return nn.DenseGeneral(
+            features=(self.num_heads, self.head_dim), axis=-1, use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
+            name=name)(x)
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv=None, mask=None, bias=None, *,
+                 deterministic: bool = True, decode: bool = False, is_causal: bool = False,
+                 key_value_lengths=None):
+        """Attention.
+
+        Args:
+          inputs_q: ``[B, T, D]``.
+          inputs_kv: ``[B, S, Dkv]`` for cross-attention; None = self-attention.
+          mask: bool ``[B|1, 1|H, T, S]`` or None.
+          bias: additive logits bias ``[B|1, H|1, T, S]`` or None.
+          deterministic: False enables attention dropout (needs a 'dropout' rng).
+          decode: use/update the KV cache (self-attention only; see module docstring).
+          is_causal: causal masking (query t sees keys s <= t) without building a mask array,
+            combined with ``mask``; lets cuDNN skip the masked blocks (fast path for LM
+            training). Ignored while decoding from a filled cache (the cache mask is causal).
+          key_value_lengths: int ``[B]``: keys ``s >= length[b]`` are masked (right padding)
+            without a mask array (cuDNN's padding path).
+        Returns:
+          ``[B, T, Dout]``.
+        """
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"MultiHeadAttention.implementation={self.implementation!r}; "
+                             f"use one of {IMPLEMENTATIONS}.")
+        if inputs_q.ndim != 3:
+            raise ValueError(f"inputs_q must be [B, T, D]; got shape {inputs_q.shape}.")
+        self_attention = inputs_kv is None
+        if self_attention:
+            inputs_kv = inputs_q
+        elif inputs_kv.ndim != 3 or inputs_kv.shape[0] != inputs_q.shape[0]:
+            raise ValueError(f"inputs_kv must be [B, S, Dkv] with B={inputs_q.shape[0]}; got {inputs_kv.shape}.")
+        if decode and not self_attention:
+            raise ValueError("decode=True caches self-attention keys/values only; call cross-attention "
+                             "with decode=False (its keys come from the fixed encoder/media input).")
+
+        out_dim = self.out_features or inputs_q.shape[-1]
+        q = self._proj("query", inputs_q)            # [B, T, H, K]
+        k = self._proj("key", inputs_kv)             # [B, S, H, K]
+        v = self._proj("value", inputs_kv)           # [B, S, H, K]
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+
+        if decode:
+            k, v, cache_mask = self._update_cache(k, v)
+            if cache_mask is not None:
+                if mask is not None and mask.shape[-1] != k.shape[1]:
+                    raise ValueError(f"While decoding the mask must cover the cache length S={k.shape[1]}; "
+                                     f"got mask shape {mask.shape}.")
+                mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
+                is_causal = False
+
+        b, t, s = q.shape[0], q.shape[1], k.shape[1]
+        mask = _check_mask(mask, "mask", b, t, s)
+        if bias is not None:
+            if bias.ndim != 4:
+                raise ValueError(f"bias must be rank 4 [B|1, H|1, T, S]; got shape {bias.shape}.")
+            bias = bias.astype(self.dtype)
+
+        if key_value_lengths is not None:
+            key_value_lengths = jnp.asarray(key_value_lengths, jnp.int32)
+            if key_value_lengths.shape != (b,):
+                raise ValueError(f"key_value_lengths must be int [B={b}]; got shape {key_value_lengths.shape}.")
+        explicit = self.dropout_rate > 0.0 and not deterministic
+        if explicit or self.zero_empty_rows:
+            # the explicit path and the empty-row test need the full boolean mask
+            if is_causal:
+                causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+                mask = causal[None, None] if mask is None else jnp.logical_and(mask, causal[None, None])
+            if key_value_lengths is not None:
+                kv_ok = (jnp.arange(s)[None, :] < key_value_lengths[:, None])[:, None, None, :]
+                mask = kv_ok if mask is None else jnp.logical_and(mask, kv_ok)
+            is_causal, key_value_lengths = False, None
+        if explicit:
+            out = self._explicit_attention(q, k, v, mask, bias)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
+                                               is_causal=is_causal, key_value_seq_lengths=key_value_lengths,
+                                               implementation=self.implementation)
+        if self.zero_empty_rows and mask is not None:
+            has_key = jnp.any(mask, axis=-1, keepdims=True)       # [B|1, 1|H, T, 1]
+            out = out * jnp.transpose(has_key, (0, 2, 1, 3)).astype(out.dtype)   # [B|1, T, 1|H, 1]
+        out = nn.DenseGeneral(
+            features=out_dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out")(out)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _explicit_attention(self, q, k, v, mask, bias):
+        """softmax(q k^T * scale + bias, masked) with dropout; q ``[B,T,H,K]`` -> ``[B,T,H,K]``."""
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        logits = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * scale
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False).astype(self.dtype)
+        return jnp.einsum("bhts,bshk->bthk", probs, v)
+
+    def _update_cache(self, k, v):
+        """Write ``k, v [B, T, H, K]`` at each row's cache index; -> full cache and its mask."""
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cache_index = self.variable("cache", "cache_index",
+                                    lambda: jnp.zeros((k.shape[0],), jnp.int32))
+        if not initialized:
+            # First call only shapes the cache (length = this input's length); plain attention.
+            return k, v, None
+        b, t = k.shape[0], k.shape[1]
+        cb, s = cached_key.value.shape[0], cached_key.value.shape[1]
+        if cb != b:
+            raise ValueError(f"KV cache holds batch {cb} but the input has batch {b}; re-create the cache "
+                             "for this batch (beam search must repeat the cache to batch*beam).")
+        if t > s:
+            raise ValueError(f"decoding {t} new tokens does not fit a KV cache of length {s}.")
+        idx = cache_index.value                                         # [B]
+        write = jax.vmap(lambda c, n, i: lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0)))
+        cached_key.value = write(cached_key.value, k, idx)
+        cached_value.value = write(cached_value.value, v, idx)
+        cache_index.value = idx + t
+        q_pos = idx[:, None] + jnp.arange(t)[None, :]                   # [B, T]
+        mask = jnp.arange(s)[None, None, :] <= q_pos[:, :, None]        # [B, T, S]
+        return cached_key.value, cached_value.value, mask[:, None]
+
+
+def init_cache(module: nn.Module, params, *args, **kwargs):
+    """Empty KV cache for ``module`` (any module whose attention layers take ``decode``):
+    runs ``module.apply`` once with ``decode=True`` on full-length inputs ``*args`` and
+    returns the ``'cache'`` collection (every leaf zero; indices 0). The arrays in ``args``
+    fix B and S; their values are irrelevant."""
+    def shape_cache(p, *a):
+        return module.apply({"params": p}, *a, decode=True, mutable=["cache"], **kwargs)[1]["cache"]
+    shapes = jax.eval_shape(shape_cache, params, *args)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+# API-STABLE
