@@ -19,6 +19,11 @@ def parse(argv: list[str], description: str, with_step: bool = False):
     if with_step:
         p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--log_level", default="INFO")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (auto-detects TPU pods, SLURM, Open MPI)")
+    p.add_argument("--coordinator_address", default=None, help="host:port of process 0 (explicit multi-host)")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
     args = p.parse_args(rest)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
@@ -28,4 +33,11 @@ def parse(argv: list[str], description: str, with_step: bool = False):
         config = config_lib.load_config(args.config, overrides)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
+    if args.distributed or args.coordinator_address:
+        import jax
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+        logging.getLogger("vlm_jax").info("process %d of %d, %d local / %d global devices",
+                                          jax.process_index(), jax.process_count(),
+                                          jax.local_device_count(), jax.device_count())
     return args, config

@@ -6,12 +6,15 @@ axes. Batches are split over ('data', 'fsdp') on their leading dimension.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("positions", None),
     ("queries", None),
     ("latents", None),
+    ("layers", None),          # stacked (scanned) layer axis
 )
 
 
@@ -53,37 +57,55 @@ def create_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     return Mesh(dev, MESH_AXES, axis_types=auto)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
-    """Pytree of logical PartitionSpecs -> pytree of NamedSharding on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+def restrict_rules(rules, mesh: Mesh) -> list:
+    """Drop mesh axes that `mesh` does not have (e.g. a user mesh with only 'data')."""
+    names = set(mesh.axis_names)
+    out = []
+    for logical, phys in rules:
+        if phys is None:
+            out.append((logical, None))
+            continue
+        kept = tuple(a for a in ((phys,) if isinstance(phys, str) else tuple(phys)) if a in names)
+        out.append((logical, kept if len(kept) > 1 else (kept[0] if kept else None)))
+    return out
 
 
-def _fits(shape, spec: P, mesh: Mesh) -> P:
-    """Drop mesh axes from `spec` where the dimension is not divisible by the axis size.
+def fit_spec(shape, spec: P, mesh: Mesh, name: str = "") -> P:
+    """Replicate every dimension that its mesh axes do not divide.
 
-    Keeps tiny test models (widths 16) and odd vocabularies shardable on any mesh.
+    Keeps tiny test models (widths 16) and odd vocabularies shardable on any mesh; logged at
+    debug level with the parameter name.
     """
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         if axes is None:
             out.append(None)
             continue
         names = axes if isinstance(axes, tuple) else (axes,)
         size = int(np.prod([mesh.shape[a] for a in names]))
-        out.append(axes if dim % size == 0 else None)
+        if dim % size:
+            log.debug("%s: dim %d (size %d) not divisible by mesh axes %s (size %d); replicated.",
+                      name, i, dim, names, size)
+            out.append(None)
+        else:
+            out.append(axes)
     return P(*out)
 
 
 def shardings_for(abstract_tree, logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedShardings for `abstract_tree` (ShapeDtypeStructs) from logical specs, divisibility-safe."""
-    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    """NamedShardings for `abstract_tree` (arrays / ShapeDtypeStructs) from its logical PartitionSpecs.
 
-    def one(x, spec):
+    `logical_specs` is `nn.get_partition_spec(boxed_tree)`: same structure, a PartitionSpec of
+    logical names per leaf (P() for unannotated leaves).
+    """
+    mesh_specs = nn.logical_to_mesh(logical_specs, restrict_rules(rules, mesh))
+
+    def one(path, x, spec):
         spec = spec if isinstance(spec, P) else P()
-        return NamedSharding(mesh, _fits(x.shape, spec, mesh))
+        return NamedSharding(mesh, fit_spec(x.shape, spec, mesh, jax.tree_util.keystr(path)))
 
-    return jax.tree.map(one, abstract_tree, mesh_specs,
-                        is_leaf=lambda s: isinstance(s, P) or s is None)
+    return jax.tree_util.tree_map_with_path(one, abstract_tree, mesh_specs,
+                                            is_leaf=lambda s: isinstance(s, P) or s is None)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

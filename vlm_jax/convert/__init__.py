@@ -59,7 +59,7 @@ def load_hf(path: str, mesh=None, *, rules=None, architecture: str | None = None
     Args:
       path: directory with config.json and model.safetensors (or a sharded index).
       mesh: optional `jax.sharding.Mesh`; variables come back already sharded by their
-        logical axis names and ``rules`` (default `common.DEFAULT_RULES`).
+        logical axis names and ``rules`` (default `vlm_jax.sharding.LOGICAL_RULES`).
       architecture: override ``architectures[0]`` of config.json.
       dtype / param_dtype: compute / parameter dtype of the built module.
       overrides: converter-specific module options (e.g. ``scan_layers=True``, ``grid=7``).

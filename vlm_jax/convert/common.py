@@ -273,60 +273,18 @@ def convert(conversion: Conversion, tensors: dict[str, np.ndarray], *, abstract=
 
 # ---------------------------------------------------------------------------- placement
 # The default logical-axis rules (docs/interfaces.md); mesh axes missing from a mesh are dropped.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"), ("mlp", "tensor"),
-    ("heads", "tensor"), ("kv", None), ("vocab", "tensor"), ("conv_in", None), ("conv_out", "tensor"),
-    ("conv_h", None), ("conv_w", None), ("norm", None), ("hidden", "tensor"), ("positions", None),
-    ("queries", None), ("latents", None), ("layers", None),
-)
-
-
-def _restrict_rules(rules, mesh) -> list:
-    names = set(mesh.axis_names)
-    out = []
-    for logical, phys in rules:
-        if phys is None:
-            out.append((logical, None))
-            continue
-        phys_t = (phys,) if isinstance(phys, str) else tuple(phys)
-        kept = tuple(a for a in phys_t if a in names)
-        out.append((logical, kept if len(kept) > 1 else (kept[0] if kept else None)))
-    return out
-
-
-def _fit_sharding(sharding: jax.sharding.NamedSharding, shape, name: str):
-    """Replicate any dim whose size the mesh axes do not divide (with a warning)."""
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    changed = False
-    for i, ax in enumerate(spec):
-        if ax is None:
-            continue
-        axes = (ax,) if isinstance(ax, str) else tuple(ax)
-        size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
-        if shape[i] % size:
-            log.warning("%s: dim %d (size %d) is not divisible by mesh axes %s (size %d); replicating it.",
-                        name, i, shape[i], axes, size)
-            spec[i] = None
-            changed = True
-    if not changed:
-        return sharding
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-
-
 def shardings_for(abstract, mesh: jax.sharding.Mesh, rules=None):
-    """NamedSharding tree (unboxed structure) for the boxed abstract variables."""
-    rules = _restrict_rules(DEFAULT_RULES if rules is None else rules, mesh)
-    specs = nn.get_partition_spec(abstract)
-    shard = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    flat_a = traverse_util.flatten_dict(nn.unbox(abstract))
-    flat_s = traverse_util.flatten_dict(shard)
-    return traverse_util.unflatten_dict(
-        {p: _fit_sharding(flat_s[p], flat_a[p].shape, "/".join(p)) for p in flat_a})
+    """NamedSharding tree (unboxed structure) for the boxed abstract variables, by the project's
+    logical-axis rules (`vlm_jax.sharding.LOGICAL_RULES` unless `rules` is given)."""
+    from vlm_jax import sharding
+
+    return sharding.shardings_for(nn.unbox(abstract), nn.get_partition_spec(abstract), mesh,
+                                  sharding.LOGICAL_RULES if rules is None else rules)
 
 
 def place(variables: dict, abstract, mesh: jax.sharding.Mesh | None = None, rules=None) -> dict:
     """numpy variables -> jax arrays; with a mesh, each already sharded by its logical axes
-    (rules default to `DEFAULT_RULES`)."""
+    (rules default to `vlm_jax.sharding.LOGICAL_RULES`)."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, variables)
     shardings = shardings_for(abstract, mesh, rules)

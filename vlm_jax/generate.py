@@ -1,0 +1,214 @@
+"""Text generation for the LMs of `vlm_jax.layers.text`, through `vlm_jax.decoding`.
+
+Dimension letters: B batch, N rows seen by the step function (B, or B*beam), T0 prompt
+length, P soft-prefix length, S KV-cache length (prefilled positions + max_new_tokens),
+Se encoder length, D width, E word-embedding width, V vocabulary.
+
+Decoder-only LMs (`DecoderLM`, or any module method with the same decode contract):
+  1. `prefill_decoder_lm` writes ``[prefix_embeds; prompt[:, :-1]]`` into a fresh KV cache
+     of length S = P + T0 - 1 + max_new_tokens (position ids from the attention mask, so
+     left-padded prompts get HF's positions) and returns the decoding state and the last
+     prompt token of every row, which `vlm_jax.decoding` feeds first (``first_tokens``).
+  2. `decoder_lm_step_fn` advances one token against the cache.
+  State (every leaf has leading dim N, so beam search can reorder rows):
+    cache       the Flax 'cache' collection (per-layer keys/values [N, S, H, K], cache_index [N])
+    key_valid   bool [N, S]  which cache slots hold real tokens (False for padding)
+    position    i32 [N]      position id of the token fed next
+    row_inputs  dict of per-row extra inputs passed to every call (e.g. Flamingo media)
+Encoder-decoder (`T5`): `prefill_seq2seq` runs the encoder once and makes an empty decoder
+cache (length max_new_tokens); `seq2seq_step_fn` runs the decoder one token at a time
+(self-attention from the cache; cross-attention over the stored encoder output).
+
+`generate` / `generate_seq2seq` put it together with ``strategy`` 'greedy' | 'beam' |
+'sample' and return `vlm_jax.decoding.DecodeResult` (tokens [B, K, max_new_tokens], no
+prompt, eos then pad_id). Every function here is jittable with the integer and string
+arguments static.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax import decoding
+from vlm_jax.layers.attention import init_cache
+from vlm_jax.layers.text import positions_from_mask
+
+PyTree = Any
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+def _concrete_check(cond, message: str):
+    """Raise ValueError(message) when ``cond`` is a concrete False (skipped under jit)."""
+    try:
+        ok = bool(cond)
+    except jax.errors.ConcretizationTypeError:
+        return
+    if not ok:
+        raise ValueError(message)
+
+
+# ------------------------------------------------------------------------ decoder-only
+def prefill_decoder_lm(model, params, prompt_tokens, *, prompt_mask=None, max_new_tokens: int,
+                       prefix_embeds=None, method: str | Callable | None = None,
+                       row_inputs: dict | None = None) -> tuple[jax.Array, dict]:
+    """Fill a fresh KV cache with the prompt; -> ``(first_tokens i32[B], state)``.
+
+    Args:
+      model, params: a `DecoderLM` (or a module whose ``method`` takes ``tokens`` /
+        ``inputs_embeds``, ``position_ids``, ``key_valid``, ``decode`` and ``**row_inputs``
+        and returns an object with ``.logits [B, T, V]``) and its params.
+      prompt_tokens: int ``[B, T0]``, T0 >= 1, LEFT padded (the last column must be real).
+      prompt_mask: ``[B, T0]`` 1 = real token (default all ones).
+      max_new_tokens: number of tokens to generate (fixes the cache length).
+      prefix_embeds: optional ``[B, P, E]`` word-level embeddings put before the prompt
+        (BLIP-2's projected queries); always attended.
+      row_inputs: per-row extra keyword inputs ``{name: [B, ...]}`` for every call.
+    """
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:
+        raise ValueError(f"prompt_tokens must be int [B, T0] with T0 >= 1; got shape {prompt_tokens.shape}.")
+    b, t0 = prompt_tokens.shape
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
+    mask = jnp.ones((b, t0), bool) if prompt_mask is None else jnp.asarray(prompt_mask).astype(bool)
+    if mask.shape != (b, t0):
+        raise ValueError(f"prompt_mask must be [B, T0] = [{b}, {t0}]; got {mask.shape}.")
+    _concrete_check(jnp.all(mask[:, -1]), "prompt_mask[:, -1] has padding: generation needs LEFT-padded prompts "
+                                          "(pad at the start, real tokens last).")
+    p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
+    if prefix_embeds is not None and (prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != b):
+        raise ValueError(f"prefix_embeds must be [B={b}, P, E]; got {prefix_embeds.shape}.")
+    filled = p + t0 - 1                                          # positions written by the prefill
+    s = filled + max_new_tokens
+    full_mask = jnp.concatenate([jnp.ones((b, p), bool), mask], axis=1)          # [B, P + T0]
+    positions = positions_from_mask(full_mask)                                    # [B, P + T0]
+    row_inputs = dict(row_inputs or {})
+    kw = dict(row_inputs, **({} if method is None else {"method": method}))
+    cache = init_cache(model, params, jnp.zeros((b, s), jnp.int32), **kw)
+    key_valid = jnp.zeros((b, s), bool).at[:, :filled].set(full_mask[:, :filled])
+    if filled > 0:
+        if p:
+            word = model.apply({"params": params}, prompt_tokens[:, :-1], method="embed_tokens")
+            inputs = dict(inputs_embeds=jnp.concatenate([prefix_embeds.astype(word.dtype), word], axis=1))
+        else:
+            inputs = dict(tokens=prompt_tokens[:, :-1])
+        _, new_vars = model.apply({"params": params, "cache": cache}, **inputs, position_ids=positions[:, :filled],
+                                  key_valid=key_valid, decode=True, mutable=["cache"], **kw)
+        cache = new_vars["cache"]
+    state = dict(cache=cache, key_valid=key_valid, position=positions[:, -1], row_inputs=row_inputs)
+    return prompt_tokens[:, -1], state
+
+
+def decoder_lm_step_fn(model, params, *, method: str | Callable | None = None) -> decoding.StepFn:
+    """Step function ``(tokens i32[N], state, t) -> (logits f32[N, V], state, None)``
+    for states made by `prefill_decoder_lm`."""
+    extra = {} if method is None else {"method": method}
+
+    def step(tokens, state, t):
+        del t
+        # the slot this token is written to: the per-row cache index of any attention layer
+        index = _cache_index(state["cache"])                                     # i32[N]
+        s = state["key_valid"].shape[1]
+        key_valid = state["key_valid"] | (jnp.arange(s)[None, :] == index[:, None])
+        out, new_vars = model.apply({"params": params, "cache": state["cache"]}, tokens=tokens[:, None],
+                                    position_ids=state["position"][:, None], key_valid=key_valid, decode=True,
+                                    mutable=["cache"], **state["row_inputs"], **extra)
+        new_state = dict(cache=new_vars["cache"], key_valid=key_valid, position=state["position"] + 1,
+                         row_inputs=state["row_inputs"])
+        return out.logits[:, 0], new_state, None
+
+    return step
+
+
+def _cache_leaf(cache, name: str) -> jax.Array:
+    """The first leaf called ``name`` ('cache_index' i32[N], 'cached_key' [N, S, H, K]) of a KV cache."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        if getattr(path[-1], "key", None) == name:
+            return leaf
+    raise ValueError(f"the cache has no {name!r} leaf: was it made by vlm_jax.layers.attention.init_cache "
+                     "for a model whose attention runs with decode=True?")
+
+
+def _cache_index(cache) -> jax.Array:
+    """i32[N]: the slot the next token is written to (every layer's index is the same)."""
+    return _cache_leaf(cache, "cache_index")
+
+
+# ---------------------------------------------------------------------- encoder-decoder
+def prefill_seq2seq(model, params, input_tokens=None, *, input_mask=None, inputs_embeds=None,
+                    max_new_tokens: int) -> dict:
+    """Run the encoder and make an empty decoder cache -> state ``dict(cache, encoded
+    [B, Se, D], encoder_mask bool[B, Se])`` for `seq2seq_step_fn` (model: `T5`)."""
+    encoded, _ = model.apply({"params": params}, input_tokens, attention_mask=input_mask,
+                             inputs_embeds=inputs_embeds, method="encode")
+    b, se = encoded.shape[0], encoded.shape[1]
+    enc_mask = jnp.ones((b, se), bool) if input_mask is None else jnp.asarray(input_mask).astype(bool)
+    cache = init_cache(model, params, jnp.zeros((b, max_new_tokens), jnp.int32), encoded, encoder_mask=enc_mask,
+                       method="run_decoder")
+    return dict(cache=cache, encoded=encoded, encoder_mask=enc_mask)
+
+
+def seq2seq_step_fn(model, params) -> decoding.StepFn:
+    """Step function for states made by `prefill_seq2seq`."""
+    def step(tokens, state, t):
+        del t
+        index = _cache_index(state["cache"])                                     # i32[N]
+        s = _cache_leaf(state["cache"], "cached_key").shape[1]
+        (logits, _, _), new_vars = model.apply(
+            {"params": params, "cache": state["cache"]}, tokens[:, None], state["encoded"],
+            encoder_mask=state["encoder_mask"], decode=True, key_valid=jnp.ones((tokens.shape[0], s), bool),
+            query_pos=index[:, None], method="run_decoder", mutable=["cache"])
+        return logits[:, 0], dict(state, cache=new_vars["cache"]), None
+
+    return step
+
+
+# ------------------------------------------------------------------------------ drivers
+def _run(step_fn, state, first_tokens, *, strategy, bos_id, eos_id, pad_id, max_new_tokens, min_new_tokens,
+         beam_size, length_penalty, rng, temperature, top_k, top_p) -> decoding.DecodeResult:
+    common = dict(bos_id=bos_id, eos_id=eos_id, max_len=max_new_tokens, min_len=min_new_tokens,
+                  first_tokens=first_tokens, pad_id=pad_id)
+    if strategy == "greedy":
+        return decoding.greedy(step_fn, state, **common)
+    if strategy == "beam":
+        return decoding.beam_search(step_fn, state, beam_size=beam_size, length_penalty=length_penalty, **common)
+    if strategy == "sample":
+        if rng is None:
+            raise ValueError("strategy='sample' needs rng=jax.random.key(...).")
+        return decoding.sample(step_fn, state, rng, temperature=temperature, top_k=top_k, top_p=top_p, **common)
+    raise ValueError(f"strategy={strategy!r}; use one of {STRATEGIES}.")
+
+
+def generate(model, params, prompt_tokens, *, prompt_mask=None, max_new_tokens: int, eos_id: int,
+             pad_id: int = 0, min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
+             length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             prefix_embeds=None, method=None, row_inputs=None) -> decoding.DecodeResult:
+    """Continue left-padded prompts ``[B, T0]`` with a decoder-only LM.
+
+    Returns `DecodeResult` (tokens ``[B, K, max_new_tokens]``: only the new tokens; eos then
+    ``pad_id``). ``min_new_tokens`` forbids eos before that many tokens (HF semantics).
+    See `prefill_decoder_lm` for ``prefix_embeds`` / ``method`` / ``row_inputs``.
+    """
+    first, state = prefill_decoder_lm(model, params, prompt_tokens, prompt_mask=prompt_mask,
+                                      max_new_tokens=max_new_tokens, prefix_embeds=prefix_embeds, method=method,
+                                      row_inputs=row_inputs)
+    return _run(decoder_lm_step_fn(model, params, method=method), state, first, strategy=strategy,
+                bos_id=pad_id, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens, beam_size=beam_size, length_penalty=length_penalty, rng=rng,
+                temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def generate_seq2seq(model, params, input_tokens=None, *, input_mask=None, inputs_embeds=None,
+                     max_new_tokens: int, eos_id: int, decoder_start_id: int = 0, pad_id: int = 0,
+                     min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
+                     length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> decoding.DecodeResult:
+    """Generate with an encoder-decoder (`T5`) from ``input_tokens [B, Se]`` (or
+    ``inputs_embeds [B, Se, D]``, e.g. BLIP-2's query prefix + prompt). The decoder starts
+    from ``decoder_start_id`` (T5: the pad id 0), which is not part of the output."""
+    state = prefill_seq2seq(model, params, input_tokens, input_mask=input_mask, inputs_embeds=inputs_embeds,
+                            max_new_tokens=max_new_tokens)
+    return _run(seq2seq_step_fn(model, params), state, None, strategy=strategy, bos_id=decoder_start_id,
+                eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                beam_size=beam_size, length_penalty=length_penalty, rng=rng, temperature=temperature,
+                top_k=top_k, top_p=top_p)
