@@ -294,6 +294,61 @@ def test_kv_cache_left_padded_prompt():
     np.testing.assert_allclose(np.asarray(y2)[1, 0], ref[0, 2], atol=ATOL, rtol=0)
 
 
+def test_cross_attention_kv_cache_equals_uncached():
+    """Cross-attention decode from the cache == uncached attention (encoder padding mask)."""
+    s, d_kv = 5, 12
+    m = MultiHeadAttention(num_heads=H, head_dim=K)
+    x, enc = _x(40), _x(41, (B, s, d_kv))
+    params = _perturb(jax.eval_shape(m.init, jax.random.key(0), x, enc)["params"], seed=42)   # no eager init
+    valid = np.ones((B, s), bool)
+    valid[1, -2:] = False                      # row 1: last two encoder positions are padding
+    pad = masks.padding_mask(valid)
+    full = np.asarray(m.apply({"params": params}, x, enc, mask=pad))
+    assert np.abs(full[1] - np.asarray(m.apply({"params": params}, x, enc))[1]).max() > 1e-3   # the mask matters
+    cache = init_cache(m, params, x, enc)
+    assert set(cache) == {"cached_cross_key", "cached_cross_value"}
+    for leaf in jax.tree.leaves(cache):
+        assert leaf.shape == (B, s, H, K)
+    p = jax.tree.map(np.asarray, nn.unbox(params))
+    np.testing.assert_allclose(np.asarray(cache["cached_cross_key"]),
+                               np.einsum("bsd,dhk->bshk", np.asarray(enc), p["key"]["kernel"]) + p["key"]["bias"],
+                               atol=1e-5, rtol=0)
+    # token by token from the cache, no inputs_kv
+    step = jax.jit(lambda c, xt: m.apply({"params": params, "cache": c}, xt, mask=pad, decode=True,
+                                         kv_from_cache=True, mutable=["cache"]))
+    c, outs = cache, []
+    for t in range(T):
+        y, v = step(c, x[:, t:t + 1])
+        c, outs = v["cache"], outs + [np.asarray(y)]
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=ATOL, rtol=0)
+    for a, b in zip(jax.tree.leaves(c), jax.tree.leaves(cache)):      # reading leaves the cache as it was
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # fill with a decode call (no init_cache), then reuse; a given inputs_kv is ignored by kv_from_cache
+    y1, v = m.apply({"params": params}, x[:, :2], enc, mask=pad, decode=True, mutable=["cache"])
+    y2, _ = m.apply({"params": params, "cache": v["cache"]}, x[:, 2:], enc * 3.0, mask=pad, decode=True,
+                    kv_from_cache=True, mutable=["cache"])
+    np.testing.assert_allclose(np.concatenate([y1, y2], 1), full, atol=ATOL, rtol=0)
+    # a decode call with a new inputs_kv refills the cache
+    enc2 = _x(43, (B, s, d_kv))
+    _, v = m.apply({"params": params, "cache": cache}, x[:, :1], enc2, mask=pad, decode=True, mutable=["cache"])
+    y3, _ = step(v["cache"], x)
+    np.testing.assert_allclose(np.asarray(y3), np.asarray(m.apply({"params": params}, x, enc2, mask=pad)),
+                               atol=ATOL, rtol=0)
+    # beam-style reorder: gather every leaf on axis 0 -> rows follow
+    swap = jnp.array([1, 0])
+    y4, _ = m.apply({"params": params, "cache": jax.tree.map(lambda a: a[swap], cache)}, x[swap], mask=pad[swap],
+                    decode=True, kv_from_cache=True, mutable=["cache"])
+    np.testing.assert_allclose(np.asarray(y4), full[np.array([1, 0])], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="no cross-attention KV cache"):
+        m.apply({"params": params}, x, decode=True, kv_from_cache=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="needs decode=True"):
+        m.apply({"params": params}, x, kv_from_cache=True)
+    with pytest.raises(ValueError, match="re-create the cache"):
+        m.apply({"params": params, "cache": cache}, x, enc[:, :3], decode=True, mutable=["cache"])
+    with pytest.raises(ValueError, match="batch"):
+        m.apply({"params": params, "cache": cache}, x[:1], decode=True, kv_from_cache=True, mutable=["cache"])
+
+
 # -------------------------------------------------------------------------------- MLP
 _ACTS = {
     "gelu": lambda h: torch.nn.functional.gelu(h),
@@ -434,6 +489,42 @@ def test_stack_decode_equals_full(scan):
         c = v["cache"]
         outs.append(np.asarray(yt))
     np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_stack_cross_attention_decode_uses_the_cache(scan):
+    """Decoder stack with cross-attention: init_cache(encoded) then steps with encoded=None == full."""
+    cfg = BlockConfig(num_heads=H, head_dim=K, mlp_dim=32, activation="gated_gelu", norm_type="rmsnorm",
+                      causal=True, cross_attention=True)
+    st = TransformerStack(cfg, 2, scan_layers=scan)
+    x, enc = _x(50), _x(51, (B, 4, 8))
+    cross = masks.padding_mask(np.array([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    params = _perturb(nn.unbox(jax.eval_shape(lambda: st.init(jax.random.key(0), x, encoded=enc))["params"]),
+                      seed=52, scale=0.3)
+    full, _ = jax.jit(lambda p: st.apply({"params": p}, x, encoded=enc, cross_mask=cross))(params)
+    cache = init_cache(st, params, x, encoded=enc, cross_mask=cross)
+    names = set()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        name = path[-1].key
+        names.add(name)
+        assert leaf.shape[0] == B
+        if name.startswith("cached_cross_"):
+            assert leaf.shape[-3:] == (4, H, K) and np.abs(np.asarray(leaf)).max() > 0     # filled
+        else:
+            assert not np.asarray(leaf).any()                                               # empty
+    assert {"cached_cross_key", "cached_cross_value", "cached_key", "cache_index"} <= names
+    step = jax.jit(lambda c, xt: st.apply({"params": params, "cache": c}, xt, cross_mask=cross, decode=True,
+                                          mutable=["cache"]))
+    outs, c = [], cache
+    for t in range(T):
+        (y, _), v = step(c, x[:, t:t + 1])
+        outs.append(np.asarray(y))
+        c = v["cache"]
+    np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="no cross-attention KV cache"):       # decode without a filled cache
+        TransformerBlock(cfg).apply({"params": params["layers_0"] if not scan else
+                                     jax.tree.map(lambda a: a[0], params["layers"])}, x, decode=True,
+                                    mutable=["cache"])
 
 
 def test_every_param_has_logical_axes_and_dtypes():

@@ -218,10 +218,69 @@ def test_t5_kv_cache_decoding_equals_full_forward(hf_models):
     dec = jax.random.randint(jax.random.key(0), (B, 6), 2, 64)
     full = _np(module.apply(variables, ids, dec, attention_mask=mask).logits)
     state = gen.prefill_seq2seq(module, variables["params"], ids, input_mask=mask, max_new_tokens=6)
+    # the steps read the cross-attention keys/values from the cache, not the encoder output
+    assert set(state) == {"cache", "encoder_mask"}
+    d = module.config.width
+    assert not [x.shape for x in jax.tree.leaves(state) if x.shape == (B, T, d)]
+    cross = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"])
+             if path[-1].key.startswith("cached_cross_")]
+    assert len(cross) == 2 * module.config.decoder_layers
+    assert all(x.shape == (B, T, module.config.num_heads, module.config.head_dim) for x in cross)
     step = jax.jit(gen.seq2seq_step_fn(module, variables["params"]))
     for t in range(6):
         logits, state, _ = step(dec[:, t], state, jnp.int32(t))
         np.testing.assert_allclose(_np(logits), full[:, t], atol=ATOL, rtol=0)
+    # the encoder padding matters for these logits
+    unmasked = _np(module.apply(variables, ids, dec).logits)
+    assert np.abs(unmasked[1:] - full[1:]).max() > 1e-3
+
+
+def _dot_operand_shapes(jaxpr) -> list[tuple[tuple[int, ...], ...]]:
+    """Operand shapes of every dot_general in a jaxpr, nested jaxprs (pjit, custom_jvp, ...) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(tuple(v.aval.shape) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else (param,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_operand_shapes(inner)
+    return found
+
+
+def test_t5_step_does_not_project_the_encoder_output(hf_models):
+    """One decoding step has no matmul on the encoder output [N, Se, D] (the cross-attention
+    keys/values come from the cache); with cache_cross_kv=False each decoder layer projects it twice."""
+    _, module, variables = hf_models["t5"]
+    ids, mask = _inputs(4, left_pad=False)
+    ids, mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+    enc_shape = (B, T, module.config.width)
+    step = gen.seq2seq_step_fn(module, variables["params"])
+    counts = {}
+    for cached in (True, False):
+        state = gen.prefill_seq2seq(module, variables["params"], ids, input_mask=mask, max_new_tokens=3,
+                                    cache_cross_kv=cached)
+        tokens = jnp.zeros((B,), jnp.int32)
+        jaxpr = jax.make_jaxpr(step)(tokens, state, jnp.int32(0)).jaxpr
+        counts[cached] = sum(enc_shape in shapes for shapes in _dot_operand_shapes(jaxpr))
+    assert counts == {True: 0, False: 2 * module.config.decoder_layers}
+
+
+def test_t5_beam_search_with_cross_cache_equals_without(hf_models):
+    _, module, variables = hf_models["t5"]
+    ids, mask = _inputs(9, left_pad=False)
+    results = {}
+    for cached in (True, False):
+        run = jax.jit(functools.partial(gen.generate_seq2seq, module, strategy="beam", beam_size=3, max_new_tokens=6,
+                                        eos_id=PAD, decoder_start_id=0, pad_id=0, cache_cross_kv=cached))
+        results[cached] = run(variables["params"], jnp.asarray(ids.numpy()), input_mask=jnp.asarray(mask.numpy()))
+    assert results[True].tokens.shape == (B, 3, 6)
+    np.testing.assert_array_equal(_np(results[True].tokens), _np(results[False].tokens))
+    np.testing.assert_array_equal(_np(results[True].lengths), _np(results[False].lengths))
+    np.testing.assert_allclose(_np(results[True].scores), _np(results[False].scores), atol=1e-5, rtol=0)
+    assert len(np.unique(_np(results[True].tokens))) > 3             # not a degenerate continuation
+    assert (_np(results[True].tokens)[:, 0] != _np(results[True].tokens)[:, 1]).any()   # distinct beams
 
 
 # ---------------------------------------------------------------- generation vs HF

@@ -15,9 +15,15 @@ Decoder-only LMs (`DecoderLM`, or any module method with the same decode contrac
     key_valid   bool [N, S]  which cache slots hold real tokens (False for padding)
     position    i32 [N]      position id of the token fed next
     row_inputs  dict of per-row extra inputs passed to every call (e.g. Flamingo media)
-Encoder-decoder (`T5`): `prefill_seq2seq` runs the encoder once and makes an empty decoder
-cache (length max_new_tokens); `seq2seq_step_fn` runs the decoder one token at a time
-(self-attention from the cache; cross-attention over the stored encoder output).
+Encoder-decoder (`T5`): `prefill_seq2seq` runs the encoder once and makes the decoder cache:
+an empty self-attention cache (length max_new_tokens) and, per decoder layer, the
+cross-attention keys/values of the encoder output ``[B, Se, H, K]``, projected once;
+`seq2seq_step_fn` runs the decoder one token at a time from that cache. The encoder output
+itself is not kept in the state (``cache_cross_kv=False`` keeps it and recomputes the
+cross-attention keys/values at every step instead: the behaviour before the cross cache,
+kept for comparisons).
+  State: cache (self + cross KV cache), encoder_mask bool [N, Se] (+ encoded [N, Se, D]
+  only with ``cache_cross_kv=False``).
 
 `generate` / `generate_seq2seq` put it together with ``strategy`` 'greedy' | 'beam' |
 'sample' and return `vlm_jax.decoding.DecodeResult` (tokens [B, K, max_new_tokens], no
@@ -136,26 +142,39 @@ def _cache_index(cache) -> jax.Array:
 
 # ---------------------------------------------------------------------- encoder-decoder
 def prefill_seq2seq(model, params, input_tokens=None, *, input_mask=None, inputs_embeds=None,
-                    max_new_tokens: int) -> dict:
-    """Run the encoder and make an empty decoder cache -> state ``dict(cache, encoded
-    [B, Se, D], encoder_mask bool[B, Se])`` for `seq2seq_step_fn` (model: `T5`)."""
+                    max_new_tokens: int, cache_cross_kv: bool = True) -> dict:
+    """Run the encoder and make the decoder cache (model: `T5`) -> state for `seq2seq_step_fn`:
+    ``dict(cache, encoder_mask bool[B, Se])``.
+
+    ``cache`` holds an empty self-attention cache of length ``max_new_tokens`` and each decoder
+    layer's cross-attention keys/values of the encoder output (``cached_cross_key/value
+    [B, Se, H, K]``), so the steps never see the encoder output. ``cache_cross_kv=False``
+    adds ``encoded [B, Se, D]`` to the state and the steps recompute the cross-attention
+    keys/values from it (slower; for comparisons)."""
     encoded, _ = model.apply({"params": params}, input_tokens, attention_mask=input_mask,
                              inputs_embeds=inputs_embeds, method="encode")
     b, se = encoded.shape[0], encoded.shape[1]
     enc_mask = jnp.ones((b, se), bool) if input_mask is None else jnp.asarray(input_mask).astype(bool)
+    if enc_mask.shape != (b, se):
+        raise ValueError(f"input_mask must be [B, Se] = [{b}, {se}]; got {enc_mask.shape}.")
+    # decode=True with the encoder output: fills the cross-attention caches; self-attention stays empty
     cache = init_cache(model, params, jnp.zeros((b, max_new_tokens), jnp.int32), encoded, encoder_mask=enc_mask,
                        method="run_decoder")
-    return dict(cache=cache, encoded=encoded, encoder_mask=enc_mask)
+    state = dict(cache=cache, encoder_mask=enc_mask)
+    if not cache_cross_kv:
+        state["encoded"] = encoded
+    return state
 
 
 def seq2seq_step_fn(model, params) -> decoding.StepFn:
-    """Step function for states made by `prefill_seq2seq`."""
+    """Step function for states made by `prefill_seq2seq`: cross-attention reads the keys/values
+    stored in the cache (or, when the state carries ``encoded``, recomputes them from it)."""
     def step(tokens, state, t):
         del t
         index = _cache_index(state["cache"])                                     # i32[N]
         s = _cache_leaf(state["cache"], "cached_key").shape[1]
         (logits, _, _), new_vars = model.apply(
-            {"params": params, "cache": state["cache"]}, tokens[:, None], state["encoded"],
+            {"params": params, "cache": state["cache"]}, tokens[:, None], state.get("encoded"),
             encoder_mask=state["encoder_mask"], decode=True, key_valid=jnp.ones((tokens.shape[0], s), bool),
             query_pos=index[:, None], method="run_decoder", mutable=["cache"])
         return logits[:, 0], dict(state, cache=new_vars["cache"]), None
@@ -202,12 +221,14 @@ def generate_seq2seq(model, params, input_tokens=None, *, input_mask=None, input
                      max_new_tokens: int, eos_id: int, decoder_start_id: int = 0, pad_id: int = 0,
                      min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
                      length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0) -> decoding.DecodeResult:
+                     top_p: float = 1.0, cache_cross_kv: bool = True) -> decoding.DecodeResult:
     """Generate with an encoder-decoder (`T5`) from ``input_tokens [B, Se]`` (or
     ``inputs_embeds [B, Se, D]``, e.g. BLIP-2's query prefix + prompt). The decoder starts
-    from ``decoder_start_id`` (T5: the pad id 0), which is not part of the output."""
+    from ``decoder_start_id`` (T5: the pad id 0), which is not part of the output.
+    The cross-attention keys/values are computed once (``cache_cross_kv=False``: at every
+    step, from the encoder output kept in the state; see `prefill_seq2seq`)."""
     state = prefill_seq2seq(model, params, input_tokens, input_mask=input_mask, inputs_embeds=inputs_embeds,
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, cache_cross_kv=cache_cross_kv)
     return _run(seq2seq_step_fn(model, params), state, None, strategy=strategy, bos_id=decoder_start_id,
                 eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                 beam_size=beam_size, length_penalty=length_penalty, rng=rng, temperature=temperature,

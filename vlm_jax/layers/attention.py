@@ -16,10 +16,12 @@ on CPU), 'xla' or 'cudnn' (the flash kernel on NVIDIA GPUs; needs bf16/fp16 comp
 attention-probability dropout is active (``dropout_rate > 0`` and not deterministic) an
 explicit einsum/softmax path is used instead, because the fused kernel has no dropout.
 
-KV cache (self-attention only), in the Flax ``'cache'`` collection:
+KV cache, in the Flax ``'cache'`` collection. Every leaf has a leading batch dim, so beam
+search can reorder rows by a gather on axis 0 of every leaf (docs/interfaces.md, Decoding).
+
+Self-attention (``inputs_kv`` None):
   cached_key, cached_value  ``[B, S, H, K]`` (S = the maximum length)
-  cache_index               ``[B]`` int32 — per row, so beam search can reorder rows by a
-                            gather on axis 0 of every leaf (docs/interfaces.md, Decoding).
+  cache_index               ``[B]`` int32 — the next slot of each row.
 Create an empty cache by running the module once with ``decode=True`` on an input of the
 full length S and ``mutable=['cache']`` (the first call only shapes the cache and computes
 ordinary attention), or use `init_cache`. Every later ``decode=True`` call writes its T new
@@ -27,6 +29,16 @@ keys/values at each row's ``cache_index``, advances it by T and attends causally
 cache: key slot s is visible to new token t of row b iff ``s <= cache_index[b] + t``. A
 caller mask passed while decoding must cover the cache length S (e.g. a key padding mask
 ``[B, 1, 1, S]`` for left-padded prompts). Writing past S is not checked (it would clamp).
+
+Cross-attention (keys/values from a fixed encoder/media input ``[B, S, Dkv]``):
+  cached_cross_key, cached_cross_value  ``[B, S, H, K]`` (S = the encoder/media length)
+A ``decode=True`` call that passes ``inputs_kv`` fills the cache: it projects and stores the
+keys/values (creating the variables on the first call, overwriting them on later ones) and
+attends over them. Later calls with ``decode=True, kv_from_cache=True`` reuse them: the
+key/value projections are not computed and ``inputs_kv`` may be None (if given it is
+ignored). There is no index and no implicit mask; pass the encoder padding mask
+``[B, 1, 1, S]`` (or a media mask ``[B, 1, T, S]``) with every call. `init_cache` returns
+these leaves already filled from the ``inputs_kv`` among its arguments.
 """
 from __future__ import annotations
 
@@ -92,21 +104,27 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, mask=None, bias=None, *,
                  deterministic: bool = True, decode: bool = False, is_causal: bool = False,
-                 key_value_lengths=None):
+                 key_value_lengths=None, kv_from_cache: bool = False):
         """Attention.
 
         Args:
           inputs_q: ``[B, T, D]``.
-          inputs_kv: ``[B, S, Dkv]`` for cross-attention; None = self-attention.
+          inputs_kv: ``[B, S, Dkv]`` for cross-attention; None = self-attention (unless
+            ``kv_from_cache``).
           mask: bool ``[B|1, 1|H, T, S]`` or None.
           bias: additive logits bias ``[B|1, H|1, T, S]`` or None.
           deterministic: False enables attention dropout (needs a 'dropout' rng).
-          decode: use/update the KV cache (self-attention only; see module docstring).
+          decode: use/update the KV cache (see module docstring). Self-attention: write the
+            new keys/values at the cache index. Cross-attention (``inputs_kv`` given): store
+            the projected keys/values in the cross cache (fill / refill).
           is_causal: causal masking (query t sees keys s <= t) without building a mask array,
             combined with ``mask``; lets cuDNN skip the masked blocks (fast path for LM
             training). Ignored while decoding from a filled cache (the cache mask is causal).
           key_value_lengths: int ``[B]``: keys ``s >= length[b]`` are masked (right padding)
             without a mask array (cuDNN's padding path).
+          kv_from_cache: cross-attention while decoding with the keys/values stored by an
+            earlier ``decode=True`` call that passed ``inputs_kv`` (needs ``decode=True``;
+            ``inputs_kv`` is then optional and ignored).
         Returns:
           ``[B, T, Dout]``.
         """
@@ -115,24 +133,27 @@ class MultiHeadAttention(nn.Module):
                              f"use one of {IMPLEMENTATIONS}.")
         if inputs_q.ndim != 3:
             raise ValueError(f"inputs_q must be [B, T, D]; got shape {inputs_q.shape}.")
-        self_attention = inputs_kv is None
+        if kv_from_cache and not decode:
+            raise ValueError("MultiHeadAttention(kv_from_cache=True) reads the cross-attention KV cache and needs "
+                             "decode=True; without decode pass inputs_kv=[B, S, Dkv] instead.")
+        self_attention = inputs_kv is None and not kv_from_cache
         if self_attention:
             inputs_kv = inputs_q
-        elif inputs_kv.ndim != 3 or inputs_kv.shape[0] != inputs_q.shape[0]:
+        elif inputs_kv is not None and (inputs_kv.ndim != 3 or inputs_kv.shape[0] != inputs_q.shape[0]):
             raise ValueError(f"inputs_kv must be [B, S, Dkv] with B={inputs_q.shape[0]}; got {inputs_kv.shape}.")
-        if decode and not self_attention:
-            raise ValueError("decode=True caches self-attention keys/values only; call cross-attention "
-                             "with decode=False (its keys come from the fixed encoder/media input).")
 
         out_dim = self.out_features or inputs_q.shape[-1]
         q = self._proj("query", inputs_q)            # [B, T, H, K]
-        k = self._proj("key", inputs_kv)             # [B, S, H, K]
-        v = self._proj("value", inputs_kv)           # [B, S, H, K]
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+        if kv_from_cache:
+            k, v = self._cached_cross_kv(q.shape[0])  # [B, S, H, K] each, no projection
+        else:
+            k = self._proj("key", inputs_kv)             # [B, S, H, K]
+            v = self._proj("value", inputs_kv)           # [B, S, H, K]
+            k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+            v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
 
-        if decode:
+        if decode and self_attention:
             k, v, cache_mask = self._update_cache(k, v)
             if cache_mask is not None:
                 if mask is not None and mask.shape[-1] != k.shape[1]:
@@ -140,6 +161,8 @@ class MultiHeadAttention(nn.Module):
                                      f"got mask shape {mask.shape}.")
                 mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
                 is_causal = False
+        elif decode and not kv_from_cache:
+            k, v = self._store_cross_kv(k, v)            # what kv_from_cache calls will read back
 
         b, t, s = q.shape[0], q.shape[1], k.shape[1]
         mask = _check_mask(mask, "mask", b, t, s)
@@ -191,6 +214,34 @@ class MultiHeadAttention(nn.Module):
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False).astype(self.dtype)
         return jnp.einsum("bhts,bshk->bthk", probs, v)
 
+    def _store_cross_kv(self, k, v):
+        """Store cross-attention ``k, v [B, S, H, K]`` in the cache (create on the first call);
+        -> the stored values."""
+        cached_key = self.variable("cache", "cached_cross_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_cross_value", jnp.zeros, v.shape, v.dtype)
+        if cached_key.value.shape != k.shape:
+            raise ValueError(f"the cross-attention KV cache holds keys {cached_key.value.shape} [B, S, H, K] but "
+                             f"inputs_kv gives {k.shape}; re-create the cache (init_cache) for this batch and "
+                             "encoder/media length.")
+        cached_key.value = k.astype(cached_key.value.dtype)
+        cached_value.value = v.astype(cached_value.value.dtype)
+        return cached_key.value, cached_value.value
+
+    def _cached_cross_kv(self, b):
+        """The stored cross-attention keys/values ``[B, S, H, K]`` (for ``kv_from_cache``)."""
+        if not self.has_variable("cache", "cached_cross_key"):
+            raise ValueError("kv_from_cache=True but this attention layer has no cross-attention KV cache "
+                             "('cached_cross_key'): fill it first with a decode=True call that passes inputs_kv, "
+                             "or make the cache with init_cache(...) given the encoder/media input.")
+        k = self.get_variable("cache", "cached_cross_key")
+        v = self.get_variable("cache", "cached_cross_value")
+        if k.shape[0] != b:
+            raise ValueError(f"the cross-attention KV cache holds batch {k.shape[0]} but the input has batch {b}; "
+                             "re-create the cache for this batch (beam search must repeat it to batch*beam).")
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+        return k, v
+
     def _update_cache(self, k, v):
         """Write ``k, v [B, T, H, K]`` at each row's cache index; -> full cache and its mask."""
         initialized = self.has_variable("cache", "cached_key")
@@ -218,13 +269,33 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value, mask[:, None]
 
 
+CROSS_CACHE_LEAVES = ("cached_cross_key", "cached_cross_value")
+
+
+def _is_cross_leaf(path) -> bool:
+    return getattr(path[-1], "key", None) in CROSS_CACHE_LEAVES
+
+
 def init_cache(module: nn.Module, params, *args, **kwargs):
-    """Empty KV cache for ``module`` (any module whose attention layers take ``decode``):
-    runs ``module.apply`` once with ``decode=True`` on full-length inputs ``*args`` and
-    returns the ``'cache'`` collection (every leaf zero; indices 0). The arrays in ``args``
-    fix B and S; their values are irrelevant."""
+    """KV cache ready for decoding with ``module`` (any module whose attention layers take
+    ``decode``): runs ``module.apply`` with ``decode=True`` on full-length inputs ``*args``
+    and returns the ``'cache'`` collection.
+
+    Self-attention leaves are empty (zeros; indices 0): the arrays in ``args`` only fix B and
+    the cache length S. Cross-attention leaves (``cached_cross_key/value``, present when an
+    attention layer gets ``inputs_kv`` with ``decode=True``) hold the keys/values projected
+    from the encoder/media input passed in ``args``/``kwargs``, so later calls can use
+    ``kv_from_cache``. Without cross-attention this only traces the module (`jax.eval_shape`);
+    with it the module runs once for real (under `jax.jit` XLA keeps only the key/value
+    projections, the rest of that call is dead code)."""
     def shape_cache(p, *a):
         return module.apply({"params": p}, *a, decode=True, mutable=["cache"], **kwargs)[1]["cache"]
     shapes = jax.eval_shape(shape_cache, params, *args)
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    if not any(_is_cross_leaf(path) for path, _ in jax.tree_util.tree_leaves_with_path(shapes)):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    filled = shape_cache(params, *args)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if _is_cross_leaf(path) else jnp.zeros(x.shape, x.dtype), filled)
+
+
 # API-STABLE

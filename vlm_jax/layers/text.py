@@ -30,7 +30,9 @@ Towers
   position buckets (bidirectional in the encoder, causal in the decoder) whose bias table
   lives in the first layer of each stack and is shared by all its layers, no 1/sqrt(K)
   scaling, gated-GELU (v1.1) or ReLU (v1.0) FFN, shared input embedding, untied or tied
-  (then rescaled by D**-0.5) LM head; decoder KV cache for generation.
+  (then rescaled by D**-0.5) LM head; decoder KV cache for generation: self-attention keys/
+  values per step, cross-attention keys/values of the encoder output stored once (a
+  ``decode=True`` call with ``encoded`` fills them, later ones pass ``encoded=None``).
 """
 from __future__ import annotations
 
@@ -573,7 +575,8 @@ class T5Stack(nn.Module):
     def __call__(self, x, mask, *, encoded=None, cross_mask=None, query_pos=None, key_pos=None,
                  output_hidden_states: bool = False, deterministic: bool = True, decode: bool = False):
         """x ``[B, T, D]``; mask bool rank 4; query/key positions for the relative bias
-        (default ``arange``); encoded ``[B, S, D]`` for the decoder's cross-attention.
+        (default ``arange``); encoded ``[B, S, D]`` for the decoder's cross-attention (with
+        ``decode=True``: stored in the cross-attention cache; None reuses that cache).
         Returns (``[B, T, D]`` after the final norm, hidden states tuple or None)."""
         c = self.config
         t = x.shape[1]
@@ -644,24 +647,31 @@ class T5(nn.Module):
         mask = None if attention_mask is None else masks_lib.padding_mask(attention_mask)
         return self.encoder(x, mask, output_hidden_states=output_hidden_states, deterministic=deterministic)
 
-    def run_decoder(self, decoder_tokens, encoded, *, encoder_mask=None, decoder_mask=None,
+    def run_decoder(self, decoder_tokens, encoded=None, *, encoder_mask=None, decoder_mask=None,
                     output_hidden_states: bool = False, deterministic: bool = True, decode: bool = False,
                     key_valid=None, query_pos=None):
         """Decoder + LM head.
 
         Args:
           decoder_tokens: int ``[B, T]`` (starting with the decoder start token, = pad 0 in T5).
-          encoded: ``[B, S, D]`` encoder output; encoder_mask ``[B, S]`` (1 = real).
+          encoded: ``[B, S, D]`` encoder output; encoder_mask ``[B, S]`` (1 = real; pass it
+            with every call, also while decoding from the cross-attention cache).
           decoder_mask: ``[B, T]`` padding of the decoder tokens (full forward only).
-          decode: use the self-attention KV cache ('cache' collection); then ``query_pos``
-            int ``[B, T]`` gives the cache slots of the new tokens (for the relative bias) and
-            ``key_valid [B, Sc]`` which cache slots may be attended (default all; the causal
-            part is added by the attention layer).
+          decode: use the KV cache ('cache' collection, made by
+            `vlm_jax.layers.attention.init_cache`); then ``query_pos`` int ``[B, T]`` gives the
+            cache slots of the new tokens (for the relative bias) and ``key_valid [B, Sc]``
+            which cache slots may be attended (default all; the causal part is added by the
+            attention layer). Cross-attention: a given ``encoded`` is projected and stored in
+            the cache (``cached_cross_key/value``); ``encoded=None`` reuses the stored
+            keys/values, so decoding steps need neither the encoder output nor its projection.
         Returns:
           (logits f32 ``[B, T, V]``, decoder hidden ``[B, T, D]``, hidden states or None).
         """
         c = self.config
         _check_tokens(decoder_tokens, "decoder_tokens")
+        if encoded is None and not decode:
+            raise ValueError("T5.run_decoder: pass encoded=[B, S, D] (the encoder output); only decode=True may omit "
+                             "it, to reuse the cross-attention KV cache.")
         b, t = decoder_tokens.shape
         x = self.embed_tokens(decoder_tokens)
         cross_mask = None if encoder_mask is None else masks_lib.padding_mask(encoder_mask)

@@ -21,6 +21,12 @@ denote the norm applied after each residual add.
 are stacked on axis 1 so every cache leaf keeps its leading batch dim). ``remat=True``
 rematerialises each block in the backward pass (`nn.remat`). Activations are constrained to
 ('batch', 'length', 'embed') at every block boundary.
+
+Decoding (``decode=True``): self-attention uses the KV cache (`vlm_jax.layers.attention`).
+Cross-attention blocks store the keys/values of ``encoded`` in the cross-attention cache
+when ``encoded`` is passed, and reuse them when ``encoded`` is None, so a decoding loop
+fills the cache once (e.g. with `vlm_jax.layers.attention.init_cache` given ``encoded``)
+and then steps without the encoder output and without re-projecting it.
 """
 from __future__ import annotations
 
@@ -113,7 +119,9 @@ class TransformerBlock(nn.Module):
                  deterministic: bool = True, decode: bool = False):
         """Args:
           x: ``[B, T, D]``; mask: bool ``[B|1, 1|H, T, T(or cache S)]``; attn_bias: ``[B|1, H, T, S]``.
-          encoded: ``[B, S, Dc]`` for cross-attention (required iff ``config.cross_attention``);
+          encoded: ``[B, S, Dc]`` for cross-attention (required iff ``config.cross_attention``,
+            except while decoding: with ``decode=True`` a given ``encoded`` is projected and
+            stored in the cross-attention cache, and None reuses the stored keys/values);
           cross_mask: bool ``[B|1, 1|H, T, S]``; cross_bias: ``[B|1, H, T, S]``.
           deterministic: False enables dropout ('dropout' rng). decode: use the KV cache.
         Returns ``[B, T, D]``.
@@ -122,8 +130,9 @@ class TransformerBlock(nn.Module):
 
     def _forward(self, x, mask, encoded, cross_mask, attn_bias, cross_bias, deterministic, decode):
         c = self.config
-        if c.cross_attention and encoded is None:
-            raise ValueError("This block has cross_attention=True: pass encoded=[B, S, Dc].")
+        if c.cross_attention and encoded is None and not decode:
+            raise ValueError("This block has cross_attention=True: pass encoded=[B, S, Dc] (only decode=True may "
+                             "omit it, to reuse the cross-attention KV cache).")
         if not c.cross_attention and encoded is not None:
             raise ValueError("encoded was given but BlockConfig.cross_attention is False.")
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)   # residual stream in compute dtype
@@ -138,7 +147,8 @@ class TransformerBlock(nn.Module):
                                                        decode=decode, is_causal=c.causal))
         if c.cross_attention:
             x = sub(x, self.cross_norm, lambda h: self.cross_attn(h, encoded, mask=cross_mask, bias=cross_bias,
-                                                                  deterministic=deterministic))
+                                                                  deterministic=deterministic, decode=decode,
+                                                                  kv_from_cache=decode and encoded is None))
         x = sub(x, self.mlp_norm, lambda h: self.mlp(h, deterministic=deterministic))
         return nn.with_logical_constraint(x, ACT_AXES)
 
@@ -169,7 +179,10 @@ class _ScanBlock(TransformerBlock):
 
 
 class TransformerStack(nn.Module):
-    """L identical blocks: ``x [B, T, D]`` -> ``(out [B, T, D], hidden_states)``.
+    """L identical blocks: ``x [B, T, D]`` (+ ``encoded [B, S, Dc]``) -> ``(out [B, T, D], hidden_states)``.
+
+    With ``decode=True`` and cross-attention blocks, ``encoded=None`` reuses the cross-attention
+    KV cache (see `TransformerBlock`).
 
     ``hidden_states`` (only with ``output_hidden_states=True``, else None) is a tuple of
     L+1 arrays ``[B, T, D]``: the input, then the output of each layer (HF convention).
