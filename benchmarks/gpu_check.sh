@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# GPU benchmark check for issue 3 (tower throughput / MFU) and the SAT coco train step.
+#
+# Run from the repository root on an H100/H200 machine (jax CUDA, flax, torch, transformers
+# installed; nothing is installed from the network):
+#
+#     bash benchmarks/gpu_check.sh            # ~7-9 min; logs under $OUT (default ./gpu_check_out)
+#
+# Through this workplace's device tool: run(command="bash benchmarks/gpu_check.sh",
+# timeout_s=600, carry=[".whl"]). The SAT train-step benchmark imports configs through
+# ml_collections, which the GPU image lacks: carry it as a wheel. Once, here, in the repo root:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         -d .whl ml_collections==1.1.0
+# (ml_collections is pure Python; its needs absl-py and PyYAML are in the GPU image.) The
+# tower benchmarks need no ml_collections, tfds or grain; without .whl/ only the train-step
+# line fails, and says so in the table.
+#
+# What it runs (each a separate process with its own timeout; one failure does not stop the
+# rest), in this order:
+#   1-2. CLIP ViT-L/14 (224 px, 257 tokens), batch 128, bf16: --attention cudnn, then xla
+#   3-4. OPT-1.3B-shaped decoder LM (random weights), batch 16 x 512 tokens, bf16: cudnn, xla
+#   5.   python benchmarks/train_throughput.py --config configs/sat.py:coco --vocab_size 10000
+#   6.   LM experiment: cudnn with is_causal in the kernel instead of the mask array
+#        (--lm-causal kernel; what the proposed DecoderLM change would gain)
+# Optional: COMPARE_TORCH=1 adds the transformers/PyTorch model beside each tower run
+# (same shapes, bf16 autocast, eager, sdpa attention; built directly on the GPU; adds ~1 min).
+# MFU denominators: 683 TFLOP/s on H100, 652 on H200 (this project's measured bf16 matmul
+# ceilings; benchmarks/towers_throughput.py picks them from the device name).
+#
+# Outputs under $OUT: towers.jsonl (one JSON line per tower run), towers.log (all tower
+# stdout/stderr), train.log, env.txt, summary.txt (the table printed last).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+T0=$(date +%s)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+export TF_CPP_MIN_LOG_LEVEL=2
+unset JAX_PLATFORMS
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  python3 -c "import jax, jaxlib, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__); print(jax.devices())" 2>&1
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" 2>&1
+  python3 -c "import ml_collections; print('ml_collections', ml_collections.__file__)" 2>&1 | tail -1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+TORCH_FLAG=""
+[ "${COMPARE_TORCH:-0}" = "1" ] && TORCH_FLAG="--compare-torch"
+
+tower() {   # tower TIMEOUT_S ARGS...  -> one JSON line appended to towers.jsonl
+  local limit=$1; shift
+  echo "=== towers_throughput.py $* ($(( $(date +%s) - T0 )) s)" | tee -a "$OUT/towers.log"
+  timeout "$limit" python3 benchmarks/towers_throughput.py "$@" $TORCH_FLAG --json-out "$OUT/towers.jsonl" \
+    >> "$OUT/towers.log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    echo "    exit code $rc" | tee -a "$OUT/towers.log"
+    # the script writes its JSON line itself, even on error; a timeout or crash leaves none
+    if [ $rc -eq 124 ] || [ $rc -ge 128 ]; then
+      python3 -c "import json,sys; print(json.dumps(dict(args=sys.argv[1:], error='exit code $rc (timeout or crash) after $limit s limit')))" \
+        "$@" >> "$OUT/towers.jsonl"
+    fi
+  fi
+  tail -n 1 "$OUT/towers.jsonl"
+}
+
+# Shapes can be overridden (e.g. a dry run on a CPU: VIT_ARGS="--tower vit --tiny --dtype bfloat16").
+VIT="${VIT_ARGS:---tower vit --preset clip_vit_l14 --batch 128 --dtype bfloat16 --steps 10 --warmup 2}"
+LM="${LM_ARGS:---tower lm --preset opt-1.3b --batch 16 --seq 512 --dtype bfloat16 --steps 10 --warmup 2}"
+TRAIN="${TRAIN_ARGS:---config configs/sat.py:coco --vocab_size 10000}"
+tower 150 $VIT --attention cudnn
+tower 150 $VIT --attention xla
+tower 150 $LM --attention cudnn
+tower 150 $LM --attention xla
+
+echo "=== train_throughput.py $TRAIN ($(( $(date +%s) - T0 )) s)"
+timeout 150 python3 benchmarks/train_throughput.py $TRAIN > "$OUT/train.log" 2>&1
+echo "    exit code $?"
+tail -n 3 "$OUT/train.log"
+
+tower 120 $LM --attention cudnn --lm-causal kernel
+
+python3 - "$OUT" "$TRAIN" <<'EOF' | tee "$OUT/summary.txt"
+import json, os, sys
+out = sys.argv[1]
+rows = []
+path = os.path.join(out, "towers.jsonl")
+for line in open(path) if os.path.exists(path) else []:
+    try:
+        rows.append(json.loads(line))
+    except ValueError:
+        pass
+print(f"\n{'tower':5} {'preset':13} {'B':>4} {'N':>5} {'attn':6} {'causal':6} {'step ms':>9} {'ex/s':>9} "
+      f"{'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6}  {'torch ms':>8} {'ratio':>6}  note")
+for r in rows:
+    if "error" in r:
+        print(f"{r.get('tower', '?'):5} {r.get('preset', '?'):13} {str(r.get('batch', '')):>4} {'':>5} "
+              f"{r.get('attention', ''):6} {'':6} ERROR {r['error'][:150]} {r.get('args', '')}")
+        continue
+    t = r.get("torch") or {}
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    print(f"{r['tower']:5} {r['preset']:13} {r['batch']:>4} {r['seq']:>5} {r['attention']:6} "
+          f"{r.get('lm_causal', '-'):6} {r['step_ms']:>9.2f} {r['examples_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} "
+          f"{r['tflops']:>8.1f} {mfu:>6}  {t.get('step_ms', '-'):>8} {r.get('ratio', '-'):>6}  "
+          f"peak {r['peak_tflops']} on {r['device']}")
+train = os.path.join(out, "train.log")
+lines = [l for l in open(train)] if os.path.exists(train) else []
+js = [l for l in lines if l.startswith("{")]
+if js:
+    t = json.loads(js[-1])
+    print(f"\ntrain_throughput.py {sys.argv[2]}: {t['step_ms']} ms, {t['examples_per_sec']} ex/s, {t['tokens_per_sec']} tok/s, "
+          f"batch {t['batch']}, {t['dtype']}, {t['devices']}")
+else:
+    print(f"\ntrain_throughput.py {sys.argv[2]}: no result; last lines of train.log:\n" + "".join(lines[-5:]))
+EOF
+echo "total $(( $(date +%s) - T0 )) s"
