@@ -21,8 +21,6 @@
 #   1-2. CLIP ViT-L/14 (224 px, 257 tokens), batch 128, bf16: --attention cudnn, then xla
 #   3-4. OPT-1.3B-shaped decoder LM (random weights), batch 16 x 512 tokens, bf16: cudnn, xla
 #   5.   python benchmarks/train_throughput.py --config configs/sat.py:coco --vocab_size 10000
-#   6.   LM experiment: cudnn with is_causal in the kernel instead of the mask array
-#        (--lm-causal kernel; what the proposed DecoderLM change would gain)
 # Optional: COMPARE_TORCH=1 adds the transformers/PyTorch model beside each tower run
 # (same shapes, bf16 autocast, eager, sdpa attention; built directly on the GPU; adds ~1 min).
 # MFU denominators: 683 TFLOP/s on H100, 652 on H200 (this project's measured bf16 matmul
@@ -89,7 +87,6 @@ timeout 150 python3 benchmarks/train_throughput.py $TRAIN > "$OUT/train.log" 2>&
 echo "    exit code $?"
 tail -n 3 "$OUT/train.log"
 
-tower 120 $LM --attention cudnn --lm-causal kernel
 
 python3 - "$OUT" "$TRAIN" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, sys
@@ -101,7 +98,7 @@ for line in open(path) if os.path.exists(path) else []:
         rows.append(json.loads(line))
     except ValueError:
         pass
-print(f"\n{'tower':5} {'preset':13} {'B':>4} {'N':>5} {'attn':6} {'causal':6} {'step ms':>9} {'ex/s':>9} "
+print(f"\n{'tower':5} {'preset':13} {'B':>4} {'N':>5} {'attn':6} {'step ms':>9} {'ex/s':>9} "
       f"{'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6}  {'torch ms':>8} {'ratio':>6}  note")
 for r in rows:
     if "error" in r:
@@ -111,7 +108,7 @@ for r in rows:
     t = r.get("torch") or {}
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     print(f"{r['tower']:5} {r['preset']:13} {r['batch']:>4} {r['seq']:>5} {r['attention']:6} "
-          f"{r.get('lm_causal', '-'):6} {r['step_ms']:>9.2f} {r['examples_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} "
+          f"{r['step_ms']:>9.2f} {r['examples_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} "
           f"{r['tflops']:>8.1f} {mfu:>6}  {t.get('step_ms', '-'):>8} {r.get('ratio', '-'):>6}  "
           f"peak {r['peak_tflops']} on {r['device']}")
 train = os.path.join(out, "train.log")

@@ -3,7 +3,7 @@ the same architecture built in Hugging Face transformers (PyTorch), in the same 
 
     python benchmarks/towers_throughput.py --tower vit|lm --preset NAME [--batch B] [--seq T]
         [--steps N] [--warmup W] [--threads N] [--dtype float32|bfloat16]
-        [--attention default|xla|cudnn] [--lm-causal mask|kernel] [--compare-torch]
+        [--attention default|xla|cudnn] [--compare-torch]
         [--peak_tflops X] [--json-out FILE] [--tiny]
 
 Examples:
@@ -83,12 +83,8 @@ the 3x though its input gradient is never computed (overcounts the step by 0.2% 
 ``dot_general``/``conv`` FLOPs of any traced function from its jaxpr; the tests check the
 formulas against hand counts and against this independent count.
 
-LM causality (``--lm-causal``): ``mask`` (default) times `DecoderLM` as shipped, which
-passes a ``[1, 1, T, T]`` boolean causal mask to every attention call (on the cuDNN path
-jax turns it into a dense additive bias, so no masked block is skipped, and jax 0.10's
-cuDNN wrapper also computes that bias's gradient); ``kernel`` is an
-experiment that sets ``BlockConfig.causal`` (``is_causal=True``) and passes no mask array,
-i.e. the proposed change to the text tower, measured without editing it (same loss).
+LM causality: `DecoderLM` applies it in the attention kernel (``is_causal``; no [T, T] mask
+array), so on GPU the cuDNN kernel skips the masked key blocks.
 
 MFU = model_flops_per_step / step_time / peak, with peak = ``--peak_tflops`` (default on
 GPUs: the measured bf16 matmul ceiling of this project's cards, 683 TFLOP/s for H100 and
@@ -225,52 +221,6 @@ def count_dot_flops(fn: Callable, *args, **kwargs) -> int:
     return walk(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
 
 
-# ------------------------------------------- experiment: causal flag instead of a mask
-def kernel_causal_config(cfg):
-    """``--lm-causal kernel`` (an experiment, not the tower as shipped): the same
-    `DecoderLMConfig` whose blocks set ``BlockConfig.causal=True`` (``is_causal`` in
-    `jax.nn.dot_product_attention`, so cuDNN skips the masked key blocks). Used together with
-    `no_causal_mask_array`, which stops `DecoderLM` from also passing its ``[1, 1, T, T]``
-    causal mask array (which the cuDNN path turns into a dense additive bias). It measures
-    what the proposed change to `vlm_jax.layers.text.DecoderLM` would gain; losses are equal."""
-    from vlm_jax.layers.text import DecoderLMConfig
-
-    @dataclasses.dataclass(frozen=True)
-    class KernelCausalLMConfig(DecoderLMConfig):
-        def block_config(self):
-            return dataclasses.replace(super().block_config(), causal=True)
-
-    return KernelCausalLMConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
-
-
-class no_causal_mask_array:
-    """Context manager: inside it `vlm_jax.layers.text` builds no causal mask array
-    (``causal_mask`` -> None); restored on exit. Only for `kernel_causal_config` models,
-    whose blocks apply causality themselves; tracing must happen inside the context."""
-
-    class _Masks:
-        """`vlm_jax.layers.masks` with ``causal_mask`` returning None."""
-
-        def __init__(self, orig):
-            self._orig = orig
-
-        def __getattr__(self, name):
-            return getattr(self._orig, name)
-
-        def causal_mask(self, *args, **kwargs):
-            return None
-
-    def __enter__(self):
-        from vlm_jax.layers import text
-        self._text, self._orig = text, text.masks_lib
-        text.masks_lib = self._Masks(self._orig)
-        return self
-
-    def __exit__(self, *exc):
-        self._text.masks_lib = self._orig
-        return False
-
-
 # -------------------------------------------------------------------------- JAX side
 def build_jax(args):
     """-> (step_fn, params, batch_arrays, info) for the JAX tower; step_fn(params, *batch)
@@ -301,8 +251,6 @@ def build_jax(args):
     else:
         from vlm_jax.layers.text import DecoderLM
         cfg = lm_config(args.preset, implementation=impl)
-        if args.lm_causal == "kernel":
-            cfg = kernel_causal_config(cfg)
         if args.seq > cfg.max_positions:
             raise ValueError(f"--seq {args.seq} exceeds the preset's max_positions={cfg.max_positions}.")
         model = DecoderLM(cfg, dtype=dtype, param_dtype=jnp.float32)
@@ -416,9 +364,6 @@ def parse_args(argv):
                    help="jax.nn.dot_product_attention implementation (default: JAX picks)")
     p.add_argument("--attention-flops", dest="attention_flops", choices=("causal", "full"), default="causal",
                    help="LM attention FLOPs: T(T+1)/2 (causal, default) or T^2 key pairs")
-    p.add_argument("--lm-causal", dest="lm_causal", choices=("mask", "kernel"), default="mask",
-                   help="LM causality: 'mask' = the tower as shipped (a [1,1,T,T] mask array); 'kernel' = "
-                        "experiment with is_causal in the attention kernel and no mask array")
     p.add_argument("--compare-torch", dest="compare_torch", action="store_true",
                    help="also time the same architecture in transformers/PyTorch, alternating")
     p.add_argument("--peak_tflops", type=float, default=None,
@@ -569,7 +514,6 @@ def run(args) -> dict:
 
     out = dict(tower=args.tower, preset=args.preset, batch=args.batch, seq=flops["tokens_per_example"],
                dtype=args.dtype, attention=args.attention, steps=args.steps,
-               **(dict(lm_causal=args.lm_causal) if args.tower == "lm" else {}),
                **jt.summary(examples, tokens, flops["step"], peak),
                model_flops_per_step=flops["step"],
                attention_flops=args.attention_flops if args.tower == "lm" else "full",
@@ -599,11 +543,7 @@ def main(argv=None) -> dict:
         # jax must not take 75% of the GPU up front when torch shares it.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
-        if args.tower == "lm" and args.lm_causal == "kernel":
-            with no_causal_mask_array():
-                out = run(args)
-        else:
-            out = run(args)
+        out = run(args)
         code = 0
     except Exception as e:  # one JSON line either way, so a driver script can tabulate failures
         out = dict(tower=args.tower, preset=args.preset, batch=args.batch, seq=args.seq, dtype=args.dtype,

@@ -130,3 +130,15 @@ def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     train_lines = [l for l in lines if l["split"] == "train"]
     assert train_lines and {"loss", "grad_norm", "learning_rate", "examples_per_sec"} <= set(train_lines[-1])
+
+    # eval.py's path: reload the saved tokenizer + checkpoint and reproduce the final evaluation.
+    from vlm_jax import eval_lib
+    again = eval_lib.evaluate(tiny(data_dir), workdir)
+    for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+def test_eval_without_training_gives_clear_error(data_dir, tmp_path):
+    from vlm_jax import eval_lib
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoints/; train first"):
+        eval_lib.evaluate(tiny(data_dir), str(tmp_path))

@@ -288,13 +288,15 @@ class DecoderLM(nn.Module):
             kv = jnp.ones((b, t), bool) if key_valid is None else key_valid
             mask = masks_lib.padding_mask(kv)                     # [B, 1, 1, S] (+ causal cache mask)
         else:
-            mask = masks_lib.causal_mask(t)
+            # Causality goes to the attention kernel (`is_causal`), not a [T, T] mask array: on GPU
+            # the cuDNN kernel then skips masked blocks instead of adding a dense bias.
+            mask = None
             if attention_mask is not None:
                 if attention_mask.shape != (b, t):
                     raise ValueError(f"attention_mask must be [B, T] = [{b}, {t}]; got {attention_mask.shape}.")
-                mask = masks_lib.combine(mask, masks_lib.padding_mask(attention_mask))
+                mask = masks_lib.padding_mask(attention_mask)
 
-        block = c.block_config()
+        block = dataclasses.replace(c.block_config(), causal=not decode)
         hidden = [x]
         for i in range(c.num_layers):
             if layer_callback is not None:
