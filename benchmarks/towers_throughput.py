@@ -428,8 +428,8 @@ class _Timer:
     def summary(self, examples: int, tokens: int, flops: float, peak: float | None) -> dict:
         med = statistics.median(self.times)
         tflops = flops / med / 1e12
-        return dict(step_ms=round(med * 1e3, 3), step_ms_min=round(min(self.times) * 1e3, 3),
-                    step_ms_max=round(max(self.times) * 1e3, 3), examples_per_s=round(examples / med, 3),
+        return dict(step_ms=round(med * 1e3, 6), step_ms_min=round(min(self.times) * 1e3, 6),
+                    step_ms_max=round(max(self.times) * 1e3, 6), examples_per_s=round(examples / med, 3),
                     tokens_per_s=round(tokens / med, 1), tflops=round(tflops, 4),
                     mfu=round(tflops / peak, 4) if peak else None,
                     cpu_ms=round(statistics.median(self.cpu) * 1e3, 1),
