@@ -103,7 +103,7 @@ def get_config(arg=None):
     # ---------------------------------------------------------------- evaluation
     c.eval = e = ml_collections.ConfigDict()
     e.split = "test"
-    e.batch_size = 100
+    e.batch_size = 128                 # divisible by common device counts (data-parallel eval)
     e.beam_size = 3
     e.length_penalty = 0.0             # score = log p / length**length_penalty
     e.max_len = 26                     # generated words incl. eos

@@ -1,7 +1,8 @@
 """Two processes on 127.0.0.1 with jax.distributed train the tiny SAT config through the one trainer.
 
 Each process owns 2 CPU devices (a 4-device global mesh), reads its own half of every global
-batch, and both write one Orbax checkpoint together. The parameters after training must be
+batch, and both write one Orbax checkpoint together. Process 0 builds the dataset while process 1
+waits at the pipeline's barrier. The parameters after training must be
 identical on both processes, and a single-process restore of that checkpoint must see them.
 """
 import json
@@ -40,12 +41,9 @@ def _free_port() -> int:
 
 
 def test_two_process_training(tmp_path):
-    from vlm_jax import config_lib
-    from vlm_jax.data import pipeline
-
+    # The dataset is not prepared beforehand: process 0 builds it while process 1 waits at the
+    # pipeline's barrier, as on a fresh multi-host job with a shared data_dir.
     data_dir = str(tmp_path / "tfds")
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "sat.py") + ":tiny", {"data.data_dir": data_dir})
-    pipeline.get_tokenizer(config, str(tmp_path / "prep"))  # build the dataset once, before the workers start
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -142,3 +142,33 @@ def test_eval_without_training_gives_clear_error(data_dir, tmp_path):
     from vlm_jax import eval_lib
     with pytest.raises(FileNotFoundError, match=r"holds no checkpoints/; train first"):
         eval_lib.evaluate(tiny(data_dir), str(tmp_path))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+    """Preemption: SIGTERM during training saves the current step and exits cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", f"{SAT}:tiny", "--workdir", workdir,
+           f"--config.data.data_dir={data_dir}", "--config.train.num_steps=1000000",
+           "--config.train.checkpoint_every=1000000", "--config.train.log_every=1000000"]
+    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 180
+    for line in proc.stdout:  # wait until the first (compiled) step has run
+        lines.append(line)
+        if "first step" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + out
+    assert proc.returncode == 0, log[-3000:]
+    assert "after SIGTERM" in log
+    steps = ckpt_lib.Checkpointer(workdir).all_steps()
+    assert len(steps) == 1 and 1 <= steps[0] < 1000000
+    assert not os.path.isdir(os.path.join(workdir, "eval")), "a preempted run must not run the final evaluation"
