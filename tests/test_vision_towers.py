@@ -244,6 +244,26 @@ def test_converter_errors_name_the_key(hf_dirs, tmp_path):
         load_hf(str(tmp_path))
 
 
+def test_truncated_or_garbage_weight_file_names_the_file(hf_dirs, tmp_path):
+    src = hf_dirs["clip"][0]
+    d = _copy(src, tmp_path / "truncated")
+    f = os.path.join(d, "model.safetensors")
+    data = open(f, "rb").read()
+    with open(f, "wb") as out:
+        out.write(data[: len(data) // 2])
+    with pytest.raises(ConversionError, match=r"model\.safetensors is not a complete safetensors file: tensor '.*' "
+                                              r"needs bytes"):
+        load_hf(d)
+    with open(f, "wb") as out:
+        out.write(b"garbage!")
+    with pytest.raises(ConversionError, match=r"not a complete safetensors file: its header claims"):
+        load_hf(d)
+    with open(f, "wb") as out:
+        out.write(b"abc")
+    with pytest.raises(ConversionError, match=r"not a complete safetensors file \(3 bytes\)"):
+        load_hf(d)
+
+
 def test_sharded_index_and_bf16_checkpoints(hf_dirs, tmp_path):
     d, hf = hf_dirs["vit"]
     _, ref_vars, _ = load_hf(d)

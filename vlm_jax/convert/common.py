@@ -56,11 +56,26 @@ _ST_DTYPES = {
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as numpy arrays (memory-mapped, read-only)."""
+    """All tensors of one ``.safetensors`` file as numpy arrays (memory-mapped, read-only).
+
+    A truncated or non-safetensors file raises `ConversionError` naming the file (and the
+    tensor whose bytes are missing) instead of a numpy/struct error.
+    """
+    size = os.path.getsize(path)
+    bad = f"{path} is not a complete safetensors file"
+    fix = "re-download or re-save it with `save_pretrained(..., safe_serialization=True)`."
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{bad} ({size} bytes); {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ConversionError(f"{bad}: its header claims {n} bytes but the file has {size}; {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ConversionError(f"{bad}: unreadable header ({e}); {fix}") from None
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -68,7 +83,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _ST_DTYPES:
             raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
         start, end = info["data_offsets"]
-        arr = np.frombuffer(data[start:end], dtype=_ST_DTYPES[info["dtype"]])
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        if end > data.size or end - start != int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize:
+            raise ConversionError(f"{bad}: tensor {name!r} needs bytes {start}..{end} of the data section, "
+                                  f"which has {data.size}; {fix}")
+        arr = np.frombuffer(data[start:end], dtype=dtype)
         out[name] = arr.reshape(info["shape"])
     return out
 
