@@ -26,11 +26,14 @@ WORKER = textwrap.dedent("""
     config = config_lib.load_config(sys.argv[3] + ":tiny", {"data.data_dir": sys.argv[4], "train.num_steps": "2",
                                                           "train.checkpoint_every": "2"})
     result = train_lib.train(config, sys.argv[5])
+    metrics = result.task.evaluate(result.state.params, result.state.model_state, workdir=sys.argv[5],
+                                   step=result.step, mesh=result.mesh, tokenizer=result.tokenizer, final=True)
     from jax.experimental import multihost_utils
     leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(result.state.params)]
     print("RESULT", json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
                                 "local": jax.local_device_count(), "step": result.step,
-                                "checksum": float(sum(np.abs(l).sum() for l in leaves))}), flush=True)
+                                "checksum": float(sum(np.abs(l).sum() for l in leaves)),
+                                "num_images": metrics.get("num_images")}), flush=True)
 """)
 
 
@@ -70,3 +73,21 @@ def test_two_process_training(tmp_path):
     assert all(r["devices"] == 4 and r["local"] == 2 and r["step"] == 2 for r in results)
     assert results[0]["checksum"] == results[1]["checksum"]
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+    # Evaluation across the two processes: every test image captioned exactly once, each caption
+    # under its own image id -- the same captions a single process (8 devices) gives for the
+    # restored checkpoint.
+    by_process = {r["process"]: r for r in results}
+    assert by_process[0]["num_images"] == 16 and by_process[1]["num_images"] is None
+    multi = {r["image_id"]: r["caption"] for r in json.load(open(os.path.join(workdir, "eval", "step_2", "results.json")))}
+    assert len(multi) == 16
+    from vlm_jax import config_lib, eval_lib
+    single_dir = str(tmp_path / "single")
+    import shutil
+    shutil.copytree(workdir, single_dir)
+    shutil.rmtree(os.path.join(single_dir, "eval"))
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "sat.py") + ":tiny",
+                                    {"data.data_dir": data_dir, "train.num_steps": "2"})
+    eval_lib.evaluate(config, single_dir)
+    single = {r["image_id"]: r["caption"] for r in json.load(open(os.path.join(single_dir, "eval", "step_2", "results.json")))}
+    assert single == multi

@@ -172,3 +172,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     steps = ckpt_lib.Checkpointer(workdir).all_steps()
     assert len(steps) == 1 and 1 <= steps[0] < 1000000
     assert not os.path.isdir(os.path.join(workdir, "eval")), "a preempted run must not run the final evaluation"
+
+
+def test_corrupted_latest_checkpoint_is_set_aside_and_training_saves_again(data_dir, tmp_path):
+    workdir = str(tmp_path)
+    train_lib.train(tiny(data_dir, train__num_steps=4, train__checkpoint_every=2), workdir)
+    step4 = os.path.join(workdir, "checkpoints", "4")
+    for f in glob.glob(os.path.join(step4, "state", "**", "*"), recursive=True):
+        if os.path.isfile(f):
+            open(f, "w").close()  # truncate every array file of the latest step
+    result = train_lib.train(tiny(data_dir, train__num_steps=4, train__checkpoint_every=2), workdir)
+    assert result.step == 4 and not result.stopped_early
+    assert os.path.isdir(step4 + ".corrupt"), "the unreadable step is kept aside, not deleted"
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    assert ck.all_steps() == [2, 4]
+    config, tokenizer, task, mesh = train_lib.prepare(tiny(data_dir, train__num_steps=4), workdir)
+    restored = ck.restore(train_lib.setup(config, task, mesh).abstract_state)
+    ck.close()
+    assert restored[0] == 4
+    assert _max_diff(jax.device_get(restored[1].params), jax.device_get(result.state.params)) == 0.0
+
+
+def test_other_attention_variant_in_workdir_gives_clear_error(data_dir, tmp_path):
+    """Same parameters, different model state (hard attention's REINFORCE baseline)."""
+    train_lib.train(tiny(data_dir, train__num_steps=2), str(tmp_path))
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"different model.*reinforce_baseline"):
+        train_lib.train(tiny(data_dir, "tiny,attention=hard", train__num_steps=2), str(tmp_path))

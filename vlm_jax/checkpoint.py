@@ -73,15 +73,36 @@ class Checkpointer:
         self.manager.close()
 
     # ------------------------------------------------------------------ restore
+    def _discard(self, steps: list[int]) -> None:
+        """Move unreadable steps aside (never deleted: `<step>.corrupt`), so that training can save
+        those step numbers again (Orbax refuses to save a step <= the latest listed one)."""
+        for s in steps:
+            src = os.path.join(self.directory, str(s))
+            dst = f"{src}.corrupt"
+            n = 0
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.corrupt{n}"
+            if jax.process_index() == 0 and os.path.isdir(src):
+                os.rename(src, dst)
+                log.warning("moved unreadable checkpoint step %d to %s.", s, dst)
+        if steps:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("vlm_jax_checkpoint_discard")
+            self.manager.reload()
+
     def _check_params_match(self, step: int, abstract_state) -> None:
         """Compare saved parameter names/shapes with this model's before touching array data."""
         try:
-            saved = self.manager.item_metadata(step)["state"]
-            saved = getattr(saved, "tree", saved)
-            saved = _params_shapes(saved["params"])
+            tree = self.manager.item_metadata(step)["state"]
+            tree = getattr(tree, "tree", tree)
+            saved = {f"params/{k}": v for k, v in _params_shapes(tree["params"]).items()}
+            saved.update({f"model_state/{k}": v for k, v in _params_shapes(tree["model_state"] or {}).items()})
         except Exception:  # metadata unreadable: let restore decide (corruption walk-back)
             return
-        want = _params_shapes(abstract_state.params)
+        want = {f"params/{k}": v for k, v in _params_shapes(abstract_state.params).items()}
+        want.update({f"model_state/{k}": v for k, v in _params_shapes(abstract_state.model_state).items()})
         if saved == want:
             return
         missing = sorted(set(want) - set(saved))[:3]
@@ -111,11 +132,13 @@ class Checkpointer:
         if step is not None and step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}.")
         last_error = None
+        unreadable: list[int] = []
         for s in candidates:
             try:
                 meta = self.read_meta(s)
             except Exception as e:  # unreadable metadata: corrupted step
                 last_error = e
+                unreadable.append(s)
                 log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an earlier step.",
                             s, self.directory, type(e).__name__, e)
                 continue
@@ -130,10 +153,17 @@ class Checkpointer:
                 out = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
             except Exception as e:  # truncated / missing files: a corrupted step
+                if isinstance(e, ValueError) and "tree structure" in str(e).lower():
+                    raise CheckpointMismatchError(
+                        f"the checkpoint at {self.directory} (step {s}) has a different optimizer/state "
+                        f"structure than this run ({str(e)[:300]}); it was written with another config "
+                        "(e.g. other frozen parameters). Use a fresh --workdir, or the config that wrote it.") from e
                 last_error = e
+                unreadable.append(s)
                 log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying an earlier step.",
                             s, self.directory, type(e).__name__, str(e)[:300])
                 continue
+            self._discard(unreadable)
             return s, out["state"], decode_data_state(out["data"]), meta
         raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
                            f"{type(last_error).__name__}: {last_error}. Move the directory away to start fresh.")

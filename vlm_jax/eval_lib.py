@@ -26,7 +26,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     if not os.path.isfile(os.path.join(workdir, "vocab.json")):
         raise FileNotFoundError(f"--workdir {workdir!r} holds no vocab.json (written by train.py); "
                                 "evaluate the workdir the model was trained in.")
-    config, tokenizer, task, mesh = train_lib.prepare(config, workdir)
+    config, tokenizer, task, mesh = train_lib.prepare(config, workdir, save_config=False)
     s = train_lib.setup(config, task, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep, async_save=False)
     restored = ckpt.restore(s.abstract_state, step=step,

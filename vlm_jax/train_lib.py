@@ -94,7 +94,7 @@ def _unbox_abstract_and_specs(task: Task, rng, batch):
 
 def setup(config, task: Task, mesh) -> Setup:
     """Build optimizer, abstract state, shardings and the jitted train step. Compiles nothing yet."""
-    local = task.example_batch(config.train.batch_size)
+    local = task.example_batch(1)       # shapes only: params do not depend on the batch size
     rng = jax.random.key(config.seed)
     abstract_vars, specs = _unbox_abstract_and_specs(task, rng, local)
     labels = task.param_labels(abstract_vars["params"])
@@ -200,20 +200,23 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare(config, workdir: str):
-    """Validate, build tokenizer/task/mesh. Returns (config, tokenizer, task, mesh)."""
+def prepare(config, workdir: str, *, save_config: bool = True):
+    """Validate, build tokenizer/task/mesh. Returns (config, tokenizer, task, mesh).
+
+    `save_config=False` (eval) leaves the training run's `<workdir>/config.json` untouched."""
     num_devices = jax.device_count()
     shape = config_lib.validate_common(config, num_devices, jax.process_count())
-    task_module = __import__(f"vlm_jax.tasks.{config.task}", fromlist=["validate"])
-    if hasattr(task_module, "validate"):
-        task_module.validate(config)
+    from vlm_jax.tasks import task_module
+    module = task_module(config.task)
+    if hasattr(module, "validate"):
+        module.validate(config)
     os.makedirs(workdir, exist_ok=True)
     from vlm_jax.data import pipeline
     tokenizer = pipeline.get_tokenizer(config, workdir)
     config.unlock()
     config.model.vocab_size = tokenizer.vocab_size
     config.lock()
-    if jax.process_index() == 0:
+    if save_config and jax.process_index() == 0:
         config_lib.save_config(config, workdir)
     task = make_task(config)
     mesh = sharding.create_mesh(shape)
@@ -277,11 +280,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     log.info("task=%s params=%s trainable=%s mesh=%s devices=%d", config.task, f"{n_params:,}",
              f"{n_train:,}", dict(mesh.shape), jax.device_count())
 
-    preempted = {"flag": False}
+    preempted = {"flag": False, "local": False}   # local: this process got SIGTERM; flag: all agree
 
     def on_sigterm(signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint after this step and exiting.")
-        preempted["flag"] = True
+        log.warning("SIGTERM received: saving a checkpoint and exiting.")
+        preempted["local"] = True
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
 
@@ -316,7 +319,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 values["examples_per_sec"] = window_ex / dt
                 if toks:
                     values["tokens_per_sec"] = toks / dt
-                values["learning_rate"] = float(make_schedule(config)(step))
+                values["learning_rate"] = float(make_schedule(config)(step - 1))  # the rate the last update used
                 if not np.isfinite(values["loss"]):
                     raise FloatingPointError(f"loss is {values['loss']} at step {step}; not saving. Lower "
                                              "--config.optim.lr or check the data.")
@@ -324,13 +327,23 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 eta = (stop - step) * dt / max(len(host), 1)
                 progress.write(f"step {step}/{num_steps} eta {eta / 60:.1f}min " + _fmt(values))
                 window_t, window_ex, pending = time.time(), 0, []
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
+            if jax.process_count() == 1:
+                preempted["flag"] = preempted["local"]
+            elif step % config.train.log_every == 0 or step == stop:
+                # Agree on preemption across hosts at log boundaries, so every process saves the
+                # same step (a signal may reach only some hosts).
+                from jax.experimental import multihost_utils
+                flags = multihost_utils.process_allgather(np.asarray(preempted["local"], np.int32))
+                preempted["flag"] = bool(np.max(flags))
+            if (config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps
+                    and not preempted["flag"]):
                 eval_metrics = task.evaluate(state.params, state.model_state, workdir=workdir, step=step,
                                              mesh=mesh, tokenizer=tokenizer)
                 logger.scalars(step, eval_metrics, prefix="eval")
             if step % config.train.checkpoint_every == 0 or step == stop or preempted["flag"]:
                 _check_finite(state, step)
-                ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta)
+                if not ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta):
+                    log.warning("checkpoint for step %d was not saved (Orbax declined it).", step)
             if preempted["flag"]:
                 log.warning("stopped at step %d after SIGTERM; rerun the same command to resume.", step)
                 break

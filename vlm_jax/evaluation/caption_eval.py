@@ -25,33 +25,47 @@ from vlm_jax import sharding
 log = logging.getLogger("vlm_jax")
 
 
-def _global_batch(batch: dict, mesh) -> dict:
-    """Host numpy batch (identical on every process) -> global arrays split over the batch axes."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        sh = sharding.batch_sharding(mesh, v.ndim)
-        out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
-    return out
+def _make_predict(predict: Callable, mesh):
+    """Jitted (params, model_state, image, image_id, valid) -> replicated predictions + row ids.
+
+    Each process feeds its own rows of the global batch (as `EvalSplit.batches` yields them); the
+    ids and validity travel through the same sharding, so after the replicated output every
+    process holds every row with its own image id.
+    """
+    def fn(params, model_state, image, image_id, valid):
+        out = dict(predict(params, model_state, image))
+        out["image_id"], out["valid"] = image_id, valid
+        return out
+
+    return jax.jit(fn, out_shardings=sharding.replicated(mesh))
 
 
 def run(predict: Callable, params, model_state, *, config, tokenizer, workdir: str, step: int, mesh,
-        final: bool = False) -> dict[str, float]:
+        final: bool = False, cache: dict | None = None, cache_key=None) -> dict[str, float]:
+    """`cache` (a dict the caller owns, e.g. one per task) + `cache_key` (its decoding settings)
+    reuse the compiled beam search across periodic evaluations instead of recompiling it."""
     from vlm_jax.data import pipeline
     from vlm_jax.evaluation import captioning, localization, plots
 
     t0 = time.time()
     split = pipeline.load_eval_split(config, tokenizer, config.eval.split)
-    predict_jit = jax.jit(predict, out_shardings=sharding.replicated(mesh))
+    key = (cache_key, mesh)
+    predict_jit = cache.get(key) if cache is not None else None
+    if predict_jit is None:
+        predict_jit = _make_predict(predict, mesh)
+        if cache is not None:
+            cache[key] = predict_jit
     predictions: dict[int, str] = {}
     words: dict[int, list[str]] = {}
     alphas: dict[int, np.ndarray] = {}
     n_done, limit = 0, config.eval.max_examples or None
     for batch in split.batches(config.eval.batch_size):
-        valid = np.asarray(batch["valid"])
-        out = jax.device_get(predict_jit(params, model_state, _global_batch({"image": batch["image"]}, mesh)["image"]))
+        local = {k: batch[k] for k in ("image", "image_id", "valid")}
+        g = sharding.put_batch(local, mesh)
+        out = jax.device_get(predict_jit(params, model_state, g["image"], g["image_id"], g["valid"]))
+        valid = np.asarray(out["valid"])
         for row in np.nonzero(valid)[0]:
-            image_id = int(batch["image_id"][row])
+            image_id = int(out["image_id"][row])
             ids = [int(t) for t in out["tokens"][row]]
             caption = tokenizer.decode(ids)
             predictions[image_id] = caption
@@ -64,6 +78,8 @@ def run(predict: Callable, params, model_state, *, config, tokenizer, workdir: s
             break
     gen_time = time.time() - t0
 
+    if jax.process_index() != 0:  # every process holds all predictions; process 0 scores and writes
+        return {}
     refs = {i: split.references[i] for i in predictions}
     metrics = captioning.caption_metrics(refs, predictions)
     objects = {i: split.objects.get(i, []) for i in predictions}
@@ -79,18 +95,17 @@ def run(predict: Callable, params, model_state, *, config, tokenizer, workdir: s
     metrics["generation_seconds"] = gen_time
 
     out_dir = os.path.join(workdir, "eval", f"step_{step}")
-    if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        captioning.write_coco_results(os.path.join(out_dir, "results.json"), predictions)
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump({"step": step, "split": config.eval.split, **metrics}, f, indent=2)
-        for image_id in list(predictions)[: config.eval.num_figures] if alphas else []:
-            plots.save_attention_figure(os.path.join(out_dir, f"attention_{image_id}.png"),
-                                        split.get_image(image_id), words[image_id], alphas[image_id],
-                                        config.model.grid)
-        print_table(metrics, step=step, split=config.eval.split, out_dir=out_dir)
-        for i in list(predictions)[:3]:
-            log.info("image %d: %r  (ref: %r)", i, predictions[i], refs[i][0])
+    os.makedirs(out_dir, exist_ok=True)
+    captioning.write_coco_results(os.path.join(out_dir, "results.json"), predictions)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"step": step, "split": config.eval.split, **metrics}, f, indent=2)
+    for image_id in list(predictions)[: config.eval.num_figures] if alphas else []:
+        plots.save_attention_figure(os.path.join(out_dir, f"attention_{image_id}.png"),
+                                    split.get_image(image_id), words[image_id], alphas[image_id],
+                                    config.model.grid)
+    print_table(metrics, step=step, split=config.eval.split, out_dir=out_dir)
+    for i in list(predictions)[:3]:
+        log.info("image %d: %r  (ref: %r)", i, predictions[i], refs[i][0])
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
 
 

@@ -4,12 +4,17 @@ import importlib
 from vlm_jax.tasks.base import Task
 
 
-def make_task(config) -> Task:
+def task_module(name: str):
+    """The module `vlm_jax.tasks.<name>`; a ConfigError naming `config.task` if there is none."""
     try:
-        module = importlib.import_module(f"vlm_jax.tasks.{config.task}")
+        return importlib.import_module(f"vlm_jax.tasks.{name}")
     except ModuleNotFoundError as e:
-        if e.name == f"vlm_jax.tasks.{config.task}":
-            raise ValueError(f"config.task={config.task!r}: no module vlm_jax/tasks/{config.task}.py; "
-                             "set --config.task to one of 'sat', 'blip2', 'flamingo'.") from None
+        if e.name == f"vlm_jax.tasks.{name}":
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError(f"config.task={name!r}: there is no vlm_jax/tasks/{name}.py; "
+                              "use a task that exists (e.g. 'sat').") from None
         raise
-    return module.make_task(config)
+
+
+def make_task(config) -> Task:
+    return task_module(config.task).make_task(config)

@@ -68,6 +68,7 @@ class SATTask(Task):
         self.hard = config.model.attention == "hard"
         self.image_size = int(config.data.image_size)
         self.seq_len = int(config.data.max_caption_len) + 2
+        self._predict_cache: dict = {}   # compiled beam search per (decoding settings, mesh)
 
     # ------------------------------------------------------------------ variables
     def _variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
@@ -182,7 +183,10 @@ class SATTask(Task):
                                     length_penalty=float(e.length_penalty), bos_id=tokenizer.bos_id,
                                     eos_id=tokenizer.eos_id)
         return caption_eval.run(predict, params, model_state, config=self.config, tokenizer=tokenizer,
-                                workdir=workdir, step=step, mesh=mesh, final=final)
+                                workdir=workdir, step=step, mesh=mesh, final=final,
+                                cache=self._predict_cache,
+                                cache_key=(int(e.beam_size), int(e.max_len), float(e.length_penalty),
+                                           tokenizer.bos_id, tokenizer.eos_id))
 
 
 def validate(config) -> None:
