@@ -198,3 +198,12 @@ def test_other_attention_variant_in_workdir_gives_clear_error(data_dir, tmp_path
     train_lib.train(tiny(data_dir, train__num_steps=2), str(tmp_path))
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"different model.*reinforce_baseline"):
         train_lib.train(tiny(data_dir, "tiny,attention=hard", train__num_steps=2), str(tmp_path))
+
+
+def test_non_finite_parameters_block_the_checkpoint():
+    import jax.numpy as jnp
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), opt_state=(), model_state={},
+                                 params={"ok": jnp.ones(3), "bad": jnp.array([1.0, jnp.nan])})
+    with pytest.raises(FloatingPointError, match=r"non-finite parameters at step 7 \(\[\"\['bad'\]\"\]"):
+        train_lib._check_finite(state, 7)
+    train_lib._check_finite(state.replace(params={"ok": jnp.ones(3)}), 7)

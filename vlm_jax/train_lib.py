@@ -358,10 +358,17 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                        mesh=mesh, tokenizer=tokenizer, train_iter=train_iter, config=config)
 
 
+@jax.jit
+def _finite_flags(params) -> jax.Array:
+    """One bool per parameter leaf, computed in one program (one host sync, not one per leaf)."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
+
+
 def _check_finite(state: TrainState, step: int) -> None:
-    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
-           if not bool(jnp.all(jnp.isfinite(x)))]
-    if bad:
+    flags = np.asarray(jax.device_get(_finite_flags(state.params)))
+    if not flags.all():
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)]
+        bad = [p for p, ok in zip(paths, flags) if not ok]
         raise FloatingPointError(f"non-finite parameters at step {step} ({bad[:3]}...); not saving a checkpoint.")
 
 

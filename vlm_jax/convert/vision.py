@@ -23,8 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.convert.common import (Conversion, ConversionError, bias_to_heads, chunk, conv, linear,
-                                    linear_from_heads, linear_to_heads, rule)
+from vlm_jax.convert.common import (Conversion, ConversionError, bias_to_heads, chunk, conv, identity,
+                                    linear, linear_from_heads, linear_to_heads, rule)
 from vlm_jax.layers.resnet import RESNET_DEPTHS, ResNet
 from vlm_jax.layers.vit import ViTConfig, VisionTransformer
 
@@ -81,6 +81,18 @@ def vit_config_from_hf(hf: dict, style: str, *, pool: str | None = None, **overr
     return ViTConfig(**{**common, **style_kw, **overrides})
 
 
+_BLOCK_NAMES = {
+    "clip": dict(layer="encoder.layers.{i}.", qkv=None, query="self_attn.q_proj", key="self_attn.k_proj",
+                 value="self_attn.v_proj", out="self_attn.out_proj", norm1="layer_norm1", norm2="layer_norm2",
+                 fc1="mlp.fc1", fc2="mlp.fc2"),
+    "vit": dict(layer="encoder.layer.{i}.", qkv=None, query="attention.attention.query",
+                key="attention.attention.key", value="attention.attention.value", out="attention.output.dense",
+                norm1="layernorm_before", norm2="layernorm_after", fc1="intermediate.dense", fc2="output.dense"),
+    "blip2": dict(layer="encoder.layers.{i}.", qkv="self_attn.qkv", out="self_attn.projection",
+                  norm1="layer_norm1", norm2="layer_norm2", fc1="mlp.fc1", fc2="mlp.fc2"),
+}
+
+
 def vit_rules(cfg: ViTConfig, style: str, prefix: str = "", module_prefix: tuple[str, ...] = ()) -> list:
     """Rules for a VisionTransformer whose params sit under ``module_prefix``, reading file
     keys that start with ``prefix``. Unrolled layout (``encoder/layers_i``)."""
@@ -116,59 +128,28 @@ def vit_rules(cfg: ViTConfig, style: str, prefix: str = "", module_prefix: tuple
     else:
         raise ValueError(f"vit_rules style={style!r}; use 'clip', 'vit' or 'blip2'.")
 
+    # Per-block HF names (after the layer prefix) of each style; one loop maps them all.
+    names = _BLOCK_NAMES[style]
     for i in range(cfg.num_layers):
-        L = f"encoder/layers_{i}"
-        if style == "clip":
-            f = f"encoder.layers.{i}."
-            names = {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj"}
-            for ours, theirs in names.items():
-                rs += [rule(P(f"{L}/attn/{ours}/kernel"), K(f + theirs + ".weight"), linear_to_heads(nh)),
-                       rule(P(f"{L}/attn/{ours}/bias"), K(f + theirs + ".bias"), bias_to_heads(nh))]
-            rs += [rule(P(f"{L}/attn/out/kernel"), K(f + "self_attn.out_proj.weight"), linear_from_heads(nh)),
-                   rule(P(f"{L}/attn/out/bias"), K(f + "self_attn.out_proj.bias")),
-                   rule(P(f"{L}/attn_norm/scale"), K(f + "layer_norm1.weight")),
-                   rule(P(f"{L}/attn_norm/bias"), K(f + "layer_norm1.bias")),
-                   rule(P(f"{L}/mlp_norm/scale"), K(f + "layer_norm2.weight")),
-                   rule(P(f"{L}/mlp_norm/bias"), K(f + "layer_norm2.bias")),
-                   rule(P(f"{L}/mlp/wi/kernel"), K(f + "mlp.fc1.weight"), linear),
-                   rule(P(f"{L}/mlp/wi/bias"), K(f + "mlp.fc1.bias")),
-                   rule(P(f"{L}/mlp/wo/kernel"), K(f + "mlp.fc2.weight"), linear),
-                   rule(P(f"{L}/mlp/wo/bias"), K(f + "mlp.fc2.bias"))]
-        elif style == "vit":
-            f = f"encoder.layer.{i}."
-            for ours in ("query", "key", "value"):
-                rs += [rule(P(f"{L}/attn/{ours}/kernel"), K(f + f"attention.attention.{ours}.weight"),
-                            linear_to_heads(nh))]
-                if cfg.qkv_bias:
-                    rs += [rule(P(f"{L}/attn/{ours}/bias"), K(f + f"attention.attention.{ours}.bias"),
-                                bias_to_heads(nh))]
-            rs += [rule(P(f"{L}/attn/out/kernel"), K(f + "attention.output.dense.weight"), linear_from_heads(nh)),
-                   rule(P(f"{L}/attn/out/bias"), K(f + "attention.output.dense.bias")),
-                   rule(P(f"{L}/attn_norm/scale"), K(f + "layernorm_before.weight")),
-                   rule(P(f"{L}/attn_norm/bias"), K(f + "layernorm_before.bias")),
-                   rule(P(f"{L}/mlp_norm/scale"), K(f + "layernorm_after.weight")),
-                   rule(P(f"{L}/mlp_norm/bias"), K(f + "layernorm_after.bias")),
-                   rule(P(f"{L}/mlp/wi/kernel"), K(f + "intermediate.dense.weight"), linear),
-                   rule(P(f"{L}/mlp/wi/bias"), K(f + "intermediate.dense.bias")),
-                   rule(P(f"{L}/mlp/wo/kernel"), K(f + "output.dense.weight"), linear),
-                   rule(P(f"{L}/mlp/wo/bias"), K(f + "output.dense.bias"))]
-        else:  # blip2 / EVA: fused qkv (q, k, v thirds); k bias is zero in the file
-            f = f"encoder.layers.{i}."
-            for j, ours in enumerate(("query", "key", "value")):
-                rs += [rule(P(f"{L}/attn/{ours}/kernel"), K(f + "self_attn.qkv.weight"),
+        L, f = f"encoder/layers_{i}", names["layer"].format(i=i)
+        for j, ours in enumerate(("query", "key", "value")):
+            if names["qkv"] is None:  # separate q/k/v projections
+                theirs = f + names[ours]
+                rs.append(rule(P(f"{L}/attn/{ours}/kernel"), K(theirs + ".weight"), linear_to_heads(nh)))
+                if style != "vit" or cfg.qkv_bias:
+                    rs.append(rule(P(f"{L}/attn/{ours}/bias"), K(theirs + ".bias"), bias_to_heads(nh)))
+            else:  # EVA / BLIP-2: one fused qkv matrix, q/k/v are its thirds (k bias is zero in the file)
+                rs += [rule(P(f"{L}/attn/{ours}/kernel"), K(f + names["qkv"] + ".weight"),
                             chunk(j, 3, 0, linear_to_heads(nh))),
-                       rule(P(f"{L}/attn/{ours}/bias"), K(f + "self_attn.qkv.bias"),
+                       rule(P(f"{L}/attn/{ours}/bias"), K(f + names["qkv"] + ".bias"),
                             chunk(j, 3, 0, bias_to_heads(nh)))]
-            rs += [rule(P(f"{L}/attn/out/kernel"), K(f + "self_attn.projection.weight"), linear_from_heads(nh)),
-                   rule(P(f"{L}/attn/out/bias"), K(f + "self_attn.projection.bias")),
-                   rule(P(f"{L}/attn_norm/scale"), K(f + "layer_norm1.weight")),
-                   rule(P(f"{L}/attn_norm/bias"), K(f + "layer_norm1.bias")),
-                   rule(P(f"{L}/mlp_norm/scale"), K(f + "layer_norm2.weight")),
-                   rule(P(f"{L}/mlp_norm/bias"), K(f + "layer_norm2.bias")),
-                   rule(P(f"{L}/mlp/wi/kernel"), K(f + "mlp.fc1.weight"), linear),
-                   rule(P(f"{L}/mlp/wi/bias"), K(f + "mlp.fc1.bias")),
-                   rule(P(f"{L}/mlp/wo/kernel"), K(f + "mlp.fc2.weight"), linear),
-                   rule(P(f"{L}/mlp/wo/bias"), K(f + "mlp.fc2.bias"))]
+        rs += [rule(P(f"{L}/attn/out/kernel"), K(f + names["out"] + ".weight"), linear_from_heads(nh)),
+               rule(P(f"{L}/attn/out/bias"), K(f + names["out"] + ".bias"))]
+        for ours, theirs, weight, fn in (("attn_norm", "norm1", "scale", identity),
+                                         ("mlp_norm", "norm2", "scale", identity),
+                                         ("mlp/wi", "fc1", "kernel", linear), ("mlp/wo", "fc2", "kernel", linear)):
+            rs += [rule(P(f"{L}/{ours}/{weight}"), K(f + names[theirs] + ".weight"), fn),
+                   rule(P(f"{L}/{ours}/bias"), K(f + names[theirs] + ".bias"))]
     return rs
 
 
