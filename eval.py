@@ -1,7 +1,11 @@
 """Evaluate a trained workdir: python eval.py --config configs/sat.py:synthetic --workdir runs/sat [--step N]"""
 import sys
 
-from vlm_jax import cli, config_lib
+from vlm_jax import host
+
+host.tune_malloc()   # before jax allocates: XLA:CPU step buffers reuse heap pages (vlm_jax/host.py)
+
+from vlm_jax import cli, config_lib  # noqa: E402
 
 
 def main(argv):

@@ -1,7 +1,11 @@
 """Train (and finally evaluate) a model: python train.py --config configs/sat.py:synthetic --workdir runs/sat"""
 import sys
 
-from vlm_jax import cli, config_lib
+from vlm_jax import host
+
+host.tune_malloc()   # before jax allocates: XLA:CPU step buffers reuse heap pages (vlm_jax/host.py)
+
+from vlm_jax import cli, config_lib  # noqa: E402
 
 
 def main(argv):

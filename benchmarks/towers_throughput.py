@@ -90,10 +90,18 @@ MFU = model_flops_per_step / step_time / peak, with peak = ``--peak_tflops`` (de
 GPUs: the measured bf16 matmul ceiling of this project's cards, 683 TFLOP/s for H100 and
 652 for H200, see ../shared/design.md; none on CPU, where no MFU is reported).
 
+Host allocator (CPU)
+--------------------
+Before anything is imported the script applies `vlm_jax.host.tune_malloc` (as ``train.py``
+does): glibc keeps freed heap memory instead of returning it to the kernel, so XLA:CPU's
+per-step activation buffer does not page-fault afresh on every step. It is process-wide,
+so the PyTorch model in the same process gets it too. ``--no-tune-malloc`` measures with
+glibc's defaults; the JSON says which (``malloc_tuned``).
+
 Output: one JSON line per measurement (``--json-out FILE`` appends it there too): tower,
 preset, batch, seq, dtype, attention, step_ms (+min/max), examples_per_s, tokens_per_s,
 model_flops_per_step, tflops, mfu, peak_tflops, params, compile_s, cpu_ms, cpu_util,
-threads, xla_cpu_pool_threads, device, versions, load_avg (the machine's 1-minute load at the start: the CPU numbers are
+threads, xla_cpu_pool_threads, malloc_tuned, device, versions, load_avg (the machine's 1-minute load at the start: the CPU numbers are
 only comparable when nothing else runs) and, with ``--compare-torch``, ``torch`` (the same
 fields for PyTorch) and ``ratio``. A failed measurement prints ``{"error": ...}`` with the
 config and exits 1.
@@ -361,7 +369,8 @@ def parse_args(argv):
                    help="CPU threads for both frameworks (pins the process to the first N CPUs)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--attention", choices=("default", "xla", "cudnn"), default="default",
-                   help="jax.nn.dot_product_attention implementation (default: JAX picks)")
+                   help="MultiHeadAttention.implementation: default (cuDNN-capable jax.nn.dot_product_attention "
+                        "on GPU, the project's XLA path elsewhere), xla, cudnn; see vlm_jax/layers/attention.py")
     p.add_argument("--attention-flops", dest="attention_flops", choices=("causal", "full"), default="causal",
                    help="LM attention FLOPs: T(T+1)/2 (causal, default) or T^2 key pairs")
     p.add_argument("--compare-torch", dest="compare_torch", action="store_true",
@@ -370,6 +379,9 @@ def parse_args(argv):
                    help="MFU denominator (default: 683 on H100, 652 on H200, none on CPU)")
     p.add_argument("--tiny", action="store_true", help="smoke mode: tiny preset, batch 2, 2 steps")
     p.add_argument("--json-out", dest="json_out", default=None, help="append the JSON line to this file")
+    p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
+                   help="leave glibc malloc at its defaults (see vlm_jax/host.py; default: tuned, "
+                        "for both frameworks, as train.py does)")
     args = p.parse_args(argv)
     if args.tiny:
         args.preset = args.preset or ("vit_tiny" if args.tower == "vit" else "lm_tiny")
@@ -520,7 +532,7 @@ def run(args) -> dict:
                peak_tflops=peak, params=info["params"], compile_s=round(compile_s, 2), loss=round(float(loss), 4),
                device=f"{jax.device_count()}x {dev.device_kind} ({dev.platform})",
                threads=args.threads if args.threads is not None else len(os.sched_getaffinity(0)),
-               cpu_count=os.cpu_count(), load_avg=round(args.load_avg, 2),
+               cpu_count=os.cpu_count(), load_avg=round(args.load_avg, 2), malloc_tuned=args.malloc["applied"],
                xla_cpu_pool_threads=_count_threads("tf_XLAEigen") if dev.platform == "cpu" else None,
                versions=_versions(torch_step is not None))
     if torch_step is not None:
@@ -539,6 +551,8 @@ def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.load_avg = os.getloadavg()[0]
     limit_threads(args.threads)
+    from vlm_jax import host
+    args.malloc = host.tune_malloc(args.tune_malloc)
     if args.compare_torch:
         # jax must not take 75% of the GPU up front when torch shares it.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -18,7 +18,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
+from vlm_jax import host  # noqa: E402
+
+MALLOC = host.tune_malloc()   # as train.py does (VLM_JAX_TUNE_MALLOC=0 to compare without)
+
+import jax  # noqa: E402
 import numpy as np
 
 from vlm_jax import config_lib, sharding, train_lib
@@ -80,6 +84,7 @@ def main(argv):
         "tokens_per_sec": round(tokens_per_step / dt, 1), "warmup_incl_compile_s": round(compile_s, 1),
         "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}", "jax": jax.__version__,
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": config.train.dtype,
+        "malloc_tuned": MALLOC["applied"],
         "params": train_lib._count(state.params),
     }
     print(json.dumps(out))

@@ -15,7 +15,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vlm_jax.layers import masks  # noqa: E402
-from vlm_jax.layers.attention import MultiHeadAttention, init_cache  # noqa: E402
+from vlm_jax.layers.attention import (MultiHeadAttention, attention_kernel, init_cache,  # noqa: E402
+                                      softmax_with_saved_probs)
 from vlm_jax.layers.mlp import MLP  # noqa: E402
 from vlm_jax.layers.transformer import BlockConfig, TransformerBlock, TransformerStack  # noqa: E402
 
@@ -199,6 +200,80 @@ def test_attention_is_causal_and_lengths_equal_mask_arrays():
     causal_only = np.asarray(m.apply({"params": params}, x, is_causal=True))
     np.testing.assert_allclose(causal_only[0], ref[0], atol=ATOL, rtol=0)
     assert np.abs(causal_only[1, -1] - ref[1, -1]).max() > 1e-3
+
+
+def test_softmax_with_saved_probs_values_and_gradients():
+    """The XLA path's softmax: same values and VJP as jax.nn.softmax (incl. masked logits at
+    finfo.min), and its VJP agrees with finite differences."""
+    logits = jnp.asarray(_rand(2, 3, 5, 7, seed=40, scale=3.0))
+    masked = jnp.where(jnp.asarray(_rand(2, 1, 5, 7, seed=41)) > 0.5, jnp.finfo(jnp.float32).min, logits)
+    cot = jnp.asarray(_rand(2, 3, 5, 7, seed=42))
+    for z in (logits, masked):
+        np.testing.assert_allclose(softmax_with_saved_probs(z), jax.nn.softmax(z, axis=-1), atol=1e-6, rtol=0)
+        ours = jax.vjp(softmax_with_saved_probs, z)[1](cot)[0]
+        ref = jax.vjp(lambda a: jax.nn.softmax(a, axis=-1), z)[1](cot)[0]
+        np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+    # finite differences of a float64 numpy softmax (independent of both JAX softmaxes)
+    z0, g0 = np.asarray(logits[0, 0], np.float64), np.asarray(cot[0, 0], np.float64)   # [5, 7]
+
+    def f(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return float(np.sum(g0 * e / e.sum(-1, keepdims=True)))
+
+    eps, fd = 1e-6, np.zeros_like(z0)
+    for idx in np.ndindex(*z0.shape):
+        dz = np.zeros_like(z0)
+        dz[idx] = eps
+        fd[idx] = (f(z0 + dz) - f(z0 - dz)) / (2 * eps)
+    ours = jax.vjp(softmax_with_saved_probs, logits[0, 0])[1](cot[0, 0])[0]
+    np.testing.assert_allclose(ours, fd, atol=1e-5, rtol=0)
+
+
+def test_attention_kernel_choice():
+    assert attention_kernel(None) == ("dot_product_attention" if jax.default_backend() == "gpu" else "xla")
+    assert attention_kernel("xla") == "xla"
+    assert attention_kernel("cudnn") == "cudnn"
+    assert attention_kernel("cudnn", dropout=True) == "xla"
+
+
+@pytest.mark.parametrize("variant", ["mask_bias", "causal_lengths", "cross"])
+def test_xla_attention_path_equals_dot_product_attention(variant):
+    """The project's XLA attention path (default on CPU) gives the same outputs and gradients
+    (wrt inputs and every parameter) as the same layer computed with
+    jax.nn.dot_product_attention, JAX's own kernel."""
+    m = MultiHeadAttention(num_heads=H, head_dim=K, implementation="xla")
+    x = _x(50)
+    media = _x(51, (B, T + 2, D)) if variant == "cross" else None
+    s = T + 2 if variant == "cross" else T
+    params = _perturb(m.init(jax.random.key(0), x, media)["params"], seed=52)
+    kw, dpa_kw = {}, {}
+    if variant == "mask_bias":
+        mask = masks.combine(masks.causal_mask(T), masks.padding_mask(np.array([[1] * T, [1] * (T - 2) + [0, 0]])))
+        bias = jnp.asarray(_rand(1, H, T, T, seed=53))
+        kw = dpa_kw = dict(mask=mask, bias=bias)
+    elif variant == "causal_lengths":
+        lengths = jnp.array([T, T - 3])
+        kw = dict(is_causal=True, key_value_lengths=lengths)
+        dpa_kw = dict(is_causal=True, key_value_seq_lengths=lengths)
+    else:
+        kw = dpa_kw = dict(mask=masks.padding_mask(np.arange(s)[None] < np.array([[s], [s - 3]]).reshape(B, 1)))
+
+    def ours(p, x, media):
+        return m.apply({"params": p}, x, media, **kw)
+
+    def reference(p, x, media):
+        p = nn.unbox(p)
+        kv = x if media is None else media
+        proj = lambda n, a: jnp.einsum("btd,dhk->bthk", a, p[n]["kernel"]) + p[n]["bias"]  # noqa: E731
+        o = jax.nn.dot_product_attention(proj("query", x), proj("key", kv), proj("value", kv), **dpa_kw)
+        return jnp.einsum("bthk,hkd->btd", o, p["out"]["kernel"]) + p["out"]["bias"]
+
+    cot = jnp.asarray(_rand(B, T, D, seed=54))
+    out, vjp = jax.vjp(ours, params, x, media)
+    ref_out, ref_vjp = jax.vjp(reference, params, x, media)
+    np.testing.assert_allclose(out, ref_out, atol=ATOL, rtol=0)
+    for g, r in zip(jax.tree.leaves(vjp(cot)), jax.tree.leaves(ref_vjp(cot))):
+        np.testing.assert_allclose(g, r, atol=ATOL, rtol=1e-4)
 
 
 def test_attention_zero_empty_rows():

@@ -10,11 +10,23 @@ Parameters (logical axes in brackets):
 
 Masks are boolean, rank 4, ``[B|1, 1|H, T, S]``, True = may attend (build them with
 `vlm_jax.layers.masks`). An additive ``bias`` ``[B|1, H|1, T, S]`` (T5 relative positions)
-is added to the logits before the softmax. The softmax is computed by
-`jax.nn.dot_product_attention` with ``implementation`` None (let JAX pick; the only choice
-on CPU), 'xla' or 'cudnn' (the flash kernel on NVIDIA GPUs; needs bf16/fp16 compute). When
-attention-probability dropout is active (``dropout_rate > 0`` and not deterministic) an
-explicit einsum/softmax path is used instead, because the fused kernel has no dropout.
+is added to the logits before the softmax.
+
+Attention kernel (``implementation``; `attention_kernel` says which one runs):
+  'cudnn'  `jax.nn.dot_product_attention(implementation='cudnn')`: the flash kernel on
+           NVIDIA GPUs (bf16/fp16 compute); fails on other backends.
+  None     on GPU: `jax.nn.dot_product_attention` and JAX picks (cuDNN where it applies);
+           on CPU/TPU: the project's XLA path below.
+  'xla'    the project's XLA path on every backend:
+             logits = (q k^T) * scale + bias, masked to -inf-like  [B, H, T, S] float32
+             probs  = softmax(logits)                              (`softmax_with_saved_probs`)
+             out    = probs v                                      [B, T, H, K]
+           Its softmax saves the probabilities for the backward pass
+           (d logits = p * (dp - sum(dp * p))), which on XLA:CPU makes a ViT-S/16
+           attention layer's forward+backward ~1.8x faster than `jax.nn.softmax` inside
+           `jax.nn.dot_product_attention` (BENCHMARKS.md, towers).
+Attention-probability dropout (``dropout_rate > 0`` and not deterministic) always takes the
+XLA path, because the fused kernels have no dropout.
 
 KV cache, in the Flax ``'cache'`` collection. Every leaf has a leading batch dim, so beam
 search can reorder rows by a gather on axis 0 of every leaf (docs/interfaces.md, Decoding).
@@ -54,6 +66,36 @@ from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
+@jax.custom_vjp
+def softmax_with_saved_probs(logits):
+    """``softmax(logits, axis=-1)`` whose VJP reuses the saved probabilities p:
+    ``d logits = p * (g - sum(g * p, -1))``. Same values as `jax.nn.softmax`; a cheaper
+    backward on XLA:CPU (one fused elementwise+reduce instead of re-deriving through exp)."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    p = jax.nn.softmax(logits, axis=-1)
+    return p, p
+
+
+def _softmax_bwd(p, g):
+    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax_with_saved_probs.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def attention_kernel(implementation: str | None, *, dropout: bool = False) -> str:
+    """Which kernel `MultiHeadAttention` runs: 'cudnn', 'dot_product_attention' (JAX picks)
+    or 'xla' (the project's einsum/softmax path). See the module docstring."""
+    if dropout or implementation == "xla":
+        return "xla"
+    if implementation == "cudnn":
+        return "cudnn"
+    return "dot_product_attention" if jax.default_backend() == "gpu" else "xla"
+
+
 def _check_mask(mask, name, b, t, s):
     if mask is None:
         return None
@@ -76,7 +118,7 @@ class MultiHeadAttention(nn.Module):
       use_bias: bias on the q/k/v projections; out_bias: bias on the output projection.
       scale: logit scale; None -> 1/sqrt(K) (T5 uses 1.0).
       dropout_rate: dropout on attention probabilities (training only).
-      implementation: None | 'xla' | 'cudnn' for `jax.nn.dot_product_attention`.
+      implementation: None | 'xla' | 'cudnn': the attention kernel (module docstring).
       zero_empty_rows: rows whose mask has no True key return exactly 0 (Flamingo text
         before the first image) instead of the softmax's uniform average.
     """
@@ -175,9 +217,10 @@ class MultiHeadAttention(nn.Module):
             key_value_lengths = jnp.asarray(key_value_lengths, jnp.int32)
             if key_value_lengths.shape != (b,):
                 raise ValueError(f"key_value_lengths must be int [B={b}]; got shape {key_value_lengths.shape}.")
-        explicit = self.dropout_rate > 0.0 and not deterministic
-        if explicit or self.zero_empty_rows:
-            # the explicit path and the empty-row test need the full boolean mask
+        dropout = self.dropout_rate > 0.0 and not deterministic
+        kernel = attention_kernel(self.implementation, dropout=dropout)
+        if kernel == "xla" or self.zero_empty_rows:
+            # the XLA path and the empty-row test need the full boolean mask
             if is_causal:
                 causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
                 mask = causal[None, None] if mask is None else jnp.logical_and(mask, causal[None, None])
@@ -185,12 +228,12 @@ class MultiHeadAttention(nn.Module):
                 kv_ok = (jnp.arange(s)[None, :] < key_value_lengths[:, None])[:, None, None, :]
                 mask = kv_ok if mask is None else jnp.logical_and(mask, kv_ok)
             is_causal, key_value_lengths = False, None
-        if explicit:
-            out = self._explicit_attention(q, k, v, mask, bias)
+        if kernel == "xla":
+            out = self._xla_attention(q, k, v, mask, bias, dropout)
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
                                                is_causal=is_causal, key_value_seq_lengths=key_value_lengths,
-                                               implementation=self.implementation)
+                                               implementation="cudnn" if kernel == "cudnn" else None)
         if self.zero_empty_rows and mask is not None:
             has_key = jnp.any(mask, axis=-1, keepdims=True)       # [B|1, 1|H, T, 1]
             out = out * jnp.transpose(has_key, (0, 2, 1, 3)).astype(out.dtype)   # [B|1, T, 1|H, 1]
@@ -202,17 +245,20 @@ class MultiHeadAttention(nn.Module):
             name="out")(out)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
-    def _explicit_attention(self, q, k, v, mask, bias):
-        """softmax(q k^T * scale + bias, masked) with dropout; q ``[B,T,H,K]`` -> ``[B,T,H,K]``."""
+    def _xla_attention(self, q, k, v, mask, bias, dropout: bool):
+        """The XLA path: ``softmax(q k^T * scale + bias, masked)`` (float32 logits, dropout
+        on the probabilities when ``dropout``) times v; q ``[B,T,H,K]``, k/v ``[B,S,H,K]``
+        -> ``[B,T,H,K]``."""
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        logits = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * scale
+        logits = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * scale   # [B, H, T, S]
         if bias is not None:
             logits = logits + bias.astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False).astype(self.dtype)
-        return jnp.einsum("bhts,bshk->bthk", probs, v)
+        probs = softmax_with_saved_probs(logits)
+        if dropout:
+            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+        return jnp.einsum("bhts,bshk->bthk", probs.astype(self.dtype), v)
 
     def _store_cross_kv(self, k, v):
         """Store cross-attention ``k, v [B, S, H, K]`` in the cache (create on the first call);
