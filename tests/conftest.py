@@ -1,4 +1,5 @@
-"""Test setup: 8 forced CPU devices (sharding tests), CPU only, one torch thread per worker."""
+"""Test setup: 8 forced CPU devices (sharding tests), CPU only, one torch thread per worker,
+the project's malloc setting (vlm_jax/host.py) as the entry points apply it."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -12,6 +13,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from vlm_jax import host  # noqa: E402
+
+host.tune_malloc()   # as train.py does, before jax/torch allocate (vlm_jax/host.py)
 
 try:
     import torch

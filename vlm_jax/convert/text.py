@@ -133,6 +133,21 @@ def _tokens(n: int = 2):
     return jax.ShapeDtypeStruct((1, n), jnp.int32)
 
 
+def _lm_embedding_rules(mp, cfg: DecoderLMConfig, keys: set[str], token_key: str, position_key: str) -> list:
+    """DecoderLM token/position embeddings and LM head (GPT-2 and OPT alike): a tied
+    ``lm_head.weight`` present in the file must equal the token embedding; an untied one is
+    the head's kernel."""
+    lm_head = "lm_head.weight"
+    if cfg.tie_embeddings and lm_head in keys:
+        rs = [rule(_p(mp, "token_embed/embedding"), (token_key, lm_head), _same_as(lm_head))]
+    else:
+        rs = [rule(_p(mp, "token_embed/embedding"), token_key)]
+    if not cfg.tie_embeddings:
+        rs.append(rule(_p(mp, "lm_head/kernel"), lm_head, linear))
+    rs.append(rule(_p(mp, "position_embed/embedding"), position_key))
+    return rs
+
+
 # ------------------------------------------------------------------------------- GPT-2
 def gpt2_config_from_hf(hf: dict, **overrides) -> DecoderLMConfig:
     h = _with_defaults(hf, "gpt2")
@@ -152,15 +167,7 @@ def gpt2_config_from_hf(hf: dict, **overrides) -> DecoderLMConfig:
 def gpt2_rules(cfg: DecoderLMConfig, keys: set[str], prefix: str = "", module_prefix: tuple[str, ...] = ()) -> list:
     """Rules for GPT-2 keys ``{prefix}wte.weight``, ``{prefix}h.{i}...`` (+ ``lm_head.weight``)."""
     mp, h, d = module_prefix, cfg.num_heads, cfg.width
-    rs = []
-    lm_head = "lm_head.weight"
-    if cfg.tie_embeddings and lm_head in keys:
-        rs.append(rule(_p(mp, "token_embed/embedding"), (prefix + "wte.weight", lm_head), _same_as(lm_head)))
-    else:
-        rs.append(rule(_p(mp, "token_embed/embedding"), prefix + "wte.weight"))
-    if not cfg.tie_embeddings:
-        rs.append(rule(_p(mp, "lm_head/kernel"), lm_head, linear))
-    rs.append(rule(_p(mp, "position_embed/embedding"), prefix + "wpe.weight"))
+    rs = _lm_embedding_rules(mp, cfg, keys, prefix + "wte.weight", prefix + "wpe.weight")
     to_heads = lambda w: np.asarray(w).reshape(d, h, d // h)              # noqa: E731  Conv1D is (in, out)
     for i in range(cfg.num_layers):
         t, o = f"{prefix}h.{i}.", f"layers_{i}"
@@ -212,15 +219,7 @@ def opt_rules(cfg: DecoderLMConfig, keys: set[str], prefix: str = "model.decoder
               module_prefix: tuple[str, ...] = ()) -> list:
     """Rules for OPT keys ``{prefix}embed_tokens.weight``, ``{prefix}layers.{i}...`` (+ ``lm_head.weight``)."""
     mp, h, bias = module_prefix, cfg.num_heads, cfg.use_bias
-    rs = []
-    lm_head = "lm_head.weight"
-    if cfg.tie_embeddings and lm_head in keys:
-        rs.append(rule(_p(mp, "token_embed/embedding"), (prefix + "embed_tokens.weight", lm_head), _same_as(lm_head)))
-    else:
-        rs.append(rule(_p(mp, "token_embed/embedding"), prefix + "embed_tokens.weight"))
-    if not cfg.tie_embeddings:
-        rs.append(rule(_p(mp, "lm_head/kernel"), lm_head, linear))
-    rs.append(rule(_p(mp, "position_embed/embedding"), prefix + "embed_positions.weight"))
+    rs = _lm_embedding_rules(mp, cfg, keys, prefix + "embed_tokens.weight", prefix + "embed_positions.weight")
     if cfg.word_dim != cfg.width:
         rs.append(rule(_p(mp, "project_in/kernel"), prefix + "project_in.weight", linear))
         rs.append(rule(_p(mp, "project_out/kernel"), prefix + "project_out.weight", linear))
