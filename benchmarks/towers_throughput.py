@@ -125,8 +125,6 @@ if ROOT not in sys.path:
 
 VIT_PRESETS = ("vit_tiny", "clip_vit_s16", "vit_b16", "clip_vit_b16", "clip_vit_l14", "eva_vit_g14")
 LM_PRESETS = ("lm_tiny", "gpt2", "opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b")
-# Measured bf16 matmul ceilings (TFLOP/s) of this project's GPUs (../shared/design.md §4).
-PEAK_TFLOPS = {"H100": 683.0, "H200": 652.0}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -191,42 +189,10 @@ def lm_flops(cfg, batch: int, seq: int, *, attention_flops: str = "causal") -> d
 
 
 def count_dot_flops(fn: Callable, *args, **kwargs) -> int:
-    """FLOPs of every ``dot_general`` and ``conv_general_dilated`` in ``jax.make_jaxpr(fn)``
-    (2 per multiply-add), walking nested jaxprs (jit, custom_jvp/vjp, remat, scan x length).
-    An independent check of `vit_flops` / `lm_flops` (it counts what is traced, not a formula)."""
-    import jax
-    import numpy as np
-
-    def sub_jaxprs(eqn):
-        for v in eqn.params.values():
-            for x in (v if isinstance(v, (list, tuple)) else (v,)):
-                if isinstance(x, jax.extend.core.ClosedJaxpr):
-                    yield x.jaxpr
-                elif isinstance(x, jax.extend.core.Jaxpr):
-                    yield x
-
-    def walk(jaxpr) -> int:
-        total = 0
-        for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
-            if name == "dot_general":
-                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval.shape
-                contract = int(np.prod([lhs[i] for i in lhs_contract]))
-                total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * contract
-            elif name == "conv_general_dilated":
-                dn = eqn.params["dimension_numbers"]
-                rhs = eqn.invars[1].aval.shape
-                k_in = rhs[dn.rhs_spec[1]]
-                window = int(np.prod([rhs[i] for i in dn.rhs_spec[2:]]))
-                total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * k_in * window
-            else:
-                mult = eqn.params.get("length", 1) if name == "scan" else 1
-                for sj in sub_jaxprs(eqn):
-                    total += mult * walk(sj)
-        return total
-
-    return walk(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+    """Dot/conv FLOPs traced in ``fn`` (`vlm_jax.flops.count_dot_flops`, the trainer's counter):
+    an independent check of `vit_flops` / `lm_flops` (it counts what is traced, not a formula)."""
+    from vlm_jax import flops
+    return flops.count_dot_flops(fn, *args, **kwargs)
 
 
 # -------------------------------------------------------------------------- JAX side
@@ -484,9 +450,8 @@ def run(args) -> dict:
 
     dev = jax.devices()[0]
     args.on_gpu = dev.platform == "gpu"
-    peak = args.peak_tflops
-    if peak is None and args.on_gpu:
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in dev.device_kind), None)
+    from vlm_jax.flops import peak_tflops   # measured bf16 matmul ceilings (design.md §4)
+    peak = peak_tflops(dev, args.peak_tflops or 0.0)
     if args.attention == "cudnn" and not args.on_gpu:
         raise ValueError(f"--attention cudnn needs an NVIDIA GPU; this run is on {dev.platform}. "
                          "Use --attention default or xla.")

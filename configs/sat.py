@@ -93,6 +93,8 @@ def get_config(arg=None):
     t.max_to_keep = 2
     t.dtype = "float32"                # compute dtype; bfloat16 on accelerators
     t.param_dtype = "float32"
+    t.peak_tflops = 0.0                # per-device peak for the logged MFU; 0 = measured ceiling of
+                                       # a known GPU (H100 683, H200 652; vlm_jax/flops.py), none on CPU
 
     # ---------------------------------------------------------------- device mesh
     c.mesh = ml_collections.ConfigDict()

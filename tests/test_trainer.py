@@ -113,7 +113,7 @@ def test_workdir_with_other_model_gives_clear_error(data_dir, tmp_path):
 def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
     """The main job on the tiny config: checkpoints, TensorBoard events, results/metrics JSON, PNGs."""
     workdir = str(tmp_path)
-    metrics = train_lib.train_and_evaluate(tiny(data_dir), workdir)
+    metrics = train_lib.train_and_evaluate(tiny(data_dir, train__peak_tflops=1000), workdir)
     for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
         assert key in metrics
     ck = ckpt_lib.Checkpointer(workdir)
@@ -129,13 +129,41 @@ def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
     assert glob.glob(os.path.join(out, "attention_*.png"))
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     train_lines = [l for l in lines if l["split"] == "train"]
-    assert train_lines and {"loss", "grad_norm", "learning_rate", "examples_per_sec"} <= set(train_lines[-1])
+    assert train_lines and {"loss", "grad_norm", "learning_rate", "examples_per_sec", "model_tflops",
+                            "mfu"} <= set(train_lines[-1])
+    last = train_lines[-1]
+    assert last["model_tflops"] > 0
+    assert last["mfu"] == pytest.approx(last["model_tflops"] / (1000 * jax.device_count()), rel=1e-6)
 
     # eval.py's path: reload the saved tokenizer + checkpoint and reproduce the final evaluation.
     from vlm_jax import eval_lib
     again = eval_lib.evaluate(tiny(data_dir), workdir)
     for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
+    """The trainer's traced FLOPs of one step: those of the loss's value-and-gradient on the
+    global batch (the optimizer update has no matmuls), more than the forward pass alone, scans
+    multiplied out, linear in the batch size."""
+    from vlm_jax import flops
+    config = tiny(data_dir)
+    config, tokenizer, task, mesh = train_lib.prepare(config, str(tmp_path))
+    s = train_lib.setup(config, task, mesh)
+    step = s.step_flops()
+    assert step.while_loops == 0
+    bs = config.train.batch_size
+    batch = {k: jax.ShapeDtypeStruct((bs,) + np.shape(v)[1:], np.asarray(v).dtype)
+             for k, v in task.example_batch(1).items()}
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.abstract_state)
+    fwd = flops.count_dot_flops(lambda p, m, b: task.loss_fn(p, m, b, jax.random.key(0), train=True)[0],
+                                state.params, state.model_state, batch)
+    grad = flops.count_dot_flops(jax.value_and_grad(lambda p, m, b: task.loss_fn(
+        p, m, b, jax.random.key(0), train=True)[0]), state.params, state.model_state, batch)
+    assert 0 < fwd < step.flops == grad
+    # linear in the batch: half the batch, half the FLOPs
+    half = train_lib.setup(tiny(data_dir, train__batch_size=bs // 2), task, mesh).step_flops()
+    assert half.flops * 2 == step.flops
 
 
 def test_eval_without_training_gives_clear_error(data_dir, tmp_path):

@@ -136,6 +136,8 @@ def validate_common(config, num_devices: int, process_count: int = 1) -> dict[st
                    "train.max_to_keep", "eval.batch_size", "optim.lr")
     check_positive(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.eval_every",
                    allow_zero=True)
+    if "peak_tflops" in config.train:
+        check_positive(config, "train.peak_tflops", allow_zero=True)
     shape = mesh_shape(config, num_devices)
     dp = shape["data"] * shape["fsdp"]
     bs = config.train.batch_size

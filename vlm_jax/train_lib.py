@@ -32,6 +32,7 @@ import optax
 
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_lib, sharding
+from vlm_jax import flops as flops_lib
 from vlm_jax.tasks import make_task
 from vlm_jax.tasks.base import Task
 
@@ -84,6 +85,7 @@ class Setup:
     state_sharding: TrainState
     init_fn: Callable[[jax.Array], TrainState]
     train_step: Callable                # jitted (state, batch, rng) -> (state, metrics)
+    step_flops: Callable[[], flops_lib.FlopCount]   # dot/conv FLOPs of one global-batch step (traced)
 
 
 def _unbox_abstract_and_specs(task: Task, rng, batch):
@@ -118,11 +120,19 @@ def setup(config, task: Task, mesh) -> Setup:
                                   abstract_state, state_sh)
 
     batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
-    train_step = jax.jit(functools.partial(_train_step, task=task, tx=tx, labels=labels),
-                         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+    step_fn = functools.partial(_train_step, task=task, tx=tx, labels=labels)
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
+
+    def step_flops() -> flops_lib.FlopCount:
+        """Traces (does not run) one step on the global batch shape."""
+        bs = config.train.batch_size
+        batch = {k: jax.ShapeDtypeStruct((bs,) + np.shape(v)[1:], np.asarray(v).dtype) for k, v in local.items()}
+        plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state)
+        return flops_lib.count(step_fn, plain, batch, jax.random.key(0))
+
     return Setup(task, mesh, tx, labels, abstract_state, state_sh,
-                 jax.jit(init_fn, out_shardings=state_sh), train_step)
+                 jax.jit(init_fn, out_shardings=state_sh), train_step, step_flops)
 
 
 def _opt_state_shardings(abstract_opt, abstract_params, param_sh, default):
@@ -279,6 +289,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     n_train = _count(jax.tree.map(lambda p, l: p if l == "train" else None, state.params, s.labels))
     log.info("task=%s params=%s trainable=%s mesh=%s devices=%d", config.task, f"{n_params:,}",
              f"{n_train:,}", dict(mesh.shape), jax.device_count())
+    fc = s.step_flops()
+    peak = flops_lib.peak_tflops(jax.devices()[0], float(config.train.get("peak_tflops", 0.0)))
+    log.info("model FLOPs per step (dot/conv, traced): %.4g%s; MFU against %s", fc.flops,
+             f" ({fc.while_loops} while_loop bodies counted once)" if fc.while_loops else "",
+             f"{peak:g} TFLOP/s per device" if peak else "no known peak (set --config.train.peak_tflops)")
 
     preempted = {"flag": False, "local": False}   # local: this process got SIGTERM; flag: all agree
 
@@ -319,6 +334,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 values["examples_per_sec"] = window_ex / dt
                 if toks:
                     values["tokens_per_sec"] = toks / dt
+                values["model_tflops"] = fc.flops * len(host) / dt / 1e12      # all devices together
+                if peak:
+                    values["mfu"] = values["model_tflops"] / (peak * jax.device_count())
                 values["learning_rate"] = float(make_schedule(config)(step - 1))  # the rate the last update used
                 if not np.isfinite(values["loss"]):
                     raise FloatingPointError(f"loss is {values['loss']} at step {step}; not saving. Lower "
