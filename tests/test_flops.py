@@ -25,6 +25,14 @@ def test_dot_conv_scan_while_cond_counts():
                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     assert flops.count_dot_flops(conv, _s(2, 7, 7, 4), _s(3, 3, 4, 6)) == 2 * (2 * 7 * 7 * 6) * (3 * 3 * 4)
 
+    # strided conv (stride 2): its input gradient is a conv over a zero-dilated cotangent;
+    # only the real pixels count, so forward + backward = 3 x forward
+    strided = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "SAME",  # noqa: E731
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC")).sum()
+    fwd = flops.count_dot_flops(strided, _s(2, 8, 8, 4), _s(3, 3, 4, 6))
+    assert fwd == 2 * (2 * 4 * 4 * 6) * (3 * 3 * 4)
+    assert flops.count_dot_flops(jax.grad(strided, argnums=(0, 1)), _s(2, 8, 8, 4), _s(3, 3, 4, 6)) == 3 * fwd
+
     # scan: body x length; gradient of a matmul = 3x its forward (fwd, dX, dW)
     def scanned(x, w):
         return jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=7)[0].sum()

@@ -144,8 +144,8 @@ def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
 
 def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
     """The trainer's traced FLOPs of one step: those of the loss's value-and-gradient on the
-    global batch (the optimizer update has no matmuls), more than the forward pass alone, scans
-    multiplied out, linear in the batch size."""
+    global batch (the optimizer update has no matmuls), between the forward pass's and three times
+    it, scans multiplied out, linear in the batch size."""
     from vlm_jax import flops
     config = tiny(data_dir)
     config, tokenizer, task, mesh = train_lib.prepare(config, str(tmp_path))
@@ -161,6 +161,7 @@ def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
     grad = flops.count_dot_flops(jax.value_and_grad(lambda p, m, b: task.loss_fn(
         p, m, b, jax.random.key(0), train=True)[0]), state.params, state.model_state, batch)
     assert 0 < fwd < step.flops == grad
+    assert step.flops <= 3 * fwd          # backward <= dX + dW per matmul/conv (images need no gradient)
     # linear in the batch: half the batch, half the FLOPs
     half = train_lib.setup(tiny(data_dir, train__batch_size=bs // 2), task, mesh).step_flops()
     assert half.flops * 2 == step.flops

@@ -2,7 +2,8 @@
 
 `count_dot_flops(fn, *args)` traces ``fn`` (`jax.make_jaxpr`; nothing runs, arguments may be
 `jax.ShapeDtypeStruct`s) and adds up the FLOPs of every ``dot_general`` and
-``conv_general_dilated`` (2 per multiply-add), walking nested jaxprs: jit/pjit, custom_jvp/vjp,
+``conv_general_dilated`` (2 per multiply-add; a conv's zero-inserted, lhs-dilated input — how the
+input gradient of a strided conv is expressed — counts only its real pixels), walking nested jaxprs: jit/pjit, custom_jvp/vjp,
 remat, cond (every branch — an upper bound), scan (body x length). A ``while_loop`` body is
 counted once (its trip count is not static) and reported in ``while_loops``.
 
@@ -55,7 +56,10 @@ def _walk(jaxpr, whiles: list) -> int:
             rhs = eqn.invars[1].aval.shape
             k_in = rhs[dn.rhs_spec[1]]                       # input features per group
             window = int(np.prod([rhs[i] for i in dn.rhs_spec[2:]]))
-            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * k_in * window
+            # lhs dilation (the input-gradient of a strided conv) inserts zeros between input
+            # pixels: only 1 / prod(dilation) of the window's multiply-adds touch real inputs
+            zeros = int(np.prod(eqn.params.get("lhs_dilation") or (1,)))
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * k_in * window // zeros
         else:
             if name == "while":
                 whiles.append(eqn)
