@@ -18,7 +18,8 @@
 #
 # What it runs (each a separate process with its own timeout; one failure does not stop the
 # rest), in this order:
-#   1-2. CLIP ViT-L/14 (224 px, 257 tokens), batch 128, bf16: --attention cudnn, then xla
+#   1-2. CLIP ViT-L/14 (224 px, 257 tokens), batch 128, bf16: --attention cudnn, then xla (the
+#        project's XLA path: einsum + softmax with saved-probabilities VJP, vlm_jax/layers/attention.py)
 #   3-4. OPT-1.3B-shaped decoder LM (random weights), batch 16 x 512 tokens, bf16: cudnn, xla
 #   5.   python benchmarks/train_throughput.py --config configs/sat.py:coco --vocab_size 10000
 # Optional: COMPARE_TORCH=1 adds the transformers/PyTorch model beside each tower run
@@ -117,7 +118,8 @@ js = [l for l in lines if l.startswith("{")]
 if js:
     t = json.loads(js[-1])
     print(f"\ntrain_throughput.py {sys.argv[2]}: {t['step_ms']} ms, {t['examples_per_sec']} ex/s, {t['tokens_per_sec']} tok/s, "
-          f"batch {t['batch']}, {t['dtype']}, {t['devices']}")
+          f"batch {t['batch']}, {t['dtype']}, {t['devices']}, {t.get('model_tflops')} TFLOP/s (dot/conv), "
+          f"MFU {t.get('mfu')}")
 else:
     print(f"\ntrain_throughput.py {sys.argv[2]}: no result; last lines of train.log:\n" + "".join(lines[-5:]))
 EOF

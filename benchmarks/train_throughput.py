@@ -25,7 +25,7 @@ MALLOC = host.tune_malloc()   # as train.py does (VLM_JAX_TUNE_MALLOC=0 to compa
 import jax  # noqa: E402
 import numpy as np
 
-from vlm_jax import config_lib, sharding, train_lib
+from vlm_jax import config_lib, flops, sharding, train_lib
 from vlm_jax.tasks import make_task
 
 
@@ -78,13 +78,18 @@ def main(argv):
     jax.block_until_ready(metrics)
     dt = (time.time() - t0) / args.steps
     tokens_per_step = float(jax.device_get(metrics.get("num_tokens", 0.0)))
+    step_flops = s.step_flops().flops                 # what the trainer logs (vlm_jax/flops.py)
+    peak = flops.peak_tflops(jax.devices()[0], float(config.train.get("peak_tflops", 0.0)))
+    model_tflops = step_flops / dt / 1e12
     out = {
         "config": args.config, "overrides": overrides, "batch": config.train.batch_size,
         "step_ms": round(dt * 1e3, 2), "examples_per_sec": round(config.train.batch_size / dt, 1),
         "tokens_per_sec": round(tokens_per_step / dt, 1), "warmup_incl_compile_s": round(compile_s, 1),
         "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}", "jax": jax.__version__,
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": config.train.dtype,
-        "malloc_tuned": MALLOC["applied"],
+        "malloc_tuned": MALLOC["applied"], "model_flops_per_step": step_flops,
+        "model_tflops": round(model_tflops, 4),
+        "mfu": round(model_tflops / (peak * jax.device_count()), 4) if peak else None,
         "params": train_lib._count(state.params),
     }
     print(json.dumps(out))
