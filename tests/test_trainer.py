@@ -93,6 +93,48 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     assert _max_diff(jax.device_get(second.state.opt_state), jax.device_get(straight.state.opt_state)) <= 1e-6
 
 
+WORKERS_SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+from vlm_jax import config_lib, train_lib
+
+
+def cfg(steps):
+    return config_lib.load_config(sys.argv[1] + ":tiny", {
+        "data.data_dir": sys.argv[2], "data.worker_count": "2", "train.num_steps": str(steps),
+        "train.checkpoint_every": "100", "mesh.data": "1"})
+
+
+if __name__ == "__main__":          # grain worker processes re-import this module
+    straight = train_lib.train(cfg(4), sys.argv[3] + "/straight")
+    first = train_lib.train(cfg(4), sys.argv[3] + "/resumed", stop_at=2)
+    second = train_lib.train(cfg(4), sys.argv[3] + "/resumed")
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(jax.device_get(straight.state.params)),
+                               jax.tree.leaves(jax.device_get(second.state.params))))
+    print("RESULT", json.dumps(dict(first=first.step, second=second.step, diff=diff)), flush=True)
+"""
+
+
+def test_grain_worker_processes_train_and_resume_exactly(data_dir, tmp_path):
+    """data.worker_count=2 (grain worker processes): training runs, and 2 steps + restart +
+    2 steps == 4 uninterrupted steps, so the workers' iterator state is checkpointed."""
+    import subprocess
+    import sys
+    train_lib.prepare(tiny(data_dir), str(tmp_path / "prep"))          # dataset built once, here
+    script = tmp_path / "workers.py"
+    script.write_text(WORKERS_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, str(script), SAT, data_dir, str(tmp_path)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert (r["first"], r["second"]) == (2, 4)
+    assert r["diff"] <= 1e-6, r
+
+
 def test_workdir_with_other_model_gives_clear_error(data_dir, tmp_path):
     train_lib.train(tiny(data_dir, train__num_steps=2), str(tmp_path))
     wider = tiny(data_dir, train__num_steps=3, model__hidden_dim=48)

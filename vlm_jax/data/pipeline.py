@@ -418,6 +418,8 @@ def make_train_iterator(config, tokenizer: WordTokenizer, *, process_index: int 
         raise ValueError(f"config.train.batch_size={config.train.batch_size} exceeds the "
                          f"{len(pairs)} training (image, caption) pairs; lower it or use more "
                          "training images.")
+    if data.worker_count > 0:
+        _absl_flags_ready()
     shard = grain.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
     sampler = grain.IndexSampler(num_records=len(pairs), shard_options=shard, shuffle=True,
                                  num_epochs=None, seed=seed)
@@ -431,6 +433,15 @@ def make_train_iterator(config, tokenizer: WordTokenizer, *, process_index: int 
              " (BLIND: captions paired with other images)" if data.blind else "",
              index, count, b)
     return iter(loader)
+
+
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags (e.g. --grain_enable_multiprocess_worker_profiling);
+    this project parses its own flags with argparse, so absl's are marked parsed at their
+    defaults (a caller that parsed absl flags itself keeps its values)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 @dataclasses.dataclass
