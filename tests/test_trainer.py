@@ -135,6 +135,17 @@ def test_grain_worker_processes_train_and_resume_exactly(data_dir, tmp_path):
     assert r["diff"] <= 1e-6, r
 
 
+def test_data_state_blobs_per_process():
+    """One process: the blob round-trips; a checkpoint written by 2 processes (one iterator
+    state each) cannot resume 1 process, with a message naming the fix."""
+    for state in (b"\x00grain-state", {"pos": 3}):
+        blob = ckpt_lib.gather_data_states(state)
+        assert ckpt_lib.decode_data_state(json.loads(json.dumps(blob))) == state
+    two = {"kind": "per_process", "value": [ckpt_lib.encode_data_state(b"a"), ckpt_lib.encode_data_state(b"b")]}
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="written by 2 processes.*resume with 2"):
+        ckpt_lib.decode_data_state(two)
+
+
 def test_workdir_with_other_model_gives_clear_error(data_dir, tmp_path):
     train_lib.train(tiny(data_dir, train__num_steps=2), str(tmp_path))
     wider = tiny(data_dir, train__num_steps=3, model__hidden_dim=48)

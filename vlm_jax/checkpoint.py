@@ -1,7 +1,8 @@
 """The one checkpoint path: Orbax CheckpointManager over (train state, data-iterator state, metadata).
 
 Layout under `<workdir>/checkpoints/<step>/`: `state/` (Orbax PyTree of the TrainState),
-`data/` (JSON of the input iterator's state) and `meta/` (JSON: task, step, config digest, versions).
+`data/` (JSON of the input iterator's state — every process's, since each reads its own shard)
+and `meta/` (JSON: task, step, config digest, versions).
 
 - Saves are asynchronous; `max_to_keep` old steps are kept.
 - Restore always goes through an abstract target carrying the shardings of the *current* mesh,
@@ -34,7 +35,39 @@ def encode_data_state(state: Any) -> dict:
     return {"kind": "json", "value": state}
 
 
+def gather_data_states(state: Any) -> dict:
+    """Every process's iterator state in one JSON-able dict (collective: all processes call it).
+
+    Each process reads its own shard of the data, so each has its own iterator position; Orbax
+    writes JSON items from the primary process only. With one process this is
+    `encode_data_state`; with P processes ``{'kind': 'per_process', 'value': [blob_0 .. blob_P-1]}``."""
+    blob = encode_data_state(state)
+    if jax.process_count() == 1:
+        return blob
+    import numpy as np
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(blob).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(raw), np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(raw)] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return {"kind": "per_process", "value": [json.loads(every[i, :n].tobytes()) for i, n in enumerate(lengths)]}
+
+
 def decode_data_state(blob: dict) -> Any:
+    """This process's iterator state from a saved blob (see `gather_data_states`)."""
+    n = jax.process_count()
+    if blob["kind"] == "per_process":
+        if len(blob["value"]) != n:
+            raise CheckpointMismatchError(
+                f"the checkpoint's input-pipeline state was written by {len(blob['value'])} processes but this "
+                f"run has {n}; each process resumes its own data shard, so resume with {len(blob['value'])} "
+                "processes (or start a fresh --workdir).")
+        blob = blob["value"][jax.process_index()]
+    elif n > 1:
+        raise CheckpointMismatchError(
+            f"the checkpoint holds one process's input-pipeline state but this run has {n} processes; "
+            "resume it with one process (or start a fresh --workdir).")
     if blob["kind"] == "bytes":
         return base64.b64decode(blob["value"])
     return blob["value"]
@@ -59,9 +92,10 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state, *, data_state: Any, meta: dict, force: bool = False) -> bool:
-        """Async save; returns whether a save was started."""
+        """Async save (collective: every process calls it); returns whether a save was started.
+        ``data_state``: this process's input-iterator state (all processes' are stored)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(encode_data_state(data_state)),
+                                  data=ocp.args.JsonSave(gather_data_states(data_state)),
                                   meta=ocp.args.JsonSave(dict(meta, step=int(step))))
         return self.manager.save(int(step), args=args, force=force)
 
@@ -117,8 +151,13 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
-    def restore(self, abstract_state, *, step: int | None = None, expect_meta: dict | None = None):
+    def restore(self, abstract_state, *, step: int | None = None, expect_meta: dict | None = None,
+                data_state: bool = True):
         """-> (step, state, data_state, meta) or None if there is nothing to restore.
+
+        `data_state`: decode this process's input-iterator state (training resumes it; it must
+        have been written by as many processes as this run has). False (evaluation) skips it
+        and returns None in its place, so any process count can evaluate a checkpoint.
 
         `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` for the current mesh.
         `expect_meta`: keys that must match the saved metadata (e.g. {'task': 'sat'}); a mismatch
@@ -164,7 +203,7 @@ class Checkpointer:
                             s, self.directory, type(e).__name__, str(e)[:300])
                 continue
             self._discard(unreadable)
-            return s, out["state"], decode_data_state(out["data"]), meta
+            return s, out["state"], (decode_data_state(out["data"]) if data_state else None), meta
         raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
                            f"{type(last_error).__name__}: {last_error}. Move the directory away to start fresh.")
 

@@ -29,7 +29,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
     config, tokenizer, task, mesh = train_lib.prepare(config, workdir, save_config=False)
     s = train_lib.setup(config, task, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep, async_save=False)
-    restored = ckpt.restore(s.abstract_state, step=step,
+    restored = ckpt.restore(s.abstract_state, step=step, data_state=False,
                             expect_meta={"task": config.task, "vocab_size": int(config.model.vocab_size)})
     ckpt.close()
     if restored is None:
