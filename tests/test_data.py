@@ -12,7 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vlm_jax.data import pipeline, synthetic
+from vlm_jax.data import datasets, pipeline, synthetic
+from vlm_jax.data.tokenizer_api import Tokenizer
 from vlm_jax.data.karpathy import KarpathyCaptions
 from vlm_jax.data.synthetic import COLOR_RGB, COLORS, QTYPES, SHAPES, SyntheticShapes
 from vlm_jax.data.tokenizer import WordTokenizer, normalize
@@ -169,17 +170,32 @@ def test_tokenizer_build_encode_decode(tmp_path):
     # counts: a=3, red=2, blue=2 (circle=1, circles=1 dropped); ties alphabetical
     assert tok.words == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "blue", "red"]
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
-    assert tok.encode("A red square") == [4, 6, 3]
-    assert tok.encode("red", add_bos=True, add_eos=True) == [1, 6, 2]
+    assert isinstance(tok, Tokenizer)
+    assert tok.encode("A red square", add_special_tokens=False) == [4, 6, 3]
+    assert tok.encode("red") == [1, 6, 2] and tok.template == ((1,), (2,))
+    assert tok.encode("a red blue", max_len=4) == [1, 4, 6, 2]   # cut text, keep <eos>
+    with pytest.raises(ValueError, match="no room"):
+        tok.encode("a", max_len=2)
     capped = WordTokenizer.build(caps, min_count=1, max_size=6)
     assert capped.vocab_size == 6 and capped.words[4:] == ["a", "blue"]
     full = WordTokenizer.build(caps)
     assert full.decode(full.encode(caps[0])) == " ".join(normalize(caps[0]))
     # decode stops at eos and drops pad / bos
     assert tok.decode([1, 4, 6, 0, 5, 2, 6, 6]) == "a red blue"
-    padded = tok.encode_padded("a red blue circle", max_words=6)
+    assert tok.decode([1, 4, 2, 6], skip_special_tokens=False) == "<bos> a <eos> red"
+    assert tok.decode([1, 4, 2, 99]) == "a"   # nothing after <eos> is read
+    padded = tok.encode_padded("a red blue circle", max_len=8)
     assert padded.dtype == np.int32 and padded.tolist() == [1, 4, 6, 5, 3, 2, 0, 0]
-    assert tok.encode_padded("a red blue a red", max_words=3).tolist() == [1, 4, 6, 5, 2]
+    assert tok.encode_padded("a red blue a red", max_len=5).tolist() == [1, 4, 6, 5, 2]
+    ids, mask = tok.pad_batch([tok.encode("a red blue a"), tok.encode("red")], 4)
+    assert ids.dtype == np.int32 and mask.dtype == bool
+    assert ids.tolist() == [[1, 4, 6, 2], [1, 6, 2, 0]]          # long row keeps its <eos>
+    assert mask.tolist() == [[True] * 4, [True, True, True, False]]
+    ids, mask = tok.pad_batch([[1, 6], [4, 5, 6, 4, 5]], 3, side="left")
+    assert ids.tolist() == [[0, 1, 6], [4, 5, 6]] and mask.tolist() == [[False, True, True],
+                                                                       [True] * 3]
+    with pytest.raises(ValueError, match="side="):
+        tok.pad_batch([[1]], 3, side="middle")
     path = str(tmp_path / "v" / "vocab.json")
     full.save(path)
     assert WordTokenizer.load(path) == full
@@ -211,7 +227,7 @@ def all_pairs(cfg, tok):
     ds = pipeline.get_dataset(cfg.data)
     prep = pipeline.ImagePreprocessor(S, cfg.data.mean, cfg.data.std)
     src, meta = ds.source("train"), ds.meta("train")
-    return {pair_key(prep(src[r]["image"]), tok.encode_padded(c, cfg.data.max_caption_len))
+    return {pair_key(prep(src[r]["image"]), tok.encode_padded(c, cfg.data.max_caption_len + 2))
             for r, caps in enumerate(meta.captions) for c in caps}
 
 
@@ -231,6 +247,8 @@ def test_train_iterator_batches_and_state(pipe_dir, tok):
     b = next(it)
     assert b["image"].shape == (8, S, S, 3) and b["image"].dtype == np.float32
     assert b["tokens"].shape == (8, 26) and b["tokens"].dtype == np.int32
+    assert b["image_id"].shape == (8,) and b["image_id"].dtype == np.int64
+    assert sorted(b.keys()) == ["image", "image_id", "tokens"]
     assert np.all(b["tokens"][:, 0] == tok.bos_id)
     assert np.all((b["tokens"] == tok.eos_id).sum(1) == 1)
     # normalisation (x/255 - 0.5)/0.25: background gray level 70..110 -> about -0.9..-0.27
@@ -239,6 +257,15 @@ def test_train_iterator_batches_and_state(pipe_dir, tok):
     epoch1 = [b] + [next(it) for _ in range(11)]
     keys1 = [pair_key(i, t) for x in epoch1 for i, t in zip(x["image"], x["tokens"])]
     assert len(set(keys1)) == 96 and set(keys1) == all_pairs(cfg, tok)
+    # image_id names the image in the row: 16 images, each with its 6 captions once per epoch
+    ds = pipeline.get_dataset(cfg.data)
+    prep = pipeline.ImagePreprocessor(S, cfg.data.mean, cfg.data.std)
+    by_id = {int(i): prep(ds.images("train")[r]) for r, i in enumerate(ds.meta("train").image_ids)}
+    for x in epoch1:
+        for img, i in zip(x["image"], x["image_id"]):
+            np.testing.assert_array_equal(img, by_id[int(i)])
+    ids1 = np.concatenate([x["image_id"] for x in epoch1])
+    assert sorted(np.unique(ids1, return_counts=True)[1].tolist()) == [6] * 16
     for _ in range(9):
         next(it)
     state = it.get_state()         # mid epoch 2, next batches cross into epoch 3
@@ -249,6 +276,7 @@ def test_train_iterator_batches_and_state(pipe_dir, tok):
         got = next(restored)
         np.testing.assert_array_equal(got["tokens"], e["tokens"])
         np.testing.assert_array_equal(got["image"], e["image"])
+        np.testing.assert_array_equal(got["image_id"], e["image_id"])
     # a state saved under another data config is refused (grain compares sampler/source)
     blind = pipeline.make_train_iterator(data_config(pipe_dir, blind=True), tok,
                                          process_index=0, process_count=1)
@@ -286,16 +314,19 @@ def test_blind_changes_images_not_captions(pipe_dir, tok):
     ds = pipeline.get_dataset(cfg.data)
     prep = pipeline.ImagePreprocessor(S, cfg.data.mean, cfg.data.std)
     train_images = [prep(ds.images("train")[r]) for r in range(16)]
+    train_ids = ds.meta("train").image_ids
     paired = {}   # caption tokens -> set of image indices it was shown with
     for step in range(24):   # two epochs
         a, b, b2 = next(seeing), next(blind), next(blind2)
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(b["image"], b2["image"])  # deterministic
         assert b.keys() == a.keys()
-        for x, y, t in zip(a["image"], b["image"], b["tokens"]):
-            assert not np.array_equal(x, y)                      # another image ...
+        for x, y, t, i_a, i_b in zip(a["image"], b["image"], b["tokens"], a["image_id"],
+                                     b["image_id"]):
+            assert not np.array_equal(x, y) and i_a != i_b       # another image ...
             shown = [i for i, im in enumerate(train_images) if np.array_equal(im, y)]
             assert len(shown) == 1                               # ... of the training set
+            assert i_b == train_ids[shown[0]]                    # image_id = the one shown
             paired.setdefault(tuple(t), set()).add(shown[0])
         if step == 5:
             state = blind.get_state()
@@ -441,6 +472,6 @@ def test_multiprocess_prepare_barrier(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(multihost_utils, "sync_global_devices", calls.append)
     cfg = data_config(tmp_path, num_train=3, num_val=2, num_test=2)
-    builder = pipeline._prepare_once(cfg.data)
+    builder = datasets.prepare_once(cfg.data)
     assert calls == ["vlm_jax.data: prepared synthetic_shapes/s48_train3_val2_test2_seed0/1.0.0"]
     assert builder.is_prepared() and len(builder.as_data_source(split="train")) == 3

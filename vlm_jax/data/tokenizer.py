@@ -1,6 +1,8 @@
-"""Word-level caption tokenizer.
+"""Word-level caption tokenizer (implements vlm_jax/data/tokenizer_api.py's Tokenizer).
 
 Legend of dimension letters: T padded token length (max words + 2 for <bos>/<eos>).
+
+Template: <bos> w1 .. wn <eos>; decode stops at the first <eos>.
 
 Normalisation: lowercase; hyphens and slashes become spaces; every other character that is
 neither a letter, a digit, an underscore nor whitespace is removed ("don't" -> "dont",
@@ -20,6 +22,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vlm_jax.data.tokenizer_api import TemplateTokenizerBase
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 _FORMAT_VERSION = 1
@@ -34,10 +38,11 @@ def normalize(text: str) -> list[str]:
     return _PUNCT.sub("", _SEPARATORS.sub(" ", text.lower())).split()
 
 
-class WordTokenizer:
+class WordTokenizer(TemplateTokenizerBase):
     """Vocabulary of words + the four specials. Build with `WordTokenizer.build(captions)`."""
 
     pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
+    _prefix, _suffix = (1,), (2,)
 
     def __init__(self, words: Sequence[str]):
         """`words`: vocabulary words in id order (ids 4, 5, ...), without specials."""
@@ -95,35 +100,28 @@ class WordTokenizer:
         return self._itos[idx]
 
     # --------------------------------------------------------- encode / decode
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Caption -> word ids (unknown words -> unk_id); optional <bos> / <eos>."""
-        ids = [self._stoi.get(w, self.unk_id) for w in normalize(text)]
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+    def _text_ids(self, text: str) -> list[int]:
+        """Caption -> word ids (unknown words -> unk_id), no specials."""
+        return [self._stoi.get(w, self.unk_id) for w in normalize(text)]
 
-    def encode_padded(self, text: str, max_words: int) -> np.ndarray:
-        """Caption -> int32 [T] = <bos> w1..wn <eos> <pad>..., T = max_words + 2.
+    # encode(text, add_special_tokens=True, max_len=None) -> <bos> w.. <eos>,
+    # encode_padded(text, max_len) -> int32 [max_len] = <bos> w1..wn <eos> <pad>... (words cut
+    # to max_len - 2, <eos> always kept) and pad_batch come from TemplateTokenizerBase.
 
-        Captions longer than `max_words` words are truncated (the <eos> is always kept).
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids -> text.
+
+        skip_special_tokens=True: stops at the first <eos>, drops <pad> and <bos>; <unk> stays
+        '<unk>'. False: every id's token, specials included, space-separated.
         """
-        if max_words < 1:
-            raise ValueError(f"encode_padded: max_words={max_words} must be >= 1.")
-        ids = self.encode(text)[:max_words]
-        out = np.full((max_words + 2,), self.pad_id, np.int32)
-        out[0] = self.bos_id
-        out[1:len(ids) + 1] = ids
-        out[len(ids) + 1] = self.eos_id
-        return out
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids -> text: stops at the first <eos>, drops <pad> and <bos>; <unk> stays '<unk>'."""
         words = []
         for i in np.asarray(ids).reshape(-1).tolist():
-            if i == self.eos_id:
+            if skip_special_tokens and i == self.eos_id:
                 break
-            if i in (self.pad_id, self.bos_id):
-                continue
             if not 0 <= i < self.vocab_size:
                 raise ValueError(f"decode: id {i} outside the vocabulary [0, {self.vocab_size}).")
+            if skip_special_tokens and i in (self.pad_id, self.bos_id):
+                continue
             words.append(self._itos[i])
         return " ".join(words)
 

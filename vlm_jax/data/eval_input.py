@@ -1,0 +1,109 @@
+"""Evaluation input: one split's references, objects, questions and padded image batches.
+
+Legend of dimension letters: N images in the split, b per-process batch, S image side,
+T padded token length.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+from vlm_jax.data.datasets import EncodedImages, get_dataset
+from vlm_jax.data.preprocess import ImagePreprocessor, preprocessor_for
+from vlm_jax.data.processes import local_batch_size, resolve_process
+
+
+@dataclasses.dataclass
+class EvalSplit:
+    """One evaluation split: references, objects, questions and batches of images.
+
+    image_ids: int64 [N] in record order; references[image_id] -> list of captions;
+    objects[image_id] -> list of {shape, color, size, bbox f32[4]} (empty for photos);
+    questions[image_id] -> list of {question, answer, qtype}.
+    """
+    name: str
+    split: str
+    image_ids: np.ndarray
+    references: dict[int, list[str]]
+    objects: dict[int, list[dict]]
+    questions: dict[int, list[dict]]
+    _images: EncodedImages
+    _records: dict[int, int]
+    _preprocess: ImagePreprocessor
+    _tokenizer: object          # vlm_jax/data/tokenizer_api.py Tokenizer
+    _token_len: int             # T
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def subset(self, max_examples: int) -> "EvalSplit":
+        """The first `max_examples` images (all when max_examples <= 0 or >= len)."""
+        if max_examples <= 0 or max_examples >= len(self):
+            return self
+        ids = self.image_ids[:max_examples]
+        keep = set(ids.tolist())
+        return dataclasses.replace(
+            self, image_ids=ids,
+            references={k: v for k, v in self.references.items() if k in keep},
+            objects={k: v for k, v in self.objects.items() if k in keep},
+            questions={k: v for k, v in self.questions.items() if k in keep})
+
+    def get_image(self, image_id: int, *, resized: bool = True) -> np.ndarray:
+        """uint8 [S, S, 3] as the model sees it (resized=True) or the stored [H, W, 3]."""
+        if int(image_id) not in self._records:
+            raise KeyError(f"image_id {image_id} is not in the {self.name} {self.split} split.")
+        data = self._images[self._records[int(image_id)]]
+        return self._preprocess.uint8(data) if resized else self._preprocess.raw(data)
+
+    def batches(self, batch_size: int, *, process_index: int | None = None,
+                process_count: int | None = None,
+                with_tokens: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Batches over the whole split, in image_ids order, last one padded.
+
+        `batch_size` is GLOBAL: process p receives rows [p*b, (p+1)*b) of every global batch
+        (b = batch_size / process_count), so every process yields the same number of batches.
+        Yields dict(image=f32[b, S, S, 3], image_id=i64[b] (-1 on padding), valid=bool[b])
+        and, with_tokens=True, tokens=i32[b, T] of each image's first reference caption.
+        """
+        index, count = resolve_process(process_index, process_count)
+        b = local_batch_size(batch_size, count, "eval batch_size")
+        s = self._preprocess.image_size
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for lo in range(0, len(self), batch_size):
+                rows = self.image_ids[lo + index * b: lo + (index + 1) * b]
+                out = {"image": np.zeros((b, s, s, 3), np.float32),
+                       "image_id": np.full((b,), -1, np.int64),
+                       "valid": np.zeros((b,), bool)}
+                images = pool.map(lambda i: self._preprocess(
+                    self._images[self._records[int(i)]]), rows)
+                for k, img in enumerate(images):
+                    out["image"][k] = img
+                out["image_id"][:len(rows)] = rows
+                out["valid"][:len(rows)] = True
+                if with_tokens:
+                    out["tokens"] = np.full((b, self._token_len), self._tokenizer.pad_id,
+                                            np.int32)
+                    for k, i in enumerate(rows):
+                        out["tokens"][k] = self._tokenizer.encode_padded(
+                            self.references[int(i)][0], self._token_len)
+                yield out
+
+
+def make_eval_split(config, tokenizer, split: str) -> EvalSplit:
+    """EvalSplit for `split` ('val' | 'test' | 'train') of config.data's dataset; tokens
+    (with_tokens=True) are padded to T = data.max_caption_len + 2."""
+    data = config.data
+    ds = get_dataset(data)
+    meta = ds.meta(split)
+    ids = [int(i) for i in meta.image_ids]
+    return EvalSplit(
+        name=ds.full_name, split=split, image_ids=meta.image_ids,
+        references={i: list(c) for i, c in zip(ids, meta.captions)},
+        objects={i: list(o) for i, o in zip(ids, meta.objects)},
+        questions={i: list(q) for i, q in zip(ids, meta.questions)},
+        _images=ds.images(split), _records={i: r for r, i in enumerate(ids)},
+        _preprocess=preprocessor_for(data), _tokenizer=tokenizer,
+        _token_len=data.max_caption_len + 2)
