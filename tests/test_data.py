@@ -475,3 +475,184 @@ def test_multiprocess_prepare_barrier(tmp_path, monkeypatch):
     builder = datasets.prepare_once(cfg.data)
     assert calls == ["vlm_jax.data: prepared synthetic_shapes/s48_train3_val2_test2_seed0/1.0.0"]
     assert builder.is_prepared() and len(builder.as_data_source(split="train")) == 3
+
+
+# ------------------------------------------------------------------------- mixtures
+class _Records:
+    """Toy grain source: record i -> {x: f32 shape filled with offset + i, id: i64 offset + i}."""
+
+    def __init__(self, n, offset, shape=(2,), extra=None):
+        self.n, self.offset, self.shape, self.extra = n, offset, shape, extra
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        out = {"x": np.full(self.shape, self.offset + i, np.float32),
+               "id": np.int64(self.offset + i)}
+        if self.extra:
+            out[self.extra] = np.int32(0)
+        return out
+
+    def __repr__(self):
+        return f"_Records({self.n}, {self.offset})"
+
+
+def _mix_sources():
+    from vlm_jax.data.mixture import MixtureSource
+    return [MixtureSource("a", _Records(50, 0), 0.5), MixtureSource("b", _Records(21, 1000), 3.0),
+            MixtureSource("c", _Records(30, 2000), 2.0)]
+
+
+def _mix(sources=None, **kw):
+    from vlm_jax.data.mixture import make_mixture_iterator
+    args = dict(global_batch_size=32, seed=0, process_index=0, process_count=1)
+    args.update(kw)
+    return make_mixture_iterator(_mix_sources() if sources is None else sources, **args)
+
+
+def test_mixture_proportions_epochs_and_determinism():
+    it = _mix()
+    batches = [next(it) for _ in range(200)]
+    b = batches[0]
+    assert b["x"].shape == (32, 2) and b["x"].dtype == np.float32
+    assert b["source_index"].shape == (32,) and b["source_index"].dtype == np.int32
+    assert sorted(b) == ["id", "source_index", "x"]
+    k = np.concatenate([x["source_index"] for x in batches])
+    ids = np.concatenate([x["id"] for x in batches])
+    np.testing.assert_array_equal(ids // 1000, k)          # source_index = the row's source
+    # weights 0.5 : 3 : 2 -> p = (1/11, 6/11, 4/11). Over n = 6400 draws the count of source
+    # k is Binomial(n, p_k): |count - n p_k| <= 4.5 sd fails for a correct sampler with
+    # probability < 1e-5 (the seed is fixed, so the test is deterministic); a mis-weighted
+    # sampler (e.g. p swapped between b and c: 1164 draws off) is > 8 sd away.
+    n, p = len(k), np.array([0.5, 3.0, 2.0]) / 5.5
+    counts = np.bincount(k, minlength=3)
+    assert np.all(np.abs(counts - n * p) <= 4.5 * np.sqrt(n * p * (1 - p))), counts
+    # independent draws, not a fixed interleave: per-batch counts of source b vary like a
+    # Binomial(32, 6/11) (variance 7.93); the sample variance of 200 batches has relative
+    # sd sqrt(2/199) = 0.1, so [0.6, 1.5] x 7.93 is > 4 sd wide on each side
+    per_batch = np.array([(x["source_index"] == 1).sum() for x in batches])
+    assert 0.6 * 32 * p[1] * (1 - p[1]) <= per_batch.var(ddof=1) <= 1.5 * 32 * p[1] * (1 - p[1])
+    # each source repeats forever, every epoch is a fresh permutation of its records
+    b_ids = ids[k == 1]
+    epochs = [b_ids[i * 21:(i + 1) * 21] for i in range(len(b_ids) // 21)]
+    assert len(epochs) > 100
+    assert all(sorted(e.tolist()) == list(range(1000, 1021)) for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) == len(epochs)
+    # same seed -> same batches; another seed -> others
+    again = _mix()
+    for x in batches[:5]:
+        np.testing.assert_array_equal(next(again)["id"], x["id"])
+    assert not np.array_equal(next(_mix(seed=1))["id"], batches[0]["id"])
+
+
+def test_mixture_resume_is_exact():
+    it = _mix()
+    for _ in range(9):            # mid epoch of every source (ids of b: 21 per epoch)
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))   # what the checkpoint stores
+    expected = [next(it) for _ in range(6)]
+    restored = _mix()
+    restored.set_state(state)
+    for e in expected:
+        got = next(restored)
+        for key in ("x", "id", "source_index"):
+            np.testing.assert_array_equal(got[key], e[key])
+    # a resume far into the stream (past the first 4096-draw block) is exact as well
+    far = _mix(global_batch_size=512)
+    for _ in range(20):
+        next(far)
+    state, want = far.get_state(), next(far)
+    restored = _mix(global_batch_size=512)
+    restored.set_state(state)
+    np.testing.assert_array_equal(next(restored)["id"], want["id"])
+
+
+def test_mixture_process_shards_are_disjoint():
+    seen = []
+    for p in range(2):
+        it = _mix(process_index=p, process_count=2)
+        batches = [next(it) for _ in range(100)]
+        assert batches[0]["x"].shape == (16, 2)
+        ids = np.concatenate([x["id"] for x in batches])
+        seen.append({k: set(ids[ids // 1000 == k].tolist()) for k in range(3)})
+    for k, n in enumerate((50, 21, 30)):
+        offset = 1000 * k
+        assert not seen[0][k] & seen[1][k]
+        # contiguous shards of n // 2 records; the odd record of b (id 1020) is never read
+        assert seen[0][k] == set(range(offset, offset + n // 2))
+        assert seen[1][k] == set(range(offset + n // 2, offset + 2 * (n // 2)))
+
+
+def test_mixture_nested_batches():
+    from vlm_jax.data.mixture import MixtureSource
+    sources = [MixtureSource("pairs", _Records(40, 0, (3,)), batch_size=8),
+               MixtureSource("docs", _Records(12, 1000, (5, 4)), weight=0.2, batch_size=4)]
+    for p in range(2):
+        it = _mix(sources, process_index=p, process_count=2, nested=True)
+        b = next(it)
+        assert sorted(b) == ["docs", "pairs"]
+        assert b["pairs"]["x"].shape == (4, 3) and b["pairs"]["id"].shape == (4,)
+        assert b["docs"]["x"].shape == (2, 5, 4) and b["docs"]["id"].dtype == np.int64
+        assert "source_index" not in b["pairs"]
+        assert set(b["docs"]["id"].tolist()) <= set(range(1000 + 6 * p, 1006 + 6 * p))
+    for _ in range(4):            # docs: 6 records per shard, 2 per batch -> mid epoch 2
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    restored = _mix(sources, process_index=1, process_count=2, nested=True)
+    restored.set_state(json.loads(json.dumps(state)))
+    for e in expected:
+        got = next(restored)
+        for name in ("pairs", "docs"):
+            np.testing.assert_array_equal(got[name]["x"], e[name]["x"])
+    # a source batch_size None takes the global one
+    plain = [MixtureSource("pairs", _Records(40, 0, (3,)))]
+    assert next(_mix(plain, global_batch_size=6, nested=True))["pairs"]["x"].shape == (6, 3)
+
+
+def test_mixture_errors():
+    from vlm_jax.data.mixture import MixtureSource
+    a = MixtureSource("a", _Records(10, 0))
+    with pytest.raises(ValueError, match="'wide' yields .*'x'.*where 'a' yields"):
+        _mix([a, MixtureSource("wide", _Records(10, 100, (3,)))])
+    with pytest.raises(ValueError, match="'more' yields .*'tag'.*same keys"):
+        _mix([a, MixtureSource("more", _Records(10, 100, extra="tag"))])
+    with pytest.raises(ValueError, match="already has a 'source_index'"):
+        _mix([MixtureSource("s", _Records(10, 0, extra="source_index"))])
+    with pytest.raises(ValueError, match="'b': weight=0 must be"):
+        _mix([a, MixtureSource("b", _Records(10, 100), weight=0)])
+    with pytest.raises(ValueError, match="'b': weight=nan"):
+        _mix([a, MixtureSource("b", _Records(10, 100), weight=float("nan"))])
+    with pytest.raises(ValueError, match="'a' is used twice"):
+        _mix([a, a])
+    with pytest.raises(ValueError, match="sources` is empty"):
+        _mix([])
+    with pytest.raises(ValueError, match="nested=True only"):
+        _mix([MixtureSource("a", _Records(10, 0), batch_size=4)])
+    with pytest.raises(ValueError, match="global_batch_size=30 must be a positive multiple"):
+        _mix([a], global_batch_size=30, process_count=4, process_index=0)
+    with pytest.raises(ValueError, match="batch_size of mixture source 'a'"):
+        _mix([MixtureSource("a", _Records(10, 0), batch_size=3)], process_count=2, nested=True)
+    with pytest.raises(ValueError, match="'tiny' has 1 records, fewer than the 2 processes"):
+        _mix([a, MixtureSource("tiny", _Records(1, 100))], process_count=2)
+    with pytest.raises(ValueError, match="process_index=2 must be in"):
+        _mix([a], process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="seed=-1"):
+        _mix([a], seed=-1)
+
+
+def test_mixture_worker_processes_resume_exactly():
+    """worker_count=1: the pipeline pickles into a grain worker, gives the in-process batches,
+    and its (JSON-able) state resumes exactly."""
+    it = _mix(worker_count=1)
+    first = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    expected = next(it)
+    in_process = _mix()
+    for x in first:
+        np.testing.assert_array_equal(next(in_process)["id"], x["id"])
+    restored = _mix(worker_count=1)
+    restored.set_state(state)
+    np.testing.assert_array_equal(next(restored)["id"], expected["id"])
+    del it, restored
