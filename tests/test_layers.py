@@ -3,6 +3,7 @@
 Oracles: torch.nn.MultiheadAttention, HF BertLayer (post-LN + cross-attention), plain
 numpy formulas. Tiny sizes only.
 """
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,7 +19,10 @@ from vlm_jax.layers import masks  # noqa: E402
 from vlm_jax.layers.attention import (MultiHeadAttention, attention_kernel, init_cache,  # noqa: E402
                                       softmax_with_saved_probs)
 from vlm_jax.layers.mlp import MLP  # noqa: E402
-from vlm_jax.layers.transformer import BlockConfig, TransformerBlock, TransformerStack  # noqa: E402
+from vlm_jax.convert.common import stack_params  # noqa: E402
+from vlm_jax.layers.attention import attention_logits  # noqa: E402
+from vlm_jax.layers.transformer import (REMAT_POLICIES, BlockConfig, InsertSpec, TransformerBlock,  # noqa: E402
+                                        TransformerStack, periodic_pattern)
 
 torch.set_num_threads(1)
 ATOL = 1e-4
@@ -280,16 +284,44 @@ def test_attention_zero_empty_rows():
     text_time = np.array([[0, 1, 1, 2, 2, 2], [0, 0, 1, 1, 1, 1]])
     mask = masks.flamingo_media_mask(text_time, np.ones((B, 2)), 3)
     media = _x(7, (B, 6, D))
-    m = MultiHeadAttention(num_heads=H, head_dim=K, out_bias=False, zero_empty_rows=True)
+    m = MultiHeadAttention(num_heads=H, head_dim=K, zero_empty_rows=True)      # with an output bias
     x = _x(8)
-    params = m.init(jax.random.key(0), x, media)["params"]
+    params = _perturb(nn.unbox(m.init(jax.random.key(0), x, media)["params"]), seed=9)
+    assert np.abs(np.asarray(params["out"]["bias"])).min() > 0
     out = np.asarray(m.apply({"params": params}, x, media, mask=mask))
-    np.testing.assert_array_equal(out[0, 0], 0)
-    np.testing.assert_array_equal(out[1, :2], 0)
-    plain = np.asarray(MultiHeadAttention(num_heads=H, head_dim=K, out_bias=False).apply(
+    np.testing.assert_array_equal(out[0, 0], 0.0)                 # exactly zero, bias included
+    np.testing.assert_array_equal(out[1, :2], 0.0)
+    assert np.abs(out[0, 1:]).min() > 0
+    plain = np.asarray(MultiHeadAttention(num_heads=H, head_dim=K).apply(
         {"params": params}, x, media, mask=mask))
     assert np.abs(plain[0, 0]).max() > 1e-3           # the softmax alone would not give zeros
     np.testing.assert_allclose(out[0, 1:], plain[0, 1:], atol=1e-6)
+
+
+def test_attention_zero_empty_rows_per_head_mask():
+    """A row empty in only some heads keeps the bias and the other heads; empty in all -> 0."""
+    m = MultiHeadAttention(num_heads=2, head_dim=K, zero_empty_rows=True)
+    x, media = _x(10), _x(11, (B, 3, D))
+    params = _perturb(nn.unbox(m.init(jax.random.key(0), x, media)["params"]), seed=12)
+    mask = np.ones((B, 2, T, 3), bool)
+    mask[:, 0, 0] = False                    # row 0: head 0 empty, head 1 not
+    mask[:, :, 1] = False                    # row 1: empty in both heads
+    out = np.asarray(m.apply({"params": params}, x, media, mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(out[:, 1], 0.0)
+    assert np.abs(out[:, 0]).min() > 0
+
+
+def test_attention_logits_bf16_accumulate_in_float32():
+    """bf16 q, k: the logits are the f32 product of the same bf16 values, not a bf16-rounded one."""
+    q = jnp.asarray(_rand(2, 5, 3, 24, seed=13, scale=3.0)).astype(jnp.bfloat16)     # [B, T, H, K]
+    k = jnp.asarray(_rand(2, 7, 3, 24, seed=14, scale=3.0)).astype(jnp.bfloat16)     # [B, S, H, K]
+    got = attention_logits(q, k, 0.25)
+    assert got.dtype == jnp.float32
+    want = np.einsum("bthk,bshk->bhts", np.asarray(q, np.float64), np.asarray(k, np.float64)) * 0.25
+    rel = np.abs(np.asarray(got, np.float64) - want) / np.maximum(np.abs(want), 1.0)
+    assert rel.max() < 1e-6, rel.max()
+    rounded = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * 0.25            # the old, rounded path
+    assert (np.abs(np.asarray(rounded, np.float64) - want) / np.maximum(np.abs(want), 1.0)).max() > 1e-4
 
 
 def test_attention_rejects_bad_masks():
@@ -499,18 +531,16 @@ def test_post_ln_block_with_cross_attention_matches_hf_bert_layer():
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
-def _stack_params_unrolled_to_scanned(p, n):
-    out = {k: v for k, v in p.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[f"layers_{i}"] for i in range(n)])
-    return out
+def _stack_params_unrolled_to_scanned(p, n, **kw):
+    return jax.tree.map(jnp.asarray, stack_params(p, n, **kw))
 
 
 def test_stack_scan_remat_equals_unrolled_and_hidden_states():
     cfg = BlockConfig(num_heads=H, head_dim=K, mlp_dim=32, activation="quick_gelu")
     n = 2
     unrolled = TransformerStack(cfg, n)
-    scanned = TransformerStack(cfg, n, scan_layers=True, remat=True)
-    unrolled_remat = TransformerStack(cfg, n, remat=True)
+    scanned = TransformerStack(cfg, n, scan_layers=True, remat_policy="full")
+    unrolled_remat = TransformerStack(cfg, n, remat_policy="full")
     x = _x(22)
     mask = masks.padding_mask(np.array([[1] * T, [1] * (T - 2) + [0, 0]]))
     pu = _perturb(nn.unbox(unrolled.init(jax.random.key(0), x, mask)["params"]), seed=23, scale=0.2)
@@ -620,3 +650,157 @@ def test_every_param_has_logical_axes_and_dtypes():
         TransformerBlock(cfg).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="norm_position"):
         BlockConfig(num_heads=H, head_dim=K, mlp_dim=8, norm_position="sandwich")
+
+
+# ----------------------------------------------- one stack: patterns, insertion, scan, remat
+W3, H3 = 24, 3                                       # odd sizes: width 24, 3 heads of 8
+
+
+class _GatedAdd(nn.Module):
+    """Inserted test block: x + tanh(gate) * tanh(Dense(mean over media)) (media [B, S, Dm])."""
+    width: int
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, media, media_mask, *, deterministic: bool = True):
+        w = self.param("w", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+                       (media.shape[-1], self.width))
+        gate = self.param("gate", nn.with_logical_partitioning(nn.initializers.ones, (None,)), ())
+        pooled = (media * media_mask[..., None]).mean(1)                           # [B, Dm]
+        return x + jnp.tanh(gate) * jnp.tanh(pooled @ w)[:, None]
+
+
+class _AddConstant(nn.Module):
+    """Inserted test block: records its input (sow) and adds ``value`` (no params)."""
+    value: float
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = True):
+        self.sow("intermediates", "seen", x)
+        return x + self.value
+
+
+def _odd_blocks(cross_every=0):
+    plain = BlockConfig(num_heads=H3, head_dim=W3 // H3, mlp_dim=40, activation="gelu_tanh")
+    if not cross_every:
+        return plain
+    cross = dataclasses.replace(plain, cross_attention=True)
+    return (cross,) + (plain,) * (cross_every - 1)
+
+
+def _odd_inputs():
+    x = _x(60, (B, T, W3))
+    enc = _x(61, (B, 4, 12))
+    media = _x(62, (B, 3, 10))
+    media_mask = jnp.asarray(np.array([[1, 1, 0], [1, 0, 0]], np.float32))
+    cross_mask = masks.padding_mask(np.array([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    return x, enc, cross_mask, media, media_mask
+
+
+@pytest.mark.parametrize("cross_every,insert", [(0, False), (2, False), (0, True), (2, True), (3, True)])
+def test_scanned_stack_equals_unrolled_outputs_and_gradients(cross_every, insert):
+    """Cross-attention patterns and insertion every 2 (offset 1): scan == unrolled (f32, 1e-5)."""
+    n = 6
+    spec = InsertSpec(_GatedAdd, {"width": W3}, every=2, offset=1) if insert else None
+    blocks = _odd_blocks(cross_every)
+    unrolled = TransformerStack(blocks, n, insert=spec)
+    x, enc, cross_mask, media, media_mask = _odd_inputs()
+    kw = dict(encoded=enc, cross_mask=cross_mask) if cross_every else {}
+    if insert:
+        kw["inserted_inputs"] = (media, media_mask)
+    pu = _perturb(nn.unbox(unrolled.init(jax.random.key(0), x, **kw)["params"]), seed=63, scale=0.2)
+    assert all(k.startswith(("layers_", "inserted_")) for k in pu)
+    assert len([k for k in pu if k.startswith("inserted_")]) == (3 if insert else 0)
+    assert all(not k.startswith("inserted") for i in range(n) for k in pu[f"layers_{i}"])   # own scope
+    size = int(np.lcm(len(blocks) if isinstance(blocks, tuple) else 1, 2 if insert else 1))
+    ps = _stack_params_unrolled_to_scanned(pu, n, group=size, inserts_per_group=size // 2 if insert else 0)
+    policies = ("none", "full", "dots", "save_attention_out") if (cross_every, insert) == (2, True) else ("full",)
+    for policy in policies:
+        scanned = TransformerStack(blocks, n, insert=spec, scan_layers=True, remat_policy=policy)
+        shapes = nn.unbox(jax.eval_shape(lambda: scanned.init(jax.random.key(0), x, **kw))["params"])
+        assert jax.tree.structure(shapes) == jax.tree.structure(ps)
+        assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(ps)))
+
+        def loss(p, m):
+            out, hs = m.apply({"params": p}, x, **kw, output_hidden_states=True)
+            return (out ** 2).sum() + sum((h * 0.1).sum() for h in hs), (out, hs)
+        grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+        gu, (out_u, hs_u) = grad(pu, unrolled)
+        gs, (out_s, hs_s) = grad(ps, scanned)
+        np.testing.assert_allclose(np.asarray(out_s), np.asarray(out_u), atol=1e-5, rtol=0)
+        assert len(hs_u) == len(hs_s) == n + 1
+        for a, b in zip(hs_u, hs_s):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+        for a, b in zip(jax.tree.leaves(_stack_params_unrolled_to_scanned(
+                gu, n, group=size, inserts_per_group=size // 2 if insert else 0)), jax.tree.leaves(gs)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    if insert:      # the inserted blocks matter
+        no_gate = jax.tree_util.tree_map_with_path(
+            lambda path, v: v * 0 if getattr(path[-1], "key", "") == "gate" else v, pu)
+        off = unrolled.apply({"params": no_gate}, x, **kw)[0]
+        assert np.abs(np.asarray(off) - np.asarray(out_u)).max() > 1e-3
+
+
+@pytest.mark.parametrize("offset", [1, 0])
+def test_inserted_block_lands_before_the_right_layers(offset):
+    """every=2: open_flamingo (offset 1) inserts before layers 1, 3, 5; IDEFICS (offset 0) before 0, 2, 4."""
+    n, value = 5, 0.5
+    plain = _odd_blocks()
+    x = _x(64, (B, T, W3))
+    bare = TransformerStack(plain, n)
+    params = _perturb(nn.unbox(bare.init(jax.random.key(0), x)["params"]), seed=65, scale=0.2)
+    st = TransformerStack(plain, n, insert=InsertSpec(_AddConstant, {"value": value}, every=2, offset=offset,
+                                                      pass_dtypes=False))
+    (out, hs), inter = st.apply({"params": params}, x, output_hidden_states=True, mutable=["intermediates"])
+    # reference: the same blocks one by one, adding the constant by hand before layers i % 2 == offset
+    h, seen = x, []
+    for i in range(n):
+        if i % 2 == offset:
+            seen.append(h)
+            h = h + value
+        h = TransformerBlock(plain).apply({"params": params[f"layers_{i}"]}, h)
+        np.testing.assert_allclose(np.asarray(hs[i + 1]), np.asarray(h), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(h), atol=1e-5, rtol=0)
+    recorded = inter["intermediates"]
+    assert sorted(recorded) == [f"inserted_{m}" for m in range(len(seen))]
+    for m, want in enumerate(seen):
+        np.testing.assert_allclose(np.asarray(recorded[f"inserted_{m}"]["seen"][0]), np.asarray(want),
+                                   atol=1e-6, rtol=0)
+    plain_out = bare.apply({"params": params}, x)[0]
+    assert np.abs(np.asarray(plain_out) - np.asarray(out)).max() > 1e-2
+
+
+def test_stack_layout_errors_are_clear():
+    x = _x(66, (B, T, W3))
+    spec = InsertSpec(_AddConstant, {"value": 1.0}, every=2, offset=1, pass_dtypes=False)
+    with pytest.raises(ValueError, match=r"num_layers=5 to be a multiple of the group size 2"):
+        TransformerStack(_odd_blocks(), 5, insert=spec, scan_layers=True).init(jax.random.key(0), x)
+    TransformerStack(_odd_blocks(), 5, insert=spec).init(jax.random.key(0), x)          # unrolled is fine
+    with pytest.raises(ValueError, match=r"remat_policy='sometimes'.*'full'"):
+        TransformerStack(_odd_blocks(), 2, remat_policy="sometimes").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"True -> 'full'"):
+        TransformerStack(_odd_blocks(), 2, remat_policy=True).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="offset"):
+        InsertSpec(_AddConstant, every=2, offset=2)
+    with pytest.raises(ValueError, match="no InsertSpec"):
+        TransformerStack(_odd_blocks(), 2).init(jax.random.key(0), x, inserted_inputs=(x,))
+    a, b = _odd_blocks(2)
+    assert periodic_pattern([a, b, a, b]) == (a, b)
+    assert periodic_pattern([a, b, b, a]) == (a, b, b, a)
+
+
+def _temp_bytes(policy, n=8):
+    cfg = BlockConfig(num_heads=4, head_dim=16, mlp_dim=256, activation="gelu")
+    st = TransformerStack(cfg, n, scan_layers=True, remat_policy=policy)
+    x = jnp.ones((4, 64, 64), jnp.float32)
+    params = nn.unbox(jax.eval_shape(lambda: st.init(jax.random.key(0), x))["params"])
+    grad = jax.jit(jax.grad(lambda p, x: (st.apply({"params": p}, x)[0] ** 2).sum()))
+    return grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_remat_policy_lowers_train_step_temp_memory():
+    """'full' saves nothing per layer, so the compiled backward needs less temporary memory."""
+    none, full = _temp_bytes("none"), _temp_bytes("full")
+    assert full < 0.7 * none, (none, full)
+    assert set(REMAT_POLICIES) >= {"none", "full", "dots", "save_attention_out"}

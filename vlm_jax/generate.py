@@ -1,4 +1,5 @@
-"""Text generation for the LMs of `vlm_jax.layers.text`, through `vlm_jax.decoding`.
+"""Text generation for the LMs of `vlm_jax.layers.decoder_lm` and `vlm_jax.layers.t5`, through
+`vlm_jax.decoding`.
 
 Dimension letters: B batch, N rows seen by the step function (B, or B*beam), T0 prompt
 length, P soft-prefix length, S KV-cache length (prefilled positions + max_new_tokens),
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 
 from vlm_jax import decoding
 from vlm_jax.layers.attention import init_cache
-from vlm_jax.layers.text import positions_from_mask
+from vlm_jax.layers.text_common import positions_from_mask
 
 PyTree = Any
 STRATEGIES = ("greedy", "beam", "sample")
@@ -136,8 +137,10 @@ def _cache_leaf(cache, name: str) -> jax.Array:
 
 
 def _cache_index(cache) -> jax.Array:
-    """i32[N]: the slot the next token is written to (every layer's index is the same)."""
-    return _cache_leaf(cache, "cache_index")
+    """i32[N]: the slot the next token is written to (every layer's index is the same; a
+    scanned stack stores them as i32[N, G], one per scanned group)."""
+    index = _cache_leaf(cache, "cache_index")
+    return index if index.ndim == 1 else index.reshape(index.shape[0], -1)[:, 0]
 
 
 # ---------------------------------------------------------------------- encoder-decoder

@@ -196,8 +196,9 @@ class Conversion:
     rules: the mapping, written for the unrolled layer layout ``layers_i``.
     ignore: regexes (``re.fullmatch``) of file tensors that are deliberately not used.
     stack: ``(path to the container, number of layers)`` pairs: when the module scans its
-      layers, the converted ``layers_0..layers_{L-1}`` under that container are stacked
-      into one ``layers`` entry (axis 0 for params) before checking.
+      layers (``scan_layers=True``), the converted ``layers_0..layers_{L-1}`` under that
+      container are stacked into the scanned layout (`stack_layers`; the group size is read
+      from the module's variables) before checking.
     """
     module: nn.Module
     init_args: tuple
@@ -214,23 +215,70 @@ def abstract_variables(conversion: Conversion):
     return jax.eval_shape(init, *conversion.init_args)
 
 
-def _stack_layers(flat: dict, container: Path, n: int) -> dict:
-    out = {}
+def scanned_layout(expected_paths, container: Path) -> tuple[int, int] | None:
+    """The scanned layout of the stack under ``container`` as ``(group size N, insertions per
+    group M)``, read from the module's variable paths; None when the stack is unrolled.
+
+    ``<container>/layers/<block params>`` -> (1, 0); ``<container>/layers/block_j/...`` and
+    ``<container>/layers/inserted_m/...`` -> (number of block_j, number of inserted_m).
+    """
+    k = len(container)
+    subs = {p[2 + k] for p in expected_paths
+            if len(p) > 2 + k and p[1:1 + k] == container and p[1 + k] == "layers"}
+    if not subs:
+        return None
+    blocks = sum(bool(re.fullmatch(r"block_\d+", s)) for s in subs)
+    inserts = sum(bool(re.fullmatch(r"inserted_\d+", s)) for s in subs)
+    return (blocks, inserts) if blocks else (1, 0)
+
+
+def stack_layers(flat: dict, container: Path, num_layers: int, group: int = 1, inserts_per_group: int = 0) -> dict:
+    """Unrolled -> scanned layout (see `vlm_jax.layers.transformer`) on a flat
+    ``{(collection, *path): array}`` dict: under ``container``, ``layers_i`` goes to
+    ``layers/block_{i % N}`` at index ``i // N`` (to ``layers`` itself when N = 1 without
+    insertions) and ``inserted_m`` to ``layers/inserted_{m % M}`` at index ``m // M``;
+    arrays are stacked on axis 0 (G = L / N entries). Other entries pass through."""
+    if num_layers % group:
+        raise ConversionError(f"cannot scan {num_layers} layers in groups of {group}.")
+    g_count = num_layers // group
+    plain = group == 1 and inserts_per_group == 0
+    out: dict = {}
     pieces: dict[Path, list] = {}
+    k = len(container)
     for path, v in flat.items():
         coll, rest = path[0], path[1:]
-        k = len(container)
-        if rest[:k] == container and len(rest) > k and re.fullmatch(r"layers_\d+", rest[k]):
-            i = int(rest[k].split("_")[1])
-            key = (coll,) + container + ("layers",) + rest[k + 1:]
-            pieces.setdefault(key, [None] * n)[i] = v
-        else:
+        m = re.fullmatch(r"(layers|inserted)_(\d+)", rest[k]) if rest[:k] == container and len(rest) > k else None
+        if m is None:
             out[path] = v
+            continue
+        idx = int(m.group(2))
+        if m.group(1) == "layers":
+            g, sub = divmod(idx, group)
+            inner = () if plain else (f"block_{sub}",)
+        else:
+            if not inserts_per_group:
+                raise ConversionError(f"{'/'.join(path)}: inserted blocks but the scanned module has none.")
+            g, sub = divmod(idx, inserts_per_group)
+            inner = (f"inserted_{sub}",)
+        key = (coll,) + container + ("layers",) + inner + rest[k + 1:]
+        slots = pieces.setdefault(key, [None] * g_count)
+        if g >= g_count:
+            raise ConversionError(f"{'/'.join(path)} is beyond the {g_count} scanned groups.")
+        slots[g] = v
     for key, vs in pieces.items():
         if any(v is None for v in vs):
-            raise ConversionError(f"cannot stack {'/'.join(key)}: some of the {n} layers are missing.")
-        out[key] = np.stack(vs, axis=0)
+            raise ConversionError(f"cannot stack {'/'.join(key)}: some of the {g_count} groups are missing.")
+        out[key] = np.stack([np.asarray(v) for v in vs], axis=0)
     return out
+
+
+def stack_params(params: dict, num_layers: int, *, container: Path = (), group: int = 1,
+                 inserts_per_group: int = 0) -> dict:
+    """`stack_layers` on a nested params dict (no collection level): the unrolled parameters of
+    a stack -> the ``scan_layers=True`` layout."""
+    flat = {("params",) + p: v for p, v in traverse_util.flatten_dict(params).items()}
+    flat = stack_layers(flat, tuple(container), num_layers, group, inserts_per_group)
+    return traverse_util.unflatten_dict({p[1:]: v for p, v in flat.items()})
 
 
 def convert(conversion: Conversion, tensors: dict[str, np.ndarray], *, abstract=None,
@@ -265,13 +313,15 @@ def convert(conversion: Conversion, tensors: dict[str, np.ndarray], *, abstract=
                               "takes it. Check the architecture/config (e.g. a head the module lacks).")
     origin = {r.path: r.hf_keys[0] for r in conversion.rules}
     for container, n in conversion.stack:
-        if any(p[0] == "params" and len(p) > len(container) + 1 and p[1 + len(container)] == "layers"
-               and p[1:1 + len(container)] == container for p in expected):
+        layout = scanned_layout([p for p in expected if p[0] == "params"], tuple(container))
+        if layout is not None:
             before = dict(flat)
-            flat = _stack_layers(flat, container, n)
+            flat = stack_layers(flat, tuple(container), n, *layout)
             for p in flat:
                 if p not in before:
-                    src = p[:1 + len(container)] + ("layers_0",) + p[2 + len(container):]
+                    k = 1 + len(container)
+                    inner = p[k + 2:] if layout != (1, 0) else p[k + 1:]
+                    src = p[:k] + ("layers_0",) + inner
                     origin[p] = origin.get(src, "?") + " (stacked over layers)"
     for path, arr in flat.items():
         if path not in expected:

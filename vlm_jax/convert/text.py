@@ -1,4 +1,5 @@
-"""HF text towers -> `vlm_jax.layers.text` (DecoderLM, BertEncoder, T5).
+"""HF text towers -> `vlm_jax.layers.decoder_lm.DecoderLM`, `vlm_jax.layers.bert.BertEncoder`,
+`vlm_jax.layers.t5.T5`.
 
 Architectures (the ``architectures[0]`` of config.json):
   GPT2LMHeadModel / GPT2Model             -> DecoderLM (keys with or without ``transformer.``)
@@ -12,7 +13,8 @@ Architectures (the ``architectures[0]`` of config.json):
 
 Each converter is ``fn(hf_config: dict, keys: set[str], *, dtype, param_dtype, **overrides)
 -> Conversion`` (the contract of `vlm_jax.convert.common`); ``overrides`` replace fields of
-the tower's config dataclass (e.g. ``remat=True``, ``implementation='cudnn'``). The
+the tower's config dataclass (e.g. ``scan_layers=True``, ``remat_policy='full'``,
+``implementation='cudnn'``). The
 ``*_rules`` functions take a key ``prefix`` and a Flax ``module_prefix`` so composite
 checkpoints (BLIP-2's ``language_model.`` / ``qformer.``) can reuse them.
 
@@ -35,7 +37,9 @@ import numpy as np
 
 from vlm_jax.convert.common import (Conversion, ConversionError, bias_to_heads, chunk, linear,
                                     linear_from_heads, linear_to_heads, rule)
-from vlm_jax.layers.text import BertConfig, BertEncoder, DecoderLM, DecoderLMConfig, T5, T5Config
+from vlm_jax.layers.bert import BertConfig, BertEncoder
+from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig
+from vlm_jax.layers.t5 import T5, T5Config
 
 # HF activation names -> vlm_jax.layers.mlp activation names
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -195,7 +199,7 @@ def gpt2(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any
     # the causal-mask buffers of old checkpoints are not weights
     ignore = (rf"{prefix}h\.\d+\.attn\.(masked_)?bias",)
     return Conversion(module=DecoderLM(cfg, dtype=dtype, param_dtype=param_dtype), init_args=(_tokens(),),
-                      rules=gpt2_rules(cfg, keys, prefix), ignore=ignore)
+                      rules=gpt2_rules(cfg, keys, prefix), ignore=ignore, stack=(((), cfg.num_layers),))
 
 
 # --------------------------------------------------------------------------------- OPT
@@ -242,7 +246,7 @@ def opt(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any 
     cfg = opt_config_from_hf(hf, **overrides)
     prefix = "model.decoder." if any(k.startswith("model.decoder.") for k in keys) else "decoder."
     return Conversion(module=DecoderLM(cfg, dtype=dtype, param_dtype=param_dtype), init_args=(_tokens(),),
-                      rules=opt_rules(cfg, keys, prefix))
+                      rules=opt_rules(cfg, keys, prefix), stack=(((), cfg.num_layers),))
 
 
 # -------------------------------------------------------------------------------- BERT
@@ -294,10 +298,11 @@ def bert(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any
     cfg = bert_config_from_hf(hf, keys, prefix, **overrides)
     ignore = (rf"{prefix}embeddings\.position_ids", rf"{prefix}embeddings\.token_type_ids", r"cls\..*")
     init_kwargs = {}
-    if any(cfg.has_cross_attention(i) for i in range(cfg.num_layers)):
+    if cfg.any_cross_attention:
         init_kwargs["encoded"] = jax.ShapeDtypeStruct((1, 2, cfg.width), jnp.float32)
     return Conversion(module=BertEncoder(cfg, dtype=dtype, param_dtype=param_dtype), init_args=(_tokens(),),
-                      init_kwargs=init_kwargs, rules=bert_rules(cfg, keys, prefix), ignore=ignore)
+                      init_kwargs=init_kwargs, rules=bert_rules(cfg, keys, prefix), ignore=ignore,
+                      stack=(((), cfg.num_layers),))
 
 
 # ---------------------------------------------------------------------------------- T5
@@ -362,7 +367,8 @@ def t5(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any =
     # An unused cross-attention relative bias some old files carry (HF ignores it too).
     ignore = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
     return Conversion(module=T5(cfg, dtype=dtype, param_dtype=param_dtype), init_args=(_tokens(), _tokens()),
-                      rules=t5_rules(cfg, keys), ignore=ignore)
+                      rules=t5_rules(cfg, keys), ignore=ignore,
+                      stack=((("encoder",), cfg.num_layers), (("decoder",), cfg.decoder_layers)))
 
 
 CONVERTERS = {

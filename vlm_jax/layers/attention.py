@@ -7,6 +7,10 @@ H heads, K head dim.
 Parameters (logical axes in brackets):
   query/key/value: kernel ``[D|Dkv, H, K]`` ('embed', 'heads', 'kv'), bias ``[H, K]`` ('heads', 'kv')
   out:             kernel ``[H, K, Dout]`` ('heads', 'kv', 'embed'), bias ``[Dout]`` ('embed',)
+Activations: q/k/v ``('activation_batch', 'activation_length', 'activation_heads',
+'activation_kv')``, output ``('activation_batch', 'activation_length', 'activation_embed')``;
+for remat policies they are named (`jax.ad_checkpoint.checkpoint_name`) ``query_proj``,
+``key_proj``, ``value_proj`` and ``attention_out``.
 
 Masks are boolean, rank 4, ``[B|1, 1|H, T, S]``, True = may attend (build them with
 `vlm_jax.layers.masks`). An additive ``bias`` ``[B|1, H|1, T, S]`` (T5 relative positions)
@@ -19,6 +23,8 @@ Attention kernel (``implementation``; `attention_kernel` says which one runs):
            on CPU/TPU: the project's XLA path below.
   'xla'    the project's XLA path on every backend:
              logits = (q k^T) * scale + bias, masked to -inf-like  [B, H, T, S] float32
+                      (`attention_logits`: the dot accumulates and returns float32, so
+                      bf16 q/k are not rounded to bf16 first)
              probs  = softmax(logits)                              (`softmax_with_saved_probs`)
              out    = probs v                                      [B, T, H, K]
            Its softmax saves the probabilities for the backward pass
@@ -61,10 +67,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
+QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+OUT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 @jax.custom_vjp
@@ -110,6 +119,16 @@ def _check_mask(mask, name, b, t, s):
     return mask
 
 
+def attention_logits(q, k, scale: float, bias=None):
+    """``(q k^T) * scale + bias`` in float32: q ``[B, T, H, K]``, k ``[B, S, H, K]`` ->
+    ``[B, H, T, S]``. The product accumulates and comes out in float32
+    (``preferred_element_type``), so bf16 q/k are not rounded to bf16 before the softmax."""
+    logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    return logits
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: ``inputs_q [B, T, D]`` (+ ``inputs_kv [B, S, Dkv]``) -> ``[B, T, Dout]``.
 
@@ -120,8 +139,10 @@ class MultiHeadAttention(nn.Module):
       scale: logit scale; None -> 1/sqrt(K) (T5 uses 1.0).
       dropout_rate: dropout on attention probabilities (training only).
       implementation: None | 'xla' | 'cudnn': the attention kernel (module docstring).
-      zero_empty_rows: rows whose mask has no True key return exactly 0 (Flamingo text
-        before the first image) instead of the softmax's uniform average.
+      zero_empty_rows: rows whose mask has no True key return exactly 0, output bias
+        included (Flamingo text before the first image), instead of the softmax's uniform
+        average. With a per-head mask, a head whose row is empty contributes 0 to the
+        output projection.
     """
     num_heads: int
     head_dim: int
@@ -187,14 +208,14 @@ class MultiHeadAttention(nn.Module):
 
         out_dim = self.out_features or inputs_q.shape[-1]
         q = self._proj("query", inputs_q)            # [B, T, H, K]
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        q = checkpoint_name(nn.with_logical_constraint(q, QKV_AXES), "query_proj")
         if kv_from_cache:
             k, v = self._cached_cross_kv(q.shape[0])  # [B, S, H, K] each, no projection
         else:
             k = self._proj("key", inputs_kv)             # [B, S, H, K]
             v = self._proj("value", inputs_kv)           # [B, S, H, K]
-            k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-            v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+            k = checkpoint_name(nn.with_logical_constraint(k, QKV_AXES), "key_proj")
+            v = checkpoint_name(nn.with_logical_constraint(v, QKV_AXES), "value_proj")
 
         if decode and self_attention:
             k, v, cache_mask = self._update_cache(k, v)
@@ -235,25 +256,30 @@ class MultiHeadAttention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=self.scale,
                                                is_causal=is_causal, key_value_seq_lengths=key_value_lengths,
                                                implementation="cudnn" if kernel == "cudnn" else None)
+        row_has_key = None
         if self.zero_empty_rows and mask is not None:
             has_key = jnp.any(mask, axis=-1, keepdims=True)       # [B|1, 1|H, T, 1]
+            # heads whose row is empty contribute nothing; a row empty in every head is zeroed
+            # after the output projection too, so its bias does not leak in
             out = out * jnp.transpose(has_key, (0, 2, 1, 3)).astype(out.dtype)   # [B|1, T, 1|H, 1]
+            row_has_key = jnp.any(has_key, axis=1)                                # [B|1, T, 1]
         out = nn.DenseGeneral(
             features=out_dim, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="out")(out)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        if row_has_key is not None:
+            out = jnp.where(row_has_key, out, jnp.zeros((), out.dtype))
+        out = nn.with_logical_constraint(out, OUT_AXES)
+        return checkpoint_name(out, "attention_out")
 
     def _xla_attention(self, q, k, v, mask, bias, dropout: bool):
         """The XLA path: ``softmax(q k^T * scale + bias, masked)`` (float32 logits, dropout
         on the probabilities when ``dropout``) times v; q ``[B,T,H,K]``, k/v ``[B,S,H,K]``
         -> ``[B,T,H,K]``."""
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
-        logits = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * scale   # [B, H, T, S]
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
+        logits = attention_logits(q, k, scale, bias)                                # [B, H, T, S] f32
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         probs = softmax_with_saved_probs(logits)
@@ -285,8 +311,8 @@ class MultiHeadAttention(nn.Module):
         if k.shape[0] != b:
             raise ValueError(f"the cross-attention KV cache holds batch {k.shape[0]} but the input has batch {b}; "
                              "re-create the cache for this batch (beam search must repeat it to batch*beam).")
-        k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
-        v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+        k = nn.with_logical_constraint(k, QKV_AXES)
+        v = nn.with_logical_constraint(v, QKV_AXES)
         return k, v
 
     def _update_cache(self, k, v):

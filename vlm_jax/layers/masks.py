@@ -64,12 +64,6 @@ def padding_mask(key_valid) -> Array:
     return _as_bool_2d(key_valid, "key_valid")[:, None, None, :]
 
 
-def query_padding_mask(query_valid) -> Array:
-    """Query padding mask ``[B, 1, T, 1]`` from ``query_valid [B, T]`` (rarely needed:
-    padded query rows are usually ignored by the loss rather than masked)."""
-    return _as_bool_2d(query_valid, "query_valid")[:, None, :, None]
-
-
 def combine(*masks) -> Array | None:
     """Logical AND of rank-4 masks with broadcasting; ``None`` entries are skipped.
 

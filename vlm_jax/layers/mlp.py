@@ -20,6 +20,9 @@ Dimension letters: B batch, T length, D width (in/out), F FFN hidden width.
   gated_silu     silu(x W0) * (x W1)
   ============== =========================================== ==========================
 
+The hidden activation ``[B, T, F]`` is constrained to ('activation_batch',
+'activation_length', 'activation_mlp') and named ``mlp_hidden`` for remat policies.
+
 Parameter names: plain MLPs ``wi`` (D->F) and ``wo`` (F->D); gated MLPs ``wi_0`` (the
 activated branch), ``wi_1`` (the linear branch) and ``wo`` (as T5 names them).
 """
@@ -30,6 +33,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -118,6 +122,8 @@ class MLP(nn.Module):
             h = _PLAIN[self.activation](Dense(self.hidden_dim, ("embed", "mlp"), name="wi", **kw)(x))
         else:
             raise ValueError(f"MLP activation={self.activation!r} is not known; use one of {ACTIVATIONS}.")
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
+        if h.ndim == 3:
+            h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = checkpoint_name(h, "mlp_hidden")
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return Dense(out_dim, ("mlp", "embed"), name="wo", **kw)(h)

@@ -166,7 +166,9 @@ class ResNet(nn.Module):
                 stride = 2 if (j == 0 and (i > 0 or self.downsample_in_first_stage)) else 1
                 x = _Block(out, stride, kind, self.downsample_in_bottleneck, name=f"stage_{i}_block_{j}",
                            **kw)(x, train)
-            x = nn.with_logical_constraint(x, ("batch", None, None, "conv_out"))
+            # channels stay split like the conv kernels' 'conv_out' axis ('activation_mlp' maps to
+            # the same mesh axis, 'tensor')
+            x = nn.with_logical_constraint(x, ("activation_batch", None, None, "activation_mlp"))
         if not grid_resize:
             return x
         g = self.grid

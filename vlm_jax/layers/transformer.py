@@ -1,8 +1,12 @@
-"""Transformer blocks and stacks shared by every tower (ViT, CLIP, EVA, GPT-2, OPT, BERT, T5).
+"""The transformer block and the one layer stack shared by every tower (ViT, CLIP, EVA,
+GPT-2, OPT, BERT / Q-Former, T5 encoder and decoder).
 
 Dimension letters: B batch, T length, S encoder/media length, D width, Dc encoder width,
-H heads, K head dim, F FFN width, L layers.
+Dm media width, H heads, K head dim, F FFN width, L layers, P pattern length, N group size,
+G groups (L / N).
 
+Block
+-----
 `BlockConfig` describes one block; `TransformerBlock(config)` is the block:
 
   pre-norm  (GPT-2, OPT, ViT, CLIP, EVA, T5)      post-norm (BERT)
@@ -13,25 +17,66 @@ H heads, K head dim, F FFN width, L layers.
 Submodule / parameter names: ``attn_norm``, ``attn`` (MultiHeadAttention: query, key,
 value, out), ``cross_norm``, ``cross_attn`` (only with ``cross_attention=True``),
 ``mlp_norm``, ``mlp`` (MLP: wi | wi_0, wi_1, wo). In post-norm blocks the same names
-denote the norm applied after each residual add.
+denote the norm applied after each residual add. Each residual step is a method
+(`attention_sublayer`, `cross_attention_sublayer`, `mlp_sublayer`): a block variant (e.g.
+BLIP-2's Q-Former block, whose FFN runs separately on the first Q positions) subclasses
+`TransformerBlock`, overrides one of them, and is passed to the stack as ``block_cls``.
 
-`TransformerStack(block, num_layers)` applies L identical blocks: unrolled (params
-``layers_0 … layers_{L-1}``) or, with ``scan_layers=True``, as one `nn.scan` (params
-``layers`` with a leading stacked axis of size L, logical name 'layers'; KV-cache leaves
-are stacked on axis 1 so every cache leaf keeps its leading batch dim). ``remat=True``
-rematerialises each block in the backward pass (`nn.remat`). Activations are constrained to
-('batch', 'length', 'embed') at every block boundary.
+Stack
+-----
+`TransformerStack(blocks, num_layers, ...)` applies L blocks. Per-layer variation is
+declarative:
+
+* ``blocks``: one `BlockConfig` or a repeating *group pattern* ``(c_0, .., c_{P-1})``:
+  layer i uses ``blocks[i % P]`` (BERT/Q-Former with cross-attention every 2nd layer =
+  ``(cross_block, plain_block)``). `periodic_pattern` reduces a per-layer list of configs
+  to its shortest period.
+* ``insert``: an `InsertSpec` (a Flax module class + kwargs, ``every=N``, ``offset=k``):
+  an extra block runs *before* layer i iff ``i % N == k`` (open_flamingo: offset N-1;
+  IDEFICS: offset 0). It is called ``inserted(x [B, T, D], *inserted_inputs,
+  deterministic=...) -> [B, T, D]`` with the ``inserted_inputs`` tuple given to the stack
+  call (e.g. ``(media [B, S, Dm], media_mask [B|1, 1, T, S])``), and is rematerialised
+  with the stack's policy.
+
+Parameter layout:
+
+  unrolled (``scan_layers=False``)   ``layers_0 .. layers_{L-1}`` (block params),
+                                     ``inserted_0 .. inserted_{I-1}`` (I = number of
+                                     insertions, in layer order); never inside ``layers_i``.
+  scanned, group size N = 1, no insert  ``layers/<block params>`` with a leading axis L.
+  scanned, otherwise                 ``layers/block_0 .. block_{N-1}`` and
+                                     ``layers/inserted_0 .. inserted_{M-1}`` (M insertions
+                                     per group), each with a leading axis G = L / N.
+
+The group size is N = lcm(P, every); scanning needs ``L % N == 0`` (clear error otherwise).
+Stacked leading axes carry the logical name 'layers'. KV-cache leaves are stacked on axis 1
+(``[B, G, ...]``) so every cache leaf keeps its leading batch dim (beam search reorders axis
+0). `vlm_jax.convert.common.stack_layers` turns an unrolled tree into the scanned layout.
+
+Rematerialisation (``remat_policy``, `REMAT_POLICIES`): 'none'; 'full' (save nothing: every
+block is recomputed in the backward pass); 'dots' (`jax.checkpoint_policies.
+dots_with_no_batch_dims_saveable`: keep the weight matmul outputs); 'save_attention_out'
+(keep only each attention sub-block's output, named ``attention_out``); 'save_qkv_attention_out'
+(also the q/k/v projections, ``query_proj``/``key_proj``/``value_proj``). Names are set with
+`jax.ad_checkpoint.checkpoint_name` in `vlm_jax.layers.attention` and `vlm_jax.layers.mlp`
+(``mlp_hidden``).
+
+Activations are constrained to ('activation_batch', 'activation_length', 'activation_embed')
+at every block boundary.
 
 Decoding (``decode=True``): self-attention uses the KV cache (`vlm_jax.layers.attention`).
 Cross-attention blocks store the keys/values of ``encoded`` in the cross-attention cache
 when ``encoded`` is passed, and reuse them when ``encoded`` is None, so a decoding loop
 fills the cache once (e.g. with `vlm_jax.layers.attention.init_cache` given ``encoded``)
-and then steps without the encoder output and without re-projecting it.
+and then steps without the encoder output and without re-projecting it. Inserted blocks
+get their ``inserted_inputs`` on every call (also while decoding).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+import math
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +86,31 @@ from vlm_jax.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
 from vlm_jax.layers.mlp import ACTIVATIONS, MLP
 from vlm_jax.layers.norms import NORM_TYPES, make_norm
 
-ACT_AXES = ("batch", "length", "embed")
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+REMAT_POLICIES = ("none", "full", "dots", "save_attention_out", "save_qkv_attention_out")
+
+
+def remat_policy_fn(name: str, *, field: str = "remat_policy"):
+    """The `jax.checkpoint` policy of a `REMAT_POLICIES` name (None for 'none' and 'full':
+    'full' uses jax's default, which saves nothing but the block inputs)."""
+    check_remat_policy(name, field=field)
+    cp = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots": cp.dots_with_no_batch_dims_saveable,
+        "save_attention_out": cp.save_only_these_names("attention_out"),
+        "save_qkv_attention_out": cp.save_only_these_names("query_proj", "key_proj", "value_proj",
+                                                           "attention_out"),
+    }[name]
+
+
+def check_remat_policy(name, *, field: str = "remat_policy"):
+    """Raise a ValueError naming ``field`` unless ``name`` is one of `REMAT_POLICIES`."""
+    if name not in REMAT_POLICIES:
+        hint = " (the boolean `remat` was replaced: True -> 'full', False -> 'none')" if isinstance(name, bool) else ""
+        raise ValueError(f"{field}={name!r} is not a remat policy; use one of {REMAT_POLICIES}{hint}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +161,48 @@ class BlockConfig:
                 raise ValueError(f"BlockConfig.{f} must be positive; got {getattr(self, f)}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class InsertSpec:
+    """An extra block inserted into a stack every ``every`` layers.
+
+    module: a Flax module class, built as ``module(**kwargs, dtype=..., param_dtype=...)``
+      when ``pass_dtypes`` (default) else ``module(**kwargs)``, and called as
+      ``inserted(x [B, T, D], *inserted_inputs, deterministic=bool) -> [B, T, D]``.
+    kwargs: its attributes (a mapping; stored as sorted ``(key, value)`` pairs so the spec
+      stays hashable).
+    every, offset: insert before layer i iff ``i % every == offset`` (0 <= offset < every).
+      open_flamingo: ``offset=every - 1`` (before layers N-1, 2N-1, ..); IDEFICS: ``offset=0``.
+    """
+    module: type
+    kwargs: Any = ()
+    every: int = 1
+    offset: int = 0
+    pass_dtypes: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.kwargs, Mapping):
+            object.__setattr__(self, "kwargs", tuple(sorted(self.kwargs.items())))
+        if not (isinstance(self.module, type) and issubclass(self.module, nn.Module)):
+            raise ValueError(f"InsertSpec.module must be a flax.linen.Module class; got {self.module!r}.")
+        if self.every < 1:
+            raise ValueError(f"InsertSpec.every must be >= 1; got {self.every}.")
+        if not 0 <= self.offset < self.every:
+            raise ValueError(f"InsertSpec.offset must be in [0, every={self.every}); got {self.offset}.")
+
+    def before(self, i: int) -> bool:
+        """Whether the block is inserted before layer ``i``."""
+        return i % self.every == self.offset
+
+
+def periodic_pattern(per_layer: Sequence[BlockConfig]) -> tuple[BlockConfig, ...]:
+    """The shortest pattern p (len(p) dividing L) with ``per_layer[i] == p[i % len(p)]``."""
+    n = len(per_layer)
+    for p in range(1, n + 1):
+        if n % p == 0 and all(per_layer[i] == per_layer[i % p] for i in range(n)):
+            return tuple(per_layer[:p])
+    raise AssertionError("unreachable")
+
+
 class TransformerBlock(nn.Module):
     """One block: ``x [B, T, D]`` (+ ``encoded [B, S, Dc]``) -> ``[B, T, D]``."""
     config: BlockConfig
@@ -126,9 +237,6 @@ class TransformerBlock(nn.Module):
           deterministic: False enables dropout ('dropout' rng). decode: use the KV cache.
         Returns ``[B, T, D]``.
         """
-        return self._forward(x, mask, encoded, cross_mask, attn_bias, cross_bias, deterministic, decode)
-
-    def _forward(self, x, mask, encoded, cross_mask, attn_bias, cross_bias, deterministic, decode):
         c = self.config
         if c.cross_attention and encoded is None and not decode:
             raise ValueError("This block has cross_attention=True: pass encoded=[B, S, Dc] (only decode=True may "
@@ -136,101 +244,234 @@ class TransformerBlock(nn.Module):
         if not c.cross_attention and encoded is not None:
             raise ValueError("encoded was given but BlockConfig.cross_attention is False.")
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)   # residual stream in compute dtype
-        pre = c.norm_position == "pre"
-
-        def sub(x, norm, fn):
-            if pre:
-                return x + self.drop(fn(norm(x)), deterministic=deterministic)
-            return norm(x + self.drop(fn(x), deterministic=deterministic))
-
-        x = sub(x, self.attn_norm, lambda h: self.attn(h, mask=mask, bias=attn_bias, deterministic=deterministic,
-                                                       decode=decode, is_causal=c.causal))
+        x = self.attention_sublayer(x, mask, attn_bias, deterministic=deterministic, decode=decode)
         if c.cross_attention:
-            x = sub(x, self.cross_norm, lambda h: self.cross_attn(h, encoded, mask=cross_mask, bias=cross_bias,
-                                                                  deterministic=deterministic, decode=decode,
-                                                                  kv_from_cache=decode and encoded is None))
-        x = sub(x, self.mlp_norm, lambda h: self.mlp(h, deterministic=deterministic))
+            x = self.cross_attention_sublayer(x, encoded, cross_mask, cross_bias, deterministic=deterministic,
+                                              decode=decode)
+        x = self.mlp_sublayer(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, ACT_AXES)
 
+    def residual(self, x, norm, fn, deterministic: bool):
+        """Pre-norm ``x + Drop(fn(norm(x)))`` or post-norm ``norm(x + Drop(fn(x)))``."""
+        if self.config.norm_position == "pre":
+            return x + self.drop(fn(norm(x)), deterministic=deterministic)
+        return norm(x + self.drop(fn(x), deterministic=deterministic))
 
-class _StaticBlock(TransformerBlock):
-    """The block with its Python flags as attributes, so that `nn.remat` only sees arrays."""
-    deterministic: bool = True
-    decode: bool = False
+    def attention_sublayer(self, x, mask, bias, *, deterministic: bool, decode: bool):
+        """Self-attention residual step: ``[B, T, D] -> [B, T, D]``."""
+        return self.residual(x, self.attn_norm, lambda h: self.attn(
+            h, mask=mask, bias=bias, deterministic=deterministic, decode=decode,
+            is_causal=self.config.causal), deterministic)
 
-    def __call__(self, x, mask, encoded, cross_mask, attn_bias, cross_bias):
-        return self._forward(x, mask, encoded, cross_mask, attn_bias, cross_bias,
-                             self.deterministic, self.decode)
+    def cross_attention_sublayer(self, x, encoded, mask, bias, *, deterministic: bool, decode: bool):
+        """Cross-attention residual step: ``x [B, T, D]``, ``encoded [B, S, Dc]`` -> ``[B, T, D]``."""
+        return self.residual(x, self.cross_norm, lambda h: self.cross_attn(
+            h, encoded, mask=mask, bias=bias, deterministic=deterministic, decode=decode,
+            kv_from_cache=decode and encoded is None), deterministic)
+
+    def mlp_sublayer(self, x, *, deterministic: bool):
+        """FFN residual step: ``[B, T, D] -> [B, T, D]`` (the seam for a Q-Former block whose
+        FFN runs separately on the query positions)."""
+        return self.residual(x, self.mlp_norm, lambda h: self.mlp(h, deterministic=deterministic),
+                             deterministic)
 
 
-class _ScanBlock(TransformerBlock):
-    """Scan body: carry = (x, selected, layer index); ys = x after this layer (or None)."""
-    deterministic: bool = True
-    decode: bool = False
+# ------------------------------------------------------------------ static-flag wrappers
+# `nn.remat` / `nn.scan` must see arrays only, so the Python flags become module attributes.
+@functools.cache
+def _static_block(cls: type) -> type:
+    class StaticBlock(cls):
+        deterministic: bool = True
+        decode: bool = False
+
+        def __call__(self, x, mask, encoded, cross_mask, attn_bias, cross_bias):
+            return cls.__call__(self, x, mask, encoded=encoded, cross_mask=cross_mask, attn_bias=attn_bias,
+                                cross_bias=cross_bias, deterministic=self.deterministic, decode=self.decode)
+    StaticBlock.__name__ = StaticBlock.__qualname__ = f"Static{cls.__name__}"
+    return StaticBlock
+
+
+@functools.cache
+def _static_inserted(cls: type) -> type:
+    class StaticInserted(cls):
+        deterministic: bool = True
+
+        def __call__(self, x, *inputs):
+            return cls.__call__(self, x, *inputs, deterministic=self.deterministic)
+    StaticInserted.__name__ = StaticInserted.__qualname__ = f"Static{cls.__name__}"
+    return StaticInserted
+
+
+def _maybe_remat(cls: type, policy: str, *, scanned: bool) -> type:
+    if policy == "none":
+        return cls
+    return nn.remat(cls, policy=remat_policy_fn(policy), prevent_cse=not scanned)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything a stack (or one scanned group) needs to build its blocks."""
+    pattern: tuple[BlockConfig, ...]
+    block_cls: type
+    insert: InsertSpec | None
+    remat_policy: str
+    scanned: bool
+    deterministic: bool
+    decode: bool
+    dtype: Any
+    param_dtype: Any
+
+    def block(self, i: int, name: str) -> nn.Module:
+        cls = _maybe_remat(_static_block(self.block_cls), self.remat_policy, scanned=self.scanned)
+        return cls(config=self.pattern[i % len(self.pattern)], dtype=self.dtype, param_dtype=self.param_dtype,
+                   deterministic=self.deterministic, decode=self.decode, name=name)
+
+    def inserted(self, name: str) -> nn.Module:
+        spec = self.insert
+        cls = _maybe_remat(_static_inserted(spec.module), self.remat_policy, scanned=self.scanned)
+        kw = dict(spec.kwargs)
+        if spec.pass_dtypes:
+            kw.update(dtype=self.dtype, param_dtype=self.param_dtype)
+        return cls(**kw, deterministic=self.deterministic, name=name)
+
+    def run_block(self, blk, i, x, args):
+        mask, encoded, cross_mask, attn_bias, cross_bias = args
+        if self.pattern[i % len(self.pattern)].cross_attention:
+            return blk(x, mask, encoded, cross_mask, attn_bias, cross_bias)
+        return blk(x, mask, None, None, attn_bias, None)
+
+
+class _Group(nn.Module):
+    """Scan body: N consecutive layers (+ their insertions). carry = (x, selected, layer
+    index); ys = the N layer outputs (or None)."""
+    plan: _Plan
+    size: int
     target: int = -1          # index into hidden_states (1..L) whose value is kept in `selected`
     collect: bool = False
 
-    def __call__(self, carry, mask, encoded, cross_mask, attn_bias, cross_bias):
+    def setup(self):
+        p = self.plan
+        self.blocks = [p.block(j, name=f"block_{j}") for j in range(self.size)]
+        if p.insert is not None:
+            self.inserts = [p.inserted(name=f"inserted_{m}")
+                            for m in range(sum(p.insert.before(j) for j in range(self.size)))]
+        else:
+            self.inserts = []
+            if self.size == 1:        # plain repeated block: its params sit directly under `layers`
+                nn.share_scope(self, self.blocks[0])
+
+    def __call__(self, carry, mask, encoded, cross_mask, attn_bias, cross_bias, inserted_inputs):
         x, selected, i = carry
-        x = self._forward(x, mask, encoded, cross_mask, attn_bias, cross_bias, self.deterministic, self.decode)
-        i = i + 1
-        selected = jnp.where(i == self.target, x, selected)
-        return (x, selected, i), (x if self.collect else None)
+        p, outs, m = self.plan, [], 0
+        args = (mask, encoded, cross_mask, attn_bias, cross_bias)
+        for j in range(self.size):
+            if p.insert is not None and p.insert.before(j):
+                x = self.inserts[m](x, *inserted_inputs)
+                m += 1
+            x = p.run_block(self.blocks[j], j, x, args)
+            i = i + 1
+            selected = jnp.where(i == self.target, x, selected)
+            outs.append(x)
+        return (x, selected, i), (tuple(outs) if self.collect else None)
+
+
+def group_size(num_pattern: int, insert: InsertSpec | None) -> int:
+    """N = lcm(P, every): the smallest run of layers that repeats (blocks and insertions)."""
+    return math.lcm(num_pattern, insert.every if insert is not None else 1)
 
 
 class TransformerStack(nn.Module):
-    """L identical blocks: ``x [B, T, D]`` (+ ``encoded [B, S, Dc]``) -> ``(out [B, T, D], hidden_states)``.
+    """L blocks: ``x [B, T, D]`` (+ ``encoded [B, S, Dc]``) -> ``(out [B, T, D], hidden_states)``.
+
+    Attributes:
+      blocks: a `BlockConfig` or a pattern tuple (layer i uses ``blocks[i % P]``).
+      num_layers: L.
+      scan_layers: one `nn.scan` over G = L / N groups of N layers (module docstring).
+      remat_policy: one of `REMAT_POLICIES`.
+      insert: optional `InsertSpec`.
+      block_cls: the block module (`TransformerBlock` or a subclass).
+
+    A tower that must keep its parameters at its own level (``layers_i`` next to its
+    embeddings) creates the stack in ``setup`` and calls ``nn.share_scope(self, stack)``.
 
     With ``decode=True`` and cross-attention blocks, ``encoded=None`` reuses the cross-attention
     KV cache (see `TransformerBlock`).
 
     ``hidden_states`` (only with ``output_hidden_states=True``, else None) is a tuple of
-    L+1 arrays ``[B, T, D]``: the input, then the output of each layer (HF convention).
+    L+1 arrays ``[B, T, D]``: the input, then the output of each layer (HF convention; an
+    inserted block's effect shows in the output of the layer it precedes).
     ``out`` is ``hidden_states[output_layer]`` (default -1: the last layer). Unrolled, layers
     after ``output_layer`` are not computed at apply time; under scan all L layers run.
     """
-    block: BlockConfig
+    blocks: BlockConfig | tuple[BlockConfig, ...]
     num_layers: int
     scan_layers: bool = False
-    remat: bool = False
+    remat_policy: str = "none"
+    insert: InsertSpec | None = None
+    block_cls: type = TransformerBlock
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
+    def pattern(self) -> tuple[BlockConfig, ...]:
+        return (self.blocks,) if isinstance(self.blocks, BlockConfig) else tuple(self.blocks)
+
     @nn.compact
     def __call__(self, x, mask=None, *, encoded=None, cross_mask=None, attn_bias=None, cross_bias=None,
-                 deterministic: bool = True, decode: bool = False, output_layer: int = -1,
-                 output_hidden_states: bool = False):
-        n = self.num_layers
+                 inserted_inputs: tuple = (), deterministic: bool = True, decode: bool = False,
+                 output_layer: int = -1, output_hidden_states: bool = False):
+        """Args:
+          x ``[B, T, D]``; mask bool ``[B|1, 1|H, T, S]``; attn_bias ``[B|1, H, T, S]``;
+          encoded ``[B, S, Dc]``, cross_mask, cross_bias: for the cross-attention blocks;
+          inserted_inputs: tuple of extra arrays for the inserted blocks (``insert``);
+          deterministic, decode, output_layer, output_hidden_states: see the class docstring.
+        Returns ``(out [B, T, D], hidden_states or None)``.
+        """
+        n, pattern = self.num_layers, self.pattern
+        if not pattern:
+            raise ValueError("TransformerStack.blocks is empty; give a BlockConfig or a tuple of them.")
+        check_remat_policy(self.remat_policy, field="TransformerStack.remat_policy")
+        if not isinstance(inserted_inputs, tuple):
+            raise ValueError("TransformerStack(inserted_inputs=...) must be a tuple of arrays, e.g. (media, mask).")
+        if inserted_inputs and self.insert is None:
+            raise ValueError("inserted_inputs were given but the stack has no InsertSpec (insert=None).")
         if not -(n + 1) <= output_layer <= n:
             raise ValueError(f"output_layer={output_layer} is out of range for {n} layers "
                              f"(hidden states are indexed 0..{n}, or -{n + 1}..-1).")
         target = output_layer % (n + 1)
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)
         args = (mask, encoded, cross_mask, attn_bias, cross_bias)
-        kw = dict(config=self.block, dtype=self.dtype, param_dtype=self.param_dtype,
-                  deterministic=deterministic, decode=decode)
+        plan = _Plan(pattern=pattern, block_cls=self.block_cls, insert=self.insert, remat_policy=self.remat_policy,
+                     scanned=self.scan_layers, deterministic=deterministic, decode=decode, dtype=self.dtype,
+                     param_dtype=self.param_dtype)
         if not self.scan_layers:
-            cls = nn.remat(_StaticBlock) if self.remat else _StaticBlock
-            hidden = [x]
-            h = x
+            hidden, h, m = [x], x, 0
             for i in range(n):
                 if i >= target and not output_hidden_states and not self.is_initializing():
                     break
-                h = cls(name=f"layers_{i}", **kw)(h, *args)
+                if self.insert is not None and self.insert.before(i):
+                    h = plan.inserted(name=f"inserted_{m}")(h, *inserted_inputs)
+                    m += 1
+                h = plan.run_block(plan.block(i, name=f"layers_{i}"), i, h, args)
                 hidden.append(h)
-            out = hidden[target]
-            return out, (tuple(hidden) if output_hidden_states else None)
+            return hidden[target], (tuple(hidden) if output_hidden_states else None)
 
-        body = nn.remat(_ScanBlock) if self.remat else _ScanBlock
-        scanned = nn.scan(body, variable_axes={"params": 0, "cache": 1},
+        size = group_size(len(pattern), self.insert)
+        if n % size:
+            raise ValueError(
+                f"scan_layers=True needs num_layers={n} to be a multiple of the group size {size} "
+                f"(= lcm(block pattern length {len(pattern)}, insert every "
+                f"{self.insert.every if self.insert else 1})); change the layer count or the pattern/insertion "
+                "period, or use scan_layers=False.")
+        scanned = nn.scan(_Group, variable_axes={"params": 0, "cache": 1},
                           split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast,) * 5, length=n,
+                          in_axes=(nn.broadcast,) * 6, length=n // size,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         carry0 = (x, x, jnp.zeros((), jnp.int32))
-        (h, selected, _), ys = scanned(name="layers", target=target, collect=output_hidden_states,
-                                       **kw)(carry0, *args)
+        (_, selected, _), ys = scanned(plan=plan, size=size, target=target, collect=output_hidden_states,
+                                       name="layers")(carry0, *args, inserted_inputs)
         out = selected if target != 0 else x
         hidden = None
         if output_hidden_states:
-            hidden = (x,) + tuple(ys[i] for i in range(n))
+            hidden = (x,) + tuple(ys[j][g] for g in range(n // size) for j in range(size))
         return out, hidden

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT, Dense
 from vlm_jax.layers.norms import LayerNorm
-from vlm_jax.layers.transformer import BlockConfig, TransformerStack
+from vlm_jax.layers.transformer import ACT_AXES, BlockConfig, TransformerStack, check_remat_policy
 
 POOLS = ("cls_norm", "dense_tanh", "none")
 
@@ -46,6 +46,9 @@ class ViTConfig:
     pool: 'cls_norm' -> ``final_norm(last_hidden_state[:, 0])`` (CLIP, BLIP-2);
       'dense_tanh' -> ``tanh(Dense(last_hidden_state[:, 0]))`` (HF ViTModel pooler); 'none'.
     pre_norm: CLIP's LayerNorm on the embeddings before the first block.
+    scan_layers: one `nn.scan` over the blocks (params ``encoder/layers`` stacked on a
+      leading 'layers' axis) instead of ``encoder/layers_i``.
+    remat_policy: see `vlm_jax.layers.transformer.REMAT_POLICIES`.
     """
     image_size: int = 224
     patch_size: int = 16
@@ -64,7 +67,7 @@ class ViTConfig:
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     scan_layers: bool = False
-    remat: bool = False
+    remat_policy: str = "none"
     implementation: str | None = None
 
     def __post_init__(self):
@@ -76,6 +79,7 @@ class ViTConfig:
                              f"num_heads={self.num_heads}.")
         if self.pool not in POOLS:
             raise ValueError(f"ViTConfig.pool={self.pool!r}; use one of {POOLS}.")
+        check_remat_policy(self.remat_policy, field="ViTConfig.remat_policy")
 
     @property
     def num_patches(self) -> int:
@@ -142,14 +146,14 @@ class VisionTransformer(nn.Module):
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         if c.pre_norm:
             x = LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="pre_norm")(x)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ACT_AXES)
 
         n = c.num_layers
         if not -(n + 1) <= output_layer <= n:
             raise ValueError(f"output_layer={output_layer} is out of range for {n} layers "
                              f"(hidden states are indexed 0..{n}, or -{n + 1}..-1).")
         want_last = (output_layer % (n + 1)) == n
-        stack = TransformerStack(c.block, n, scan_layers=c.scan_layers, remat=c.remat, dtype=self.dtype,
+        stack = TransformerStack(c.block, n, scan_layers=c.scan_layers, remat_policy=c.remat_policy, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="encoder")
         h, hidden = stack(x, deterministic=deterministic, output_layer=output_layer,
                           output_hidden_states=output_hidden_states)
