@@ -160,8 +160,7 @@ def _spec(example, name: str) -> dict:
     return {k: (np.shape(v), np.asarray(v).dtype) for k, v in example.items()}
 
 
-def _check(sources: Sequence[MixtureSource], global_batch_size: int, seed: int,
-           nested: bool) -> None:
+def _check(sources: Sequence[MixtureSource], seed: int, nested: bool) -> None:
     if not sources:
         raise ValueError("make_mixture_iterator: `sources` is empty; pass at least one "
                          "MixtureSource.")
@@ -271,7 +270,7 @@ def make_mixture_iterator(sources: Sequence[MixtureSource], *, global_batch_size
     grain worker processes (needs a __main__ guard). read_threads: threads reading records.
     """
     sources = list(sources)
-    _check(sources, global_batch_size, seed, nested)
+    _check(sources, seed, nested)
     index, count = resolve_process(process_index, process_count)
     if not isinstance(worker_count, int) or worker_count < 0:
         raise ValueError(f"make_mixture_iterator: worker_count={worker_count!r} must be an int "
