@@ -3,8 +3,9 @@
 Variants (`--config configs/sat.py:VARIANT[,key=value,...]`):
   tiny       seconds; what tests and smoke runs use.
   synthetic  the default main job: the embedded synthetic shapes dataset, trains on a 2-core CPU.
-  coco       the paper's setup on COCO Karpathy splits: 14x14 annotation grid from a ResNet-101,
-             10k vocabulary, the paper's widths, lambda = 1, beam 5.
+  coco       the paper's setup on COCO Karpathy splits: 14x14 annotation grid from a frozen
+             ImageNet ResNet-101 read from a Hugging Face directory (config.init.encoder), 10k
+             vocabulary, the paper's widths, lambda = 1, beam 5.
 
 Variant-level shortcuts (inside the arg): `attention=hard`, `blind=1`.
 Every other key is overridden on the command line as `--config.section.key=value`.
@@ -15,7 +16,9 @@ Commands:
   python train.py --config configs/sat.py:synthetic,blind=1 --workdir runs/sat_blind
   python eval.py  --config configs/sat.py:synthetic --workdir runs/sat_soft [--step N]
   python train.py --config configs/sat.py:coco --workdir runs/sat_coco \
-      --config.data.manual_dir=/data/coco   # dataset_coco.json + train2014/ val2014/
+      --config.data.manual_dir=/data/coco --config.init.encoder.path=/ckpt/resnet-101
+      # manual_dir: dataset_coco.json + train2014/ val2014/; init.encoder.path: a Hugging Face
+      # ResNetModel directory (e.g. microsoft/resnet-101 saved with save_pretrained)
   python train.py --config configs/sat.py:tiny --workdir /tmp/sat_tiny
 """
 import ml_collections
@@ -52,8 +55,8 @@ def get_config(arg=None):
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
-    m.vocab_size = 0                   # set from the tokenizer by the trainer; 0 = not yet known
-    m.encoder = "cnn"                  # 'cnn' | 'resnet50' | 'resnet101'
+    m.vocab_size = 0                   # 0 = the tokenizer's size (the task builds it); > 0 fixes it
+    m.encoder = "cnn"                  # 'cnn' | 'resnet50' | 'resnet101' | 'resnet' (shape from init.encoder)
     m.cnn_widths = (32, 64, 128)
     m.grid = 14                        # G: annotation grid is G x G (L = 196)
     m.annotation_dim = 128             # D
@@ -82,13 +85,22 @@ def get_config(arg=None):
     o.b1 = 0.9
     o.b2 = 0.999
     o.eps = 1e-8
+    o.grad_accum_steps = 1             # microbatches per optimizer step (gradients averaged)
+    # Parameter groups (vlm_jax/optim.py): name -> dict(pattern=regex over 'a/b/kernel' paths,
+    # trainable, lr_mult, weight_decay, dtype). The task adds its defaults (freeze_encoder).
+    o.groups = ml_collections.ConfigDict()
+
+    # ---------------------------------------------------------------- initialisation
+    # Subtrees seeded from pretrained / earlier-run weights (vlm_jax/init_sources.py).
+    c.init = ml_collections.ConfigDict()
+    c.init.encoder = ml_collections.ConfigDict(dict(
+        target="encoder", source="", path="", step=-1, source_target=""))
 
     # ---------------------------------------------------------------- training loop
     c.train = t = ml_collections.ConfigDict()
     t.batch_size = 64                  # global batch (examples = image-caption pairs)
     t.num_steps = 1800
     t.log_every = 50
-    t.eval_every = 0                   # 0 = evaluate only at the end
     t.checkpoint_every = 500
     t.max_to_keep = 2
     t.dtype = "float32"                # compute dtype; bfloat16 on accelerators
@@ -103,7 +115,10 @@ def get_config(arg=None):
     c.mesh.tensor = 1
 
     # ---------------------------------------------------------------- evaluation
-    c.eval = e = ml_collections.ConfigDict()
+    # One section per evaluator (vlm_jax/evaluation/); each has its own period.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.caption = e = ml_collections.ConfigDict()
+    e.every = 0                        # steps between evaluations while training; 0 = only at the end
     e.split = "test"
     e.batch_size = 128                 # divisible by common device counts (data-parallel eval)
     e.beam_size = 3
@@ -149,12 +164,13 @@ def get_config(arg=None):
         m.dropout = 0.5
         m.ds_lambda = 1.0
         m.freeze_encoder = True
+        c.init.encoder.source = "hf"   # + --config.init.encoder.path=/ckpt/resnet-101
         o.lr = 4e-4
         o.warmup_steps = 1000
         t.batch_size = 64
         t.num_steps = 100_000
         t.log_every = 100
-        t.eval_every = 10_000
+        e.every = 10_000
         t.checkpoint_every = 2000
         t.max_to_keep = 3
         t.dtype = "bfloat16"

@@ -24,7 +24,7 @@ def test_variants_load_and_are_locked():
         with pytest.raises(AttributeError):
             c.new_key = 1
     coco = load("coco")
-    assert coco.model.grid == 14 and coco.data.vocab_max_size == 10000 and coco.eval.beam_size == 5
+    assert coco.model.grid == 14 and coco.data.vocab_max_size == 10000 and coco.evals.caption.beam_size == 5
     assert coco.model.ds_lambda == 1.0
 
 

@@ -26,8 +26,8 @@ WORKER = textwrap.dedent("""
     config = config_lib.load_config(sys.argv[3] + ":tiny", {"data.data_dir": sys.argv[4], "train.num_steps": "2",
                                                           "train.checkpoint_every": "2"})
     result = train_lib.train(config, sys.argv[5])
-    metrics = result.task.evaluate(result.state.params, result.state.model_state, workdir=sys.argv[5],
-                                   step=result.step, mesh=result.mesh, tokenizer=result.tokenizer, final=True)
+    metrics = train_lib.run_evaluators(result.task, result.state, workdir=sys.argv[5], step=result.step,
+                                       final=True).get("caption", {})
     from jax.experimental import multihost_utils
     leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in jax.tree.leaves(result.state.params)]
     print("RESULT", json.dumps({"process": jax.process_index(), "devices": jax.device_count(),

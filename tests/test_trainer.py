@@ -10,7 +10,6 @@ import pytest
 
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_lib, sharding, train_lib
-from vlm_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAT = os.path.join(ROOT, "configs", "sat.py")
@@ -36,17 +35,17 @@ def test_sharded_step_equals_single_device(data_dir, tmp_path):
     """Two train steps on a 2x2x2 mesh of 8 CPU devices == the same steps on one device (<= 1e-5)."""
     assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
     config = tiny(data_dir)
-    config, tokenizer, task, _ = train_lib.prepare(config, str(tmp_path))
-    it = pipeline.make_train_iterator(config, tokenizer)
+    task, _ = train_lib.make_task_and_mesh(config, str(tmp_path))
+    it = task.train_iterator()
     batches = [next(it) for _ in range(2)]
     results = []
     for shape, devices in (({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
                            ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())):
         mesh = sharding.create_mesh(shape, devices)
-        s = train_lib.setup(config, task, mesh)
-        state = s.init_fn(jax.random.key(0))
+        s = train_lib.build_program(config, task, mesh)
+        state = s.init_state(jax.random.key(0))
         for b in batches:
-            state, metrics = s.train_step(state, sharding.put_batch(b, mesh), jax.random.key(1))
+            state, metrics = s.train_step(state, sharding.put_batch(b, mesh, s.batch_sharding), jax.random.key(1))
         results.append((jax.device_get(state.params), jax.device_get(metrics)))
         if shape["tensor"] == 2:  # the 8-device run really is sharded somewhere
             specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
@@ -63,15 +62,16 @@ def test_save_restore_identical_params_and_next_batch(data_dir, tmp_path):
     expected_next = next(result.train_iter)
 
     config2 = tiny(data_dir, train__num_steps=4)
-    config2, tokenizer, task, mesh = train_lib.prepare(config2, str(tmp_path))
-    s = train_lib.setup(config2, task, mesh)
+    task, mesh = train_lib.make_task_and_mesh(config2, str(tmp_path))
+    s = train_lib.build_program(config2, task, mesh)
     ck = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
-    step, state, data_state, meta = ck.restore(s.abstract_state)
+    step, state, data_state = train_lib.restore_state(s, ck, config2, task)
+    assert ck.read_meta(step)["task"] == "sat"
     ck.close()
-    assert step == 2 and meta["task"] == "sat"
+    assert step == 2
     assert _max_diff(jax.device_get(state.params), jax.device_get(result.state.params)) == 0.0
     assert _max_diff(jax.device_get(state.opt_state), jax.device_get(result.state.opt_state)) == 0.0
-    it = pipeline.make_train_iterator(config2, tokenizer)
+    it = task.train_iterator()
     it.set_state(data_state)
     got_next = next(it)
     for k in expected_next:
@@ -122,7 +122,7 @@ def test_grain_worker_processes_train_and_resume_exactly(data_dir, tmp_path):
     2 steps == 4 uninterrupted steps, so the workers' iterator state is checkpointed."""
     import subprocess
     import sys
-    train_lib.prepare(tiny(data_dir), str(tmp_path / "prep"))          # dataset built once, here
+    train_lib.make_task_and_mesh(tiny(data_dir), str(tmp_path / "prep"))[0].tokenizer   # dataset built once, here
     script = tmp_path / "workers.py"
     script.write_text(WORKERS_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -156,17 +156,17 @@ def test_workdir_with_other_model_gives_clear_error(data_dir, tmp_path):
     meta = ck.read_meta(ck.latest_step())
     assert meta["task"] == "sat"
     other = tiny(data_dir, train__num_steps=2)
-    config, tokenizer, task, mesh = train_lib.prepare(other, str(tmp_path))
-    s = train_lib.setup(config, task, mesh)
+    task, mesh = train_lib.make_task_and_mesh(other, str(tmp_path))
+    s = train_lib.build_program(other, task, mesh)
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"task='sat' but this run has task='blip2'"):
-        ck.restore(s.abstract_state, expect_meta={"task": "blip2"})
+        ck.restore(s.abstract_checkpoint_item(), expect_meta={"task": "blip2"})
     ck.close()
 
 
 def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
     """The main job on the tiny config: checkpoints, TensorBoard events, results/metrics JSON, PNGs."""
     workdir = str(tmp_path)
-    metrics = train_lib.train_and_evaluate(tiny(data_dir, train__peak_tflops=1000), workdir)
+    metrics = train_lib.train_and_evaluate(tiny(data_dir, train__peak_tflops=1000), workdir)["caption"]
     for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
         assert key in metrics
     ck = ckpt_lib.Checkpointer(workdir)
@@ -190,7 +190,7 @@ def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
 
     # eval.py's path: reload the saved tokenizer + checkpoint and reproduce the final evaluation.
     from vlm_jax import eval_lib
-    again = eval_lib.evaluate(tiny(data_dir), workdir)
+    again = eval_lib.evaluate(tiny(data_dir), workdir)["caption"]
     for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
 
@@ -201,14 +201,15 @@ def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
     it, scans multiplied out, linear in the batch size."""
     from vlm_jax import flops
     config = tiny(data_dir)
-    config, tokenizer, task, mesh = train_lib.prepare(config, str(tmp_path))
-    s = train_lib.setup(config, task, mesh)
+    task, mesh = train_lib.make_task_and_mesh(config, str(tmp_path))
+    s = train_lib.build_program(config, task, mesh)
     step = s.step_flops()
     assert step.while_loops == 0
     bs = config.train.batch_size
     batch = {k: jax.ShapeDtypeStruct((bs,) + np.shape(v)[1:], np.asarray(v).dtype)
              for k, v in task.example_batch(1).items()}
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), s.abstract_state)
+    assert not jax.tree.leaves(state.frozen)          # the tiny config trains everything
     fwd = flops.count_dot_flops(lambda p, m, b: task.loss_fn(p, m, b, jax.random.key(0), train=True)[0],
                                 state.params, state.model_state, batch)
     grad = flops.count_dot_flops(jax.value_and_grad(lambda p, m, b: task.loss_fn(
@@ -216,7 +217,7 @@ def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
     assert 0 < fwd < step.flops == grad
     assert step.flops <= 3 * fwd          # backward <= dX + dW per matmul/conv (images need no gradient)
     # linear in the batch: half the batch, half the FLOPs
-    half = train_lib.setup(tiny(data_dir, train__batch_size=bs // 2), task, mesh).step_flops()
+    half = train_lib.build_program(tiny(data_dir, train__batch_size=bs // 2), task, mesh).step_flops()
     assert half.flops * 2 == step.flops
 
 
@@ -268,8 +269,9 @@ def test_corrupted_latest_checkpoint_is_set_aside_and_training_saves_again(data_
     assert os.path.isdir(step4 + ".corrupt"), "the unreadable step is kept aside, not deleted"
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     assert ck.all_steps() == [2, 4]
-    config, tokenizer, task, mesh = train_lib.prepare(tiny(data_dir, train__num_steps=4), workdir)
-    restored = ck.restore(train_lib.setup(config, task, mesh).abstract_state)
+    config = tiny(data_dir, train__num_steps=4)
+    task, mesh = train_lib.make_task_and_mesh(config, workdir)
+    restored = train_lib.restore_state(train_lib.build_program(config, task, mesh), ck, config, task)
     ck.close()
     assert restored[0] == 4
     assert _max_diff(jax.device_get(restored[1].params), jax.device_get(result.state.params)) == 0.0
@@ -284,7 +286,7 @@ def test_other_attention_variant_in_workdir_gives_clear_error(data_dir, tmp_path
 
 def test_non_finite_parameters_block_the_checkpoint():
     import jax.numpy as jnp
-    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), opt_state=(), model_state={},
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), opt_state=(), model_state={}, frozen={},
                                  params={"ok": jnp.ones(3), "bad": jnp.array([1.0, jnp.nan])})
     with pytest.raises(FloatingPointError, match=r"non-finite parameters at step 7 \(\[\"\['bad'\]\"\]"):
         train_lib._check_finite(state, 7)

@@ -1,8 +1,13 @@
 """The one checkpoint path: Orbax CheckpointManager over (train state, data-iterator state, metadata).
 
-Layout under `<workdir>/checkpoints/<step>/`: `state/` (Orbax PyTree of the TrainState),
-`data/` (JSON of the input iterator's state — every process's, since each reads its own shard)
-and `meta/` (JSON: task, step, config digest, versions).
+Layout under `<workdir>/checkpoints/<step>/`: `state/` (Orbax PyTree of the train state
+without its frozen parameters: step, trainable params, optimizer state, model state), `data/`
+(JSON of the input iterator's state — every process's, since each reads its own shard) and
+`meta/` (JSON: task, step, versions, task-specific keys).
+
+Frozen parameters (optimizer groups with ``trainable=False``: pretrained towers) never change,
+so they are written once, to `<workdir>/frozen_params/` (Orbax PyTree, atomic), not into every
+step; restore reads them back with the current mesh's shardings.
 
 - Saves are asynchronous; `max_to_keep` old steps are kept.
 - Restore always goes through an abstract target carrying the shardings of the *current* mesh,
@@ -73,9 +78,14 @@ def decode_data_state(blob: dict) -> Any:
     return blob["value"]
 
 
+FROZEN_DIR = "frozen_params"
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 2, async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.frozen_directory = os.path.join(self.workdir, FROZEN_DIR)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
@@ -98,6 +108,52 @@ class Checkpointer:
                                   data=ocp.args.JsonSave(gather_data_states(data_state)),
                                   meta=ocp.args.JsonSave(dict(meta, step=int(step))))
         return self.manager.save(int(step), args=args, force=force)
+
+    # ------------------------------------------------------------------ frozen parameters
+    def has_frozen(self) -> bool:
+        return os.path.isdir(self.frozen_directory)
+
+    def save_frozen(self, frozen) -> None:
+        """Write the frozen parameter tree once (collective; a no-op when already written or empty)."""
+        if not jax.tree.leaves(frozen) or self.has_frozen():
+            return
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(self.frozen_directory, frozen)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        log.info("frozen parameters written once to %s", self.frozen_directory)
+
+    def set_aside_frozen(self) -> None:
+        """A fresh run found frozen_params/ from an earlier run that saved no step: keep it aside
+        (`frozen_params.stale<N>`, never deleted) so this run writes its own."""
+        dst, n = self.frozen_directory + ".stale", 0
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{self.frozen_directory}.stale{n}"
+        if jax.process_index() == 0:
+            os.rename(self.frozen_directory, dst)
+            log.warning("%s belongs to an earlier run that saved no checkpoint step; moved it to %s.",
+                        self.frozen_directory, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("vlm_jax_frozen_set_aside")
+
+    def restore_frozen(self, abstract_frozen):
+        """The frozen tree restored onto the shardings of ``abstract_frozen``; None if not written."""
+        if not jax.tree.leaves(abstract_frozen):
+            return abstract_frozen
+        if not self.has_frozen():
+            return None
+        ckptr = ocp.StandardCheckpointer()
+        try:
+            return ckptr.restore(self.frozen_directory, abstract_frozen)
+        except Exception as e:
+            raise CheckpointMismatchError(
+                f"{self.frozen_directory} (the frozen parameters of this workdir) does not match this run's frozen "
+                f"parameters ({type(e).__name__}: {str(e)[:300]}); it was written with another config. Use a fresh "
+                "--workdir, or the config that wrote it.") from e
+        finally:
+            ckptr.close()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -135,8 +191,8 @@ class Checkpointer:
             saved.update({f"model_state/{k}": v for k, v in _params_shapes(tree["model_state"] or {}).items()})
         except Exception:  # metadata unreadable: let restore decide (corruption walk-back)
             return
-        want = {f"params/{k}": v for k, v in _params_shapes(abstract_state.params).items()}
-        want.update({f"model_state/{k}": v for k, v in _params_shapes(abstract_state.model_state).items()})
+        want = {f"params/{k}": v for k, v in _params_shapes(abstract_state["params"]).items()}
+        want.update({f"model_state/{k}": v for k, v in _params_shapes(abstract_state["model_state"]).items()})
         if saved == want:
             return
         missing = sorted(set(want) - set(saved))[:3]
@@ -159,7 +215,8 @@ class Checkpointer:
         have been written by as many processes as this run has). False (evaluation) skips it
         and returns None in its place, so any process count can evaluate a checkpoint.
 
-        `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` for the current mesh.
+        `abstract_state`: the checkpoint item (a dict with 'params' and 'model_state' among its
+        keys) as jax.ShapeDtypeStructs with `.sharding` for the current mesh.
         `expect_meta`: keys that must match the saved metadata (e.g. {'task': 'sat'}); a mismatch
         raises CheckpointMismatchError naming the key. With `step=None` the latest readable step
         is used, walking back past corrupted ones with a warning.
@@ -215,3 +272,70 @@ def _params_shapes(tree) -> dict[str, tuple]:
         if hasattr(leaf, "shape"):
             out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = tuple(leaf.shape)
     return out
+
+
+def read_subtrees(path: str, *, step: int, subtree: str, want: dict, describe: str) -> dict:
+    """Partial restore from another run: ``want`` maps 'params' and model-state collection names
+    to abstract (or concrete) subtrees of *this* model; returns host numpy arrays of the same
+    subtrees read from run ``path`` (its workdir or its checkpoints/ dir) at ``step`` (-1 =
+    latest), at ``subtree`` of the source. Trainable params and model state come from the step,
+    frozen params from the run's frozen_params/. Raises ValueError naming what is missing."""
+    from vlm_jax.init_sources import InitSourceError, _get, check_same_tree  # noqa: F401 (errors)
+    root = os.path.abspath(path)
+    if os.path.basename(root) == "checkpoints":
+        root = os.path.dirname(root)
+    ckpt_dir = os.path.join(root, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise InitSourceError(f"{describe}: {path!r} holds no checkpoints/; give the workdir of the earlier run.")
+    mgr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    try:
+        steps = sorted(mgr.all_steps())
+        if not steps:
+            raise InitSourceError(f"{describe}: {ckpt_dir} has no checkpoint steps.")
+        s = steps[-1] if step < 0 else step
+        if s not in steps:
+            raise InitSourceError(f"{describe}: no step {s} in {ckpt_dir}; available: {steps}.")
+        meta = mgr.item_metadata(s)["state"]
+        meta = getattr(meta, "tree", meta)
+        frozen_meta = None
+        frozen_dir = os.path.join(root, FROZEN_DIR)
+        out = {}
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        for coll, ref in want.items():
+            saved_tree = meta["params"] if coll == "params" else (meta.get("model_state") or {}).get(coll, {})
+            in_step = _get(saved_tree, subtree)
+            in_frozen = None
+            if coll == "params" and os.path.isdir(frozen_dir):
+                if frozen_meta is None:
+                    fm = ocp.PyTreeCheckpointer().metadata(frozen_dir)
+                    frozen_meta = getattr(fm, "tree", fm)
+                in_frozen = _get(frozen_meta, subtree)
+            if in_step is None and in_frozen is None:
+                raise InitSourceError(f"{describe}: the run at {root} (step {s}) has no {coll!r} subtree {subtree!r}.")
+            parts = []
+            for name, tree, directory in (("step", in_step, None), ("frozen", in_frozen, frozen_dir)):
+                if tree is None:
+                    continue
+                abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu), tree)
+                keys = [k for k in subtree.split("/") if k]
+                item = abstract
+                for k in reversed(keys):
+                    item = {k: item}
+                if name == "step":
+                    item = {"params": item} if coll == "params" else {"model_state": {coll: item}}
+                restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=cpu), item)
+                if name == "step":
+                    res = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+                    res = res["params"] if coll == "params" else res["model_state"][coll]
+                else:
+                    res = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+                        item=item, restore_args=restore_args, partial_restore=True))
+                parts.append(jax.device_get(_get(res, subtree)))
+            from vlm_jax.optim import merge
+            got = parts[0] if len(parts) == 1 else merge(parts[0], parts[1])
+            out[coll] = got
+        return out
+    finally:
+        mgr.close()

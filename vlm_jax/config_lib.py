@@ -128,14 +128,15 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
 
 def validate_common(config, num_devices: int, process_count: int = 1) -> dict[str, int]:
     """Checks shared by every family. Returns the resolved mesh shape."""
-    for key in ("task", "seed", "data", "model", "optim", "train", "mesh", "eval"):
+    for key in ("task", "seed", "data", "model", "optim", "train", "mesh"):
         get_path(config, key)
     check_choice(config, "train.dtype", ("float32", "bfloat16"))
     check_choice(config, "train.param_dtype", ("float32", "bfloat16"))
     check_positive(config, "train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
-                   "train.max_to_keep", "eval.batch_size", "optim.lr")
-    check_positive(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "train.eval_every",
-                   allow_zero=True)
+                   "train.max_to_keep", "optim.lr")
+    check_positive(config, "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", allow_zero=True)
+    if "grad_accum_steps" in config.optim:
+        check_positive(config, "optim.grad_accum_steps")
     if "peak_tflops" in config.train:
         check_positive(config, "train.peak_tflops", allow_zero=True)
     shape = mesh_shape(config, num_devices)
@@ -147,9 +148,17 @@ def validate_common(config, num_devices: int, process_count: int = 1) -> dict[st
                           f"e.g. --config.train.batch_size={max(dp, bs - bs % dp)}.")
     if bs % process_count:
         raise ConfigError(f"config.train.batch_size={bs} is not divisible by the {process_count} processes.")
-    if config.eval.batch_size % dp:
-        raise ConfigError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel "
-                          f"size {dp}; use a multiple of {dp}.")
+    accum = config.optim.get("grad_accum_steps", 1) if "grad_accum_steps" in config.optim else 1
+    if bs % (dp * accum):
+        raise ConfigError(f"config.train.batch_size={bs} must split into optim.grad_accum_steps={accum} microbatches "
+                          f"that each divide over the data-parallel size {dp}; use a multiple of {dp * accum}.")
+    for name in (config.evals.keys() if "evals" in config else ()):
+        ev = config.evals[name]
+        if "batch_size" in ev and (not isinstance(ev.batch_size, int) or ev.batch_size <= 0 or ev.batch_size % dp):
+            raise ConfigError(f"config.evals.{name}.batch_size={ev.batch_size} must be a positive multiple of the "
+                              f"data-parallel size {dp}.")
+        if "every" in ev and (not isinstance(ev.every, int) or ev.every < 0):
+            raise ConfigError(f"config.evals.{name}.every={ev.every!r} must be an int >= 0 (0 = only at the end).")
     if config.optim.warmup_steps > config.train.num_steps:
         raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds "
                           f"config.train.num_steps={config.train.num_steps}; lower it.")

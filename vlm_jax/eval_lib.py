@@ -1,17 +1,16 @@
-"""The one evaluator driver: restore a workdir's checkpoint and run its task's evaluation.
+"""The one evaluator driver: restore a workdir's checkpoint and run its task's evaluators.
 
     eval.py --config configs/<family>.py:VARIANT --workdir DIR [--step N]
 
-The tokenizer saved in the workdir by training is reloaded (never rebuilt), the checkpoint is
-restored onto the current mesh, and `Task.evaluate` writes results/metrics/figures under
-`<workdir>/eval/step_<N>/`.
+The task reloads what training saved (e.g. SAT's vocabulary, never rebuilt), the checkpoint
+(and the workdir's frozen parameters) is restored onto the current mesh, and every evaluator
+of `Task.evaluators()` writes its files under `<workdir>/eval/step_<N>/`. Nothing else in the
+workdir is written (config.json stays the training run's).
 """
 from __future__ import annotations
 
 import logging
 import os
-
-import jax
 
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import train_lib
@@ -19,22 +18,20 @@ from vlm_jax import train_lib
 log = logging.getLogger("vlm_jax")
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
+def evaluate(config, workdir: str, step: int | None = None) -> dict[str, dict[str, float]]:
+    """-> {evaluator name: metrics} for checkpoint ``step`` (default: the latest readable)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoints/; train first with "
                                 f"train.py --config ... --workdir {workdir}.")
-    if not os.path.isfile(os.path.join(workdir, "vocab.json")):
-        raise FileNotFoundError(f"--workdir {workdir!r} holds no vocab.json (written by train.py); "
-                                "evaluate the workdir the model was trained in.")
-    config, tokenizer, task, mesh = train_lib.prepare(config, workdir, save_config=False)
-    s = train_lib.setup(config, task, mesh)
+    task, mesh = train_lib.make_task_and_mesh(config, workdir)
+    program = train_lib.build_program(config, task, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep, async_save=False)
-    restored = ckpt.restore(s.abstract_state, step=step, data_state=False,
-                            expect_meta={"task": config.task, "vocab_size": int(config.model.vocab_size)})
-    ckpt.close()
+    try:
+        restored = train_lib.restore_state(program, ckpt, config, task, step=step, data_state=False)
+    finally:
+        ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first.")
-    step, state, _, _ = restored
+    step, state, _ = restored
     log.info("evaluating step %d of %s", step, workdir)
-    return task.evaluate(state.params, state.model_state, workdir=workdir, step=step, mesh=mesh,
-                         tokenizer=tokenizer, final=True)
+    return train_lib.run_evaluators(task, state, workdir=workdir, step=step, final=True)

@@ -2,10 +2,12 @@
 
     train.py --config configs/<family>.py:VARIANT --workdir DIR [--config.key=value ...]
 
-Flow: validate config -> tokenizer (built once, saved in the workdir) -> task (vlm_jax.tasks) ->
-mesh -> abstract state + shardings from logical axis names -> restore or init -> jitted
-`train_step` (pure, donated state, in/out shardings) -> loop with logging, periodic eval and
-async checkpoints -> final checkpoint and evaluation.
+Flow: validate config -> mesh -> task (`vlm_jax.tasks`; it owns its tokenizer, data and
+evaluators) -> `build_program` (optimizer groups, abstract state and shardings from logical axis
+names, jitted init and train step, all traced under the mesh and its logical axis rules) ->
+restore, or init + `config.init` sources (pretrained / previous-stage subtrees) -> loop with
+logging, the task's evaluators at their periods and async checkpoints -> final checkpoint and
+every evaluator.
 
 Model families plug in through `vlm_jax.tasks.base.Task`; nothing here knows about SAT,
 BLIP-2 or Flamingo.
@@ -16,7 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -31,108 +32,133 @@ import numpy as np
 import optax
 
 from vlm_jax import checkpoint as ckpt_lib
-from vlm_jax import config_lib, sharding
+from vlm_jax import config_lib, init_sources, optim, sharding
 from vlm_jax import flops as flops_lib
-from vlm_jax.tasks import make_task
+from vlm_jax.tasks import make_task, task_module
 from vlm_jax.tasks.base import Task
 
 log = logging.getLogger("vlm_jax")
-
-
+make_schedule = optim.make_schedule
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array                 # [] int32
-    params: Any                     # unboxed parameter pytree
-    opt_state: Any                  # optax state (no slots for frozen params)
+    params: Any                     # trainable parameters (nested dict; optimizer groups with trainable=True)
+    opt_state: Any                  # optax state over `params` only
     model_state: Any                # non-gradient state (BatchNorm stats, REINFORCE baseline, ...)
+    frozen: Any                     # frozen parameters: no gradient, no optimizer slots, saved once
+
+    def full_params(self):
+        """Trainable and frozen parameters in one tree (what the model's apply takes)."""
+        return optim.merge(self.params, self.frozen)
+
+    def checkpoint_item(self) -> dict:
+        """What each step's checkpoint stores (frozen params are saved once, apart)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+                "model_state": self.model_state}
 
 
-# ----------------------------------------------------------------------------- optimizer
-def make_schedule(config) -> optax.Schedule:
-    o, steps = config.optim, config.train.num_steps
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-        decay_steps=max(steps, o.warmup_steps + 1), end_value=o.lr * o.end_lr_fraction)
+def state_from_item(item: dict, frozen) -> TrainState:
+    return TrainState(step=item["step"], params=item["params"], opt_state=item["opt_state"],
+                      model_state=item["model_state"], frozen=frozen)
 
 
-def _decay_mask(params):
-    """Weight decay on matrices/kernels only (not biases, norms, gates, scalars)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(config, labels) -> optax.GradientTransformation:
-    """AdamW + warmup/cosine + global-norm clipping on trainable params; frozen params get no update
-    and no optimizer slots (`optax.multi_transform`). Their gradients are never consumed, so XLA
-    drops their computation."""
-    o = config.optim
-    trainable = optax.chain(
-        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity(),
-        optax.adamw(make_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                    mask=_decay_mask),
-    )
-    return optax.multi_transform({"train": trainable, "freeze": optax.set_to_zero()}, labels)
-
-
-# ----------------------------------------------------------------------------- state
+# ----------------------------------------------------------------------------- program
 @dataclasses.dataclass
-class Setup:
-    """Everything derived from (config, task, mesh) that the loop and tests need."""
+class TrainProgram:
+    """The jitted functions and shardings of one (config, task, mesh). Compiles lazily."""
     task: Task
     mesh: jax.sharding.Mesh
     tx: optax.GradientTransformation
-    labels: Any
+    labels: Any                         # group name per parameter (full tree)
+    groups: dict                        # group name -> optim.ParamGroup
     abstract_state: TrainState          # ShapeDtypeStructs with .sharding
     state_sharding: TrainState
-    init_fn: Callable[[jax.Array], TrainState]
-    train_step: Callable                # jitted (state, batch, rng) -> (state, metrics)
+    variable_sharding: dict             # {'params', 'model_state'} shardings of the full variables
+    batch_sharding: dict
+    init_variables: Callable[[jax.Array], dict]        # rng -> full (unboxed) variables on the mesh
+    state_from_variables: Callable[[dict], TrainState]  # split / cast / optimizer init
+    train_step: Callable                # (state, batch, rng) -> (state, metrics), traced under the rules
     step_flops: Callable[[], flops_lib.FlopCount]   # dot/conv FLOPs of one global-batch step (traced)
 
+    def init_state(self, rng: jax.Array, sources=()) -> TrainState:
+        """Random init, then every `config.init` source seeds its subtree, then the state."""
+        variables = self.init_variables(rng)
+        if sources:
+            variables = init_sources.apply_sources(variables, list(sources), self.variable_sharding)
+        return self.state_from_variables(variables)
 
-def _unbox_abstract_and_specs(task: Task, rng, batch):
-    boxed = jax.eval_shape(task.init, rng, batch)
-    specs = nn.get_partition_spec(boxed)
-    return nn.meta.unbox(boxed), specs
+    def abstract_checkpoint_item(self) -> dict:
+        return self.abstract_state.checkpoint_item()
 
 
-def setup(config, task: Task, mesh) -> Setup:
-    """Build optimizer, abstract state, shardings and the jitted train step. Compiles nothing yet."""
+def _traced_under_rules(fn, mesh):
+    """``fn`` called inside `sharding.rules_context` (jit traces on the first call, so the
+    activation constraints in the model see the mesh and the logical axis rules)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with sharding.rules_context(mesh):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def build_program(config, task: Task, mesh) -> TrainProgram:
+    """Optimizer, abstract state, shardings and the jitted init / train step. Compiles nothing."""
     local = task.example_batch(1)       # shapes only: params do not depend on the batch size
     rng = jax.random.key(config.seed)
-    abstract_vars, specs = _unbox_abstract_and_specs(task, rng, local)
-    labels = task.param_labels(abstract_vars["params"])
-    tx = make_optimizer(config, labels)
+    with sharding.rules_context(mesh):
+        boxed = jax.eval_shape(task.init, rng, local)
+    specs = nn.get_partition_spec(boxed)
+    abstract_vars = nn.meta.unbox(boxed)
 
-    param_sh = sharding.shardings_for(abstract_vars["params"], specs["params"], mesh)
-    mstate_sh = sharding.shardings_for(abstract_vars["model_state"], specs["model_state"], mesh)
+    config_groups = optim.groups_from_config(config)
+    task_groups = list(task.param_groups())
+    labels = optim.assign_groups(abstract_vars["params"], config_groups, task_groups)
+    optim.check_groups_claim(labels, config_groups)
+    table = optim.group_table(config_groups, task_groups)
+    trainable = jax.tree.map(lambda l: table[l].trainable, labels)
+    train_labels, _ = optim.split(labels, trainable)
+    tx = optim.make_optimizer(config, train_labels, table)
+
+    var_sh = {"params": sharding.shardings_for(abstract_vars["params"], specs["params"], mesh),
+              "model_state": sharding.shardings_for(abstract_vars["model_state"], specs["model_state"], mesh)}
     repl = sharding.replicated(mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
-    opt_sh = _opt_state_shardings(abstract_opt, abstract_vars["params"], param_sh, repl)
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, model_state=mstate_sh)
+    train_sh, frozen_sh = optim.split(var_sh["params"], trainable)
 
-    def init_fn(rng) -> TrainState:
-        variables = nn.meta.unbox(task.init(rng, local))
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=variables["model_state"])
+    def state_from_variables(variables) -> TrainState:
+        params = optim.cast_groups(variables["params"], labels, table)
+        tr, fr = optim.split(params, trainable)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=tr, opt_state=tx.init(tr),
+                          model_state=variables["model_state"], frozen=fr)
 
-    abstract_state = jax.eval_shape(init_fn, rng)
+    abstract_plain = jax.eval_shape(state_from_variables, abstract_vars)
+    opt_sh = _opt_state_shardings(abstract_plain.opt_state, abstract_plain.params, train_sh, repl)
+    state_sh = TrainState(step=repl, params=train_sh, opt_state=opt_sh, model_state=var_sh["model_state"],
+                          frozen=frozen_sh)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_sh)
+                                  abstract_plain, state_sh)
 
-    batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
-    step_fn = functools.partial(_train_step, task=task, tx=tx, labels=labels)
+    batch_sh = sharding.batch_shardings(local, mesh, task.batch_axes())
+    accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+    step_fn = functools.partial(_train_step, task=task, tx=tx, accum=accum)
     train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
+    init_variables = jax.jit(lambda r: nn.meta.unbox(task.init(r, local)), out_shardings=var_sh)
 
     def step_flops() -> flops_lib.FlopCount:
         """Traces (does not run) one step on the global batch shape."""
-        bs = config.train.batch_size
-        batch = {k: jax.ShapeDtypeStruct((bs,) + np.shape(v)[1:], np.asarray(v).dtype) for k, v in local.items()}
+        example = task.example_batch(config.train.batch_size)
+        batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), example)
         plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state)
-        return flops_lib.count(step_fn, plain, batch, jax.random.key(0))
+        with sharding.rules_context(mesh):
+            return flops_lib.count(step_fn, plain, batch, jax.random.key(0))
 
-    return Setup(task, mesh, tx, labels, abstract_state, state_sh,
-                 jax.jit(init_fn, out_shardings=state_sh), train_step, step_flops)
+    return TrainProgram(
+        task=task, mesh=mesh, tx=tx, labels=labels, groups=table, abstract_state=abstract_state,
+        state_sharding=state_sh, variable_sharding=var_sh, batch_sharding=batch_sh,
+        init_variables=_traced_under_rules(init_variables, mesh),
+        state_from_variables=_traced_under_rules(
+            jax.jit(state_from_variables, out_shardings=state_sh, donate_argnums=(0,)), mesh),
+        train_step=_traced_under_rules(train_step, mesh), step_flops=step_flops)
 
 
 def _opt_state_shardings(abstract_opt, abstract_params, param_sh, default):
@@ -157,23 +183,52 @@ def _opt_state_shardings(abstract_opt, abstract_params, param_sh, default):
     return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
-def _train_step(state: TrainState, batch, rng, *, task: Task, tx, labels):
-    """One optimizer step. Pure: (state, batch, rng) -> (new state, metrics)."""
+def _microbatches(batch, k: int):
+    """[B, ...] leaves -> [k, B/k, ...]: microbatch i holds rows i, i+k, i+2k, ... so that every
+    microbatch keeps the batch's split over the devices (rows stay on their device)."""
+    def one(x):
+        if x.shape[0] % k:
+            raise ValueError(f"a batch leaf of {x.shape[0]} rows cannot be split into optim.grad_accum_steps={k} "
+                             "microbatches; make the batch size a multiple of it.")
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1):
+    """One optimizer step. Pure: (state, batch, rng) -> (new state, metrics).
+
+    Gradients are taken for the trainable params only (frozen ones enter as constants, so their
+    gradient matmuls are never traced). With ``accum > 1`` the batch is split into that many
+    microbatches whose gradients are averaged before the one update (`_microbatches`)."""
     rng = jax.random.fold_in(rng, state.step)
 
-    def loss_fn(params):
-        return task.loss_fn(params, state.model_state, batch, rng, train=True)
+    def loss_fn(trainable, model_state, batch, rng):
+        params = optim.merge(trainable, state.frozen)
+        return task.loss_fn(params, model_state, batch, rng, train=True)
 
-    (loss, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+        (loss, (metrics, new_model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    else:
+        def body(carry, micro):
+            acc, model_state, i = carry
+            (l, (m, model_state)), g = grad_fn(state.params, model_state, micro, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, acc, g), model_state, i + 1), (l, m)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, new_model_state, _), (losses, per_micro) = jax.lax.scan(
+            body, (zeros, state.model_state, jnp.zeros((), jnp.int32)), _microbatches(batch, accum))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = jnp.mean(losses)
+        metrics = {k: (jnp.sum(v) if k == "num_tokens" else jnp.mean(v, axis=0)) for k, v in per_micro.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    trainable = jax.tree.map(lambda g, l: g if l == "train" else None, grads, labels)
+    params = task.constrain_params(optax.apply_updates(state.params, updates))
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.tree.norm(trainable)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["param_norm"] = optax.tree.norm(params)
     metrics["loss"] = loss
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                      model_state=new_model_state), metrics
+                      model_state=new_model_state, frozen=state.frozen), metrics
 
 
 # ----------------------------------------------------------------------------- logging
@@ -210,44 +265,73 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------- entry point
-def prepare(config, workdir: str, *, save_config: bool = True):
-    """Validate, build tokenizer/task/mesh. Returns (config, tokenizer, task, mesh).
-
-    `save_config=False` (eval) leaves the training run's `<workdir>/config.json` untouched."""
-    num_devices = jax.device_count()
-    shape = config_lib.validate_common(config, num_devices, jax.process_count())
-    from vlm_jax.tasks import task_module
+def make_task_and_mesh(config, workdir: str | None):
+    """Validate the config (common keys, then the task module's own `validate`), build the mesh
+    and the task. Writes nothing in the workdir (the task may create its tokenizer files there
+    once the run is known to be compatible: see `train`). Returns (task, mesh)."""
+    shape = config_lib.validate_common(config, jax.device_count(), jax.process_count())
     module = task_module(config.task)
     if hasattr(module, "validate"):
         module.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    from vlm_jax.data import pipeline
-    tokenizer = pipeline.get_tokenizer(config, workdir)
-    config.unlock()
-    config.model.vocab_size = tokenizer.vocab_size
-    config.lock()
-    if save_config and jax.process_index() == 0:
-        config_lib.save_config(config, workdir)
-    task = make_task(config)
+    optim.groups_from_config(config)
+    init_sources.sources_from_config(config)
     mesh = sharding.create_mesh(shape)
-    return config, tokenizer, task, mesh
+    return make_task(config, workdir=workdir, mesh=mesh), mesh
 
 
-def checkpoint_meta(config) -> dict:
-    return {"task": config.task, "vocab_size": int(config.model.vocab_size),
-            "jax": jax.__version__, "flax": flax.__version__}
+def checkpoint_meta(config, task: Task) -> dict:
+    return {"task": config.task, **task.checkpoint_meta(), "jax": jax.__version__, "flax": flax.__version__}
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train `config` in `workdir` (resuming if it holds a checkpoint), then evaluate the final state."""
+def expected_meta(config, task: Task) -> dict:
+    return {"task": config.task, **task.checkpoint_meta()}
+
+
+def restore_state(program: TrainProgram, ckpt: ckpt_lib.Checkpointer, config, task: Task, *,
+                  step: int | None = None, data_state: bool = True):
+    """-> (step, state, data_state) from the workdir's checkpoint, or None when there is none.
+
+    The frozen params come from the workdir's frozen_params/ (written once); if that is missing
+    they are rebuilt from the random init and `config.init` (deterministic), with a warning."""
+    restored = ckpt.restore(program.abstract_checkpoint_item(), step=step, data_state=data_state,
+                            expect_meta=expected_meta(config, task))
+    if restored is None:
+        return None
+    step0, item, data, _ = restored
+    frozen = ckpt.restore_frozen(program.abstract_state.frozen)
+    if frozen is None:
+        log.warning("%s is missing: rebuilding the frozen parameters from the init (seed %d) and config.init.",
+                    ckpt.frozen_directory, config.seed)
+        frozen = program.init_state(jax.random.key(config.seed),
+                                    init_sources.sources_from_config(config)).frozen
+    return step0, state_from_item(item, frozen), data
+
+
+def run_evaluators(task: Task, state: TrainState, *, workdir: str, step: int, final: bool,
+                   only_due: bool = False) -> dict[str, dict[str, float]]:
+    """Run the task's evaluators (all, or with ``only_due`` those whose period divides ``step``)
+    -> {evaluator name: metrics}."""
+    out = {}
+    params = state.full_params()
+    for ev in task.evaluators():
+        if only_due and not (ev.every and step % ev.every == 0):
+            continue
+        with sharding.rules_context(task.mesh):
+            out[ev.name] = ev.run(params, state.model_state, step=step, workdir=workdir, final=final)
+    return out
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, dict[str, float]]:
+    """Train `config` in `workdir` (resuming if it holds a checkpoint), then run every evaluator
+    on the final state. -> {evaluator name: metrics} ({} when stopped early)."""
     result = train(config, workdir)
     if result.stopped_early:
         return {}
-    metrics = result.task.evaluate(result.state.params, result.state.model_state, workdir=workdir,
-                                   step=result.step, mesh=result.mesh, tokenizer=result.tokenizer, final=True)
+    metrics = run_evaluators(result.task, result.state, workdir=workdir, step=result.step, final=True)
     if jax.process_index() == 0:
         logger = MetricLogger(workdir)
-        logger.scalars(result.step, metrics, prefix="eval")
+        for name, values in metrics.items():
+            logger.scalars(result.step, values, prefix=f"eval/{name}")
         logger.close()
     return metrics
 
@@ -259,37 +343,42 @@ class TrainResult:
     stopped_early: bool
     task: Task
     mesh: Any
-    tokenizer: Any
     train_iter: Any
     config: Any
+    program: TrainProgram
 
 
 def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     """The training loop. `stop_at` stops (with a checkpoint) before `train.num_steps`, as a
     preemption would; rerunning resumes exactly where it stopped."""
-    config, tokenizer, task, mesh = prepare(config, workdir)
-    from vlm_jax.data import pipeline
+    task, mesh = make_task_and_mesh(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    logger = MetricLogger(workdir, enabled=is_main)
-    s = setup(config, task, mesh)
+    program = build_program(config, task, mesh)
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
-    train_iter = pipeline.make_train_iterator(config, tokenizer)
-    restored = ckpt.restore(s.abstract_state, expect_meta={"task": config.task,
-                                                           "vocab_size": int(config.model.vocab_size)})
+    restored = restore_state(program, ckpt, config, task)
+    if is_main:   # only now: a refused workdir keeps the config.json of the run that wrote it
+        config_lib.save_config(config, workdir)
+    logger = MetricLogger(workdir, enabled=is_main)
+    train_iter = task.train_iterator()
     if restored is None:
         t0 = time.time()
-        state = s.init_fn(jax.random.key(config.seed))
-        log.info("initialised %s params in %.1fs", _count(state.params), time.time() - t0)
+        sources = init_sources.sources_from_config(config)
+        state = program.init_state(jax.random.key(config.seed), sources)
+        log.info("initialised %s params in %.1fs%s", f"{_count(state.full_params()):,}", time.time() - t0,
+                 f" ({len(sources)} subtree(s) from config.init)" if sources else "")
+        if ckpt.has_frozen():
+            ckpt.set_aside_frozen()
+        ckpt.save_frozen(state.frozen)
     else:
-        step0, state, data_state, _ = restored
+        step0, state, data_state = restored
         train_iter.set_state(data_state)
         log.info("resumed from step %d in %s", step0, ckpt.directory)
 
-    n_params = _count(state.params)
-    n_train = _count(jax.tree.map(lambda p, l: p if l == "train" else None, state.params, s.labels))
-    log.info("task=%s params=%s trainable=%s mesh=%s devices=%d", config.task, f"{n_params:,}",
-             f"{n_train:,}", dict(mesh.shape), jax.device_count())
-    fc = s.step_flops()
+    n_train, n_frozen = _count(state.params), _count(state.frozen)
+    log.info("task=%s params=%s trainable=%s frozen=%s mesh=%s devices=%d", config.task,
+             f"{n_train + n_frozen:,}", f"{n_train:,}", f"{n_frozen:,}", dict(mesh.shape), jax.device_count())
+    fc = program.step_flops()
     peak = flops_lib.peak_tflops(jax.devices()[0], float(config.train.get("peak_tflops", 0.0)))
     log.info("model FLOPs per step (dot/conv, traced): %.4g%s; MFU against %s", fc.flops,
              f" ({fc.while_loops} while_loop bodies counted once)" if fc.while_loops else "",
@@ -306,7 +395,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     rng = jax.random.key(config.seed + 1)
     num_steps = config.train.num_steps
     start = int(jax.device_get(state.step))
-    meta = checkpoint_meta(config)
+    meta = checkpoint_meta(config, task)
+    schedule = optim.make_schedule(config)
     progress = _progress(start, num_steps, enabled=is_main)
     window_t, window_ex, pending = time.time(), 0, []
     step = start
@@ -315,8 +405,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     try:
         while step < stop:
             local = next(train_iter)
-            batch = sharding.put_batch(local, mesh)
-            state, metrics = s.train_step(state, batch, rng)
+            batch = sharding.put_batch(local, mesh, program.batch_sharding)
+            with jax.transfer_guard("disallow"):    # no hidden host<->device copies in the step
+                state, metrics = program.train_step(state, batch, rng)
             step += 1
             pending.append(metrics)
             window_ex += config.train.batch_size
@@ -337,7 +428,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 values["model_tflops"] = fc.flops * len(host) / dt / 1e12      # all devices together
                 if peak:
                     values["mfu"] = values["model_tflops"] / (peak * jax.device_count())
-                values["learning_rate"] = float(make_schedule(config)(step - 1))  # the rate the last update used
+                values["learning_rate"] = float(schedule(step - 1))  # the base rate the last update used
                 if not np.isfinite(values["loss"]):
                     raise FloatingPointError(f"loss is {values['loss']} at step {step}; not saving. Lower "
                                              "--config.optim.lr or check the data.")
@@ -353,14 +444,13 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 from jax.experimental import multihost_utils
                 flags = multihost_utils.process_allgather(np.asarray(preempted["local"], np.int32))
                 preempted["flag"] = bool(np.max(flags))
-            if (config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps
-                    and not preempted["flag"]):
-                eval_metrics = task.evaluate(state.params, state.model_state, workdir=workdir, step=step,
-                                             mesh=mesh, tokenizer=tokenizer)
-                logger.scalars(step, eval_metrics, prefix="eval")
+            if step < num_steps and not preempted["flag"]:
+                for name, values in run_evaluators(task, state, workdir=workdir, step=step, final=False,
+                                                   only_due=True).items():
+                    logger.scalars(step, values, prefix=f"eval/{name}")
             if step % config.train.checkpoint_every == 0 or step == stop or preempted["flag"]:
                 _check_finite(state, step)
-                if not ckpt.save(step, state, data_state=train_iter.get_state(), meta=meta):
+                if not ckpt.save(step, state.checkpoint_item(), data_state=train_iter.get_state(), meta=meta):
                     log.warning("checkpoint for step %d was not saved (Orbax declined it).", step)
             if preempted["flag"]:
                 log.warning("stopped at step %d after SIGTERM; rerun the same command to resume.", step)
@@ -373,7 +463,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
 
     logger.close()
     return TrainResult(state=state, step=step, stopped_early=preempted["flag"] or step < num_steps, task=task,
-                       mesh=mesh, tokenizer=tokenizer, train_iter=train_iter, config=config)
+                       mesh=mesh, train_iter=train_iter, config=config, program=program)
 
 
 @jax.jit
@@ -383,6 +473,9 @@ def _finite_flags(params) -> jax.Array:
 
 
 def _check_finite(state: TrainState, step: int) -> None:
+    """Refuse to checkpoint non-finite trainable parameters (frozen ones never change)."""
+    if not jax.tree.leaves(state.params):
+        return
     flags = np.asarray(jax.device_get(_finite_flags(state.params)))
     if not flags.all():
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.params)]

@@ -26,18 +26,18 @@ The paper's mechanism, in the notation of its Section 3 (all of it lives in `SAT
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.layers.cnn import GridCNN, adaptive_avg_pool
+from vlm_jax.layers.cnn import adaptive_avg_pool
 
 Dtype = Any
 State = dict[str, jax.Array]
 
-ENCODERS = ("cnn", "resnet50", "resnet101")
+ENCODERS = ("cnn", "resnet")
 ATTENTIONS = ("soft", "hard")
 
 
@@ -57,8 +57,10 @@ class SATModel(nn.Module):
 
     Attributes (config.model fields of the same meaning, see docs/interfaces.md):
       vocab_size: V.
-      encoder_kind: 'cnn' (small `GridCNN`, trained from scratch) | 'resnet50' | 'resnet101'.
-      cnn_widths: channels of the GridCNN stages (cnn only).
+      encoder_kind: 'cnn' (a `GridCNN`: ``encoder(images)``) | 'resnet' (a `ResNet`:
+        ``encoder(images, train=...)``, BatchNorm statistics in 'batch_stats').
+      encoder: the encoder module (built by the task from config.model, or from the HF
+        checkpoint that initialises it); maps images [B, S, S, 3] to a feature map [B, h, w, C].
       grid: G; the annotation grid is G x G, L = G*G.
       annotation_dim: D; a 1x1 projection maps the encoder's C channels to D when C != D.
       embed_dim: E.  hidden_dim: n.  attention_dim: A.
@@ -75,8 +77,8 @@ class SATModel(nn.Module):
     """
 
     vocab_size: int
+    encoder: nn.Module
     encoder_kind: str = "cnn"
-    cnn_widths: Sequence[int] = (32, 64)
     grid: int = 14
     annotation_dim: int = 512
     embed_dim: int = 512
@@ -103,11 +105,6 @@ class SATModel(nn.Module):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1).")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.encoder_kind == "cnn":
-            self.encoder = GridCNN(tuple(self.cnn_widths), self.grid, **kw)
-        else:
-            from vlm_jax.layers.resnet import ResNet  # lazy: only resnet configs need it
-            self.encoder = ResNet(depth=int(self.encoder_kind[len("resnet"):]), grid=self.grid, **kw)
         self.encoder_proj = _dense(self.annotation_dim, ("embed", "hidden"), **kw)
         # h_0, c_0 = tanh(f_init(mean a))
         self.init_h = _dense(self.hidden_dim, ("embed", "hidden"), **kw)

@@ -1,20 +1,40 @@
 """The task interface: how a model family (SAT, BLIP-2, Flamingo) plugs into the one trainer.
 
-The trainer (`vlm_jax.train_lib`) and evaluator (`vlm_jax.eval_lib`) know nothing about a
-particular model. They talk to a `Task`, created by `vlm_jax.tasks.make_task(config)` from
-`config.task`. A task owns: how to build the model and initialise its variables, the loss,
-which parameters train, and the evaluation hooks.
+The trainer (`vlm_jax.train_lib`) and the evaluator driver (`vlm_jax.eval_lib`) know nothing
+about a particular model. They build a `Task` with `vlm_jax.tasks.make_task(config, workdir=...,
+mesh=...)` from ``config.task`` and ask it for everything model-specific:
+
+  tokenizer            the task's tokenizer(s), built or loaded by the task (SAT: a word
+                       vocabulary from its training captions, saved in the workdir; BLIP-2: BERT
+                       WordPiece + the LM's tokenizer from local directories; Flamingo: the LM
+                       tokenizer with `<image>` / `<|endofchunk|>` added)
+  train_iterator()     this process's training batches: numpy dicts (possibly nested, one
+                       sub-dict per source for mixtures) whose leaves carry this process's rows of
+                       the global batch, with get_state()/set_state() for exact resume
+  batch_axes()         logical axis names of each batch leaf (default: dim 0 is the batch)
+  example_batch(n)     zeros with the training batch's shapes (init, abstract state, FLOPs)
+  init(rng, batch)     boxed variables {'params', 'model_state'}
+  loss_fn(...)         pure, jittable loss
+  param_groups()       default optimizer groups (`vlm_jax.optim.ParamGroup`: freezing, lr
+                       multipliers, no-decay, storage dtype); config.optim.groups override them
+  constrain_params(p)  projection applied to the trainable params after every update
+                       (BLIP-2 clamps its ITC temperature to [0.001, 0.5])
+  evaluators()         the task's `vlm_jax.evaluation.evaluator.Evaluator`s, each with its period
+  checkpoint_meta()    metadata that must match when a checkpoint is restored (e.g. vocab size)
 
 Variables are split in two collections that the trainer keeps in its state:
-  params       -- differentiated and updated by the optimizer (where `param_labels` says 'train')
+  params       -- parameters. The optimizer updates the trainable ones (by group); frozen ones
+                  are held apart (no gradients, no optimizer slots, saved once per workdir).
   model_state  -- everything else the model carries between steps and must checkpoint
-                  (BatchNorm statistics, REINFORCE moving-average baselines, ...). Updated
-                  by the loss function's return value, never by the optimizer.
+                  (BatchNorm statistics, REINFORCE moving-average baselines, ...). Updated by
+                  the loss function's return value, never by the optimizer.
+Pretrained or previous-stage values for named subtrees come from ``config.init``
+(`vlm_jax.init_sources`), applied by the trainer after `init`.
 """
 from __future__ import annotations
 
 import abc
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 
@@ -24,21 +44,37 @@ Metrics = dict[str, jax.Array]
 
 
 class Task(abc.ABC):
-    """Abstract model family. Subclasses live in `vlm_jax/tasks/<name>.py`."""
+    """Abstract model family. Subclasses live in `vlm_jax/tasks/<name>.py` (or any importable
+    module named by ``config.task``) and expose ``make_task(config, *, workdir, mesh)``."""
 
     name: str = "base"
 
-    def __init__(self, config):
+    def __init__(self, config, *, workdir: str | None = None, mesh=None):
         self.config = config
+        self.workdir = workdir
+        self.mesh = mesh
 
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ data
+    @property
+    def tokenizer(self):
+        """The task's tokenizer (None for a task without text)."""
+        return None
+
+    @abc.abstractmethod
+    def train_iterator(self, *, process_index: int | None = None,
+                       process_count: int | None = None) -> Iterator[dict]:
+        """Infinite iterator of this process's training batches (numpy), with get_state()/set_state()."""
+
+    def batch_axes(self) -> Mapping[str, tuple]:
+        """{batch key: logical axis names per dim}; keys left out are split over the batch axes
+        on dim 0 (`vlm_jax.sharding.batch_shardings`). Nested batches nest this dict too."""
+        return {}
+
     @abc.abstractmethod
     def example_batch(self, batch_size: int) -> dict[str, Any]:
-        """A numpy batch with the training input shapes/dtypes (zeros are fine).
+        """A numpy batch with the training input shapes/dtypes (zeros are fine)."""
 
-        Used for `init` and for building the abstract state and batch shardings.
-        """
-
+    # ------------------------------------------------------------------ model
     @abc.abstractmethod
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
         """-> {'params': ..., 'model_state': ...} (model_state may be {}).
@@ -52,28 +88,24 @@ class Task(abc.ABC):
                 *, train: bool) -> tuple[jax.Array, tuple[Metrics, PyTree]]:
         """Pure, jittable. -> (scalar loss, (metrics, new_model_state)).
 
-        `metrics` holds scalars to log (each loss term, accuracies, ...). Must include
-        'num_tokens' when the task is token based so the trainer can report tokens/s.
+        ``params`` is the full parameter tree (trainable and frozen). ``metrics`` holds scalars
+        to log (each loss term, accuracies, ...); 'num_tokens' when the task is token based so
+        the trainer can report tokens/s.
         """
 
-    def param_labels(self, params: PyTree) -> PyTree:
-        """Pytree of 'train' / 'freeze' with the structure of (unboxed) params.
+    def param_groups(self) -> Sequence:
+        """Default `vlm_jax.optim.ParamGroup`s (e.g. a frozen pretrained tower). Default: none."""
+        return ()
 
-        Default: everything trains. Frozen towers return 'freeze' for their subtree.
-        """
-        return jax.tree.map(lambda _: "train", params)
-
-    def logical_batch_axes(self) -> Mapping[str, tuple[str | None, ...]]:
-        """Logical axis names of each batch entry (default: leading 'batch', rest None)."""
-        return {}
+    def constrain_params(self, params: PyTree) -> PyTree:
+        """Called on the trainable params after each optimizer update (inside the jitted step)."""
+        return params
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, params: PyTree, model_state: PyTree, *, workdir: str, step: int, mesh,
-                 tokenizer=None, final: bool = False) -> dict[str, float]:
-        """Run this family's evaluation (generation, metrics, plots) and write its files.
+    def evaluators(self) -> Sequence:
+        """The task's evaluators (`vlm_jax.evaluation.evaluator.Evaluator`). Default: none."""
+        return ()
 
-        Called by the trainer every `train.eval_every` steps and at the end, and by eval.py
-        (`vlm_jax.eval_lib`). Writes under `<workdir>/eval/step_<step>/`. Returns flat scalar
-        metrics to log. Default: no evaluation.
-        """
+    def checkpoint_meta(self) -> dict:
+        """JSON-able values saved with every checkpoint that a restore must find equal."""
         return {}

@@ -10,6 +10,8 @@ See `vlm_jax.objectives.captioning` for each term.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -32,16 +34,59 @@ def _dtype(name: str, key: str):
     return jnp.dtype(name)
 
 
-def build_model(config) -> SATModel:
-    """SATModel from config.model (+ config.train.dtype / param_dtype)."""
+def encoder_init_dir(config) -> str:
+    """The HF ResNet directory of ``config.init.encoder`` ('' when the encoder starts random)."""
+    if "init" in config and "encoder" in config.init and config.init.encoder.source == "hf":
+        return config.init.encoder.path
+    return ""
+
+
+def build_encoder(config):
+    """The SAT encoder module for ``model.encoder`` ('cnn' and 'resnet50'/'resnet101' are built from
+    config; 'resnet' takes its architecture from the ``config.init.encoder`` HF checkpoint)."""
     m = config.model
-    if int(m.vocab_size) <= 0:
-        raise ValueError("config.model.vocab_size is not set (0): the trainer sets it from the tokenizer; "
-                         "when building the SAT task by hand pass --config.model.vocab_size=<tokenizer.vocab_size>.")
+    kw = dict(dtype=_dtype(config.train.dtype, "train.dtype"),
+              param_dtype=_dtype(config.train.param_dtype, "train.param_dtype"))
+    if m.encoder == "cnn":
+        from vlm_jax.layers.cnn import GridCNN
+        return GridCNN(tuple(m.cnn_widths), int(m.grid), **kw)
+    hf_dir = encoder_init_dir(config)
+    if m.encoder == "resnet" or hf_dir:
+        if not hf_dir:
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError("config.model.encoder='resnet' takes its architecture from a Hugging Face ResNetModel: "
+                              "set --config.init.encoder.source=hf --config.init.encoder.path=/path/to/resnet.")
+        from vlm_jax.convert.vision import resnet_module_from_hf
+        module = resnet_module_from_hf(_read_json(os.path.join(hf_dir, "config.json"), "config.init.encoder.path"),
+                                       grid=int(m.grid), **kw)
+        if m.encoder != "resnet" and module.depth != int(m.encoder[len("resnet"):]):
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError(f"config.init.encoder.path={hf_dir!r} holds a ResNet-{module.depth} but "
+                              f"config.model.encoder={m.encoder!r}; use the matching checkpoint, or encoder='resnet'.")
+        return module
+    from vlm_jax.layers.resnet import ResNet
+    return ResNet(depth=int(m.encoder[len("resnet"):]), grid=int(m.grid), **kw)
+
+
+def _read_json(path: str, key: str) -> dict:
+    from vlm_jax.config_lib import ConfigError
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist; point at a Hugging Face model directory "
+                          "(config.json + model.safetensors, as save_pretrained writes it).") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {path} is not valid JSON ({e}); re-download or re-save the checkpoint.") from None
+
+
+def build_model(config, vocab_size: int) -> SATModel:
+    """SATModel from config.model (+ config.train.dtype / param_dtype) for ``vocab_size`` words."""
+    m = config.model
     return SATModel(
-        vocab_size=int(m.vocab_size),
-        encoder_kind=m.encoder,
-        cnn_widths=tuple(m.cnn_widths),
+        vocab_size=int(vocab_size),
+        encoder_kind="cnn" if m.encoder == "cnn" else "resnet",
+        encoder=build_encoder(config),
         grid=int(m.grid),
         annotation_dim=int(m.annotation_dim),
         embed_dim=int(m.embed_dim),
@@ -58,17 +103,48 @@ def build_model(config) -> SATModel:
 
 
 class SATTask(Task):
-    """Show, Attend and Tell: batch = dict(image f32[B, S, S, 3], tokens i32[B, T])."""
+    """Show, Attend and Tell: batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B]).
+
+    Tokenizer: a word vocabulary built from the training captions on first use and saved as
+    ``<workdir>/vocab.json`` (reloaded afterwards, so evaluation decodes with the training
+    vocabulary). ``model.vocab_size`` > 0 fixes the size without a dataset (benchmarks)."""
 
     name = "sat"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = build_model(config)
+    def __init__(self, config, *, workdir=None, mesh=None):
+        super().__init__(config, workdir=workdir, mesh=mesh)
         self.hard = config.model.attention == "hard"
         self.image_size = int(config.data.image_size)
         self.seq_len = int(config.data.max_caption_len) + 2
-        self._predict_cache: dict = {}   # compiled beam search per (decoding settings, mesh)
+        self._tokenizer = None
+        self._model = None
+
+    # ------------------------------------------------------------------ data
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from vlm_jax.data import pipeline
+            self._tokenizer = pipeline.get_tokenizer(self.config, self.workdir)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        fixed = int(self.config.model.vocab_size)
+        return fixed if fixed > 0 else self.tokenizer.vocab_size
+
+    @property
+    def model(self) -> SATModel:
+        if self._model is None:
+            self._model = build_model(self.config, self.vocab_size)
+        return self._model
+
+    def train_iterator(self, *, process_index=None, process_count=None):
+        from vlm_jax.data import pipeline
+        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index=process_index,
+                                            process_count=process_count)
+
+    def checkpoint_meta(self) -> dict:
+        return {"vocab_size": int(self.vocab_size)}
 
     # ------------------------------------------------------------------ variables
     def _variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
@@ -80,6 +156,7 @@ class SATTask(Task):
         return {
             "image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
             "tokens": np.zeros((batch_size, self.seq_len), np.int32),
+            "image_id": np.zeros((batch_size,), np.int32),
         }
 
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
@@ -136,15 +213,13 @@ class SATTask(Task):
         return loss, (metrics, new_state)
 
     # ------------------------------------------------------------------ freezing
-    def param_labels(self, params: PyTree) -> PyTree:
-        """'freeze' for params['encoder'] when config.model.freeze_encoder, else 'train'."""
-        freeze = bool(self.config.model.freeze_encoder)
-
-        def label(path, _):
-            top = path[0].key if path and hasattr(path[0], "key") else None
-            return "freeze" if freeze and top == ENCODER_SUBTREE else "train"
-
-        return jax.tree_util.tree_map_with_path(label, params)
+    def param_groups(self):
+        """The encoder is a frozen group with ``model.freeze_encoder`` (its BatchNorm also runs in
+        inference mode and its output is stop-gradient'ed inside the model)."""
+        from vlm_jax.optim import ParamGroup
+        if not self.config.model.freeze_encoder:
+            return ()
+        return (ParamGroup("frozen_encoder", pattern=f"{ENCODER_SUBTREE}/.*", trainable=False),)
 
     # ------------------------------------------------------------------ generation
     def predict(self, params: PyTree, model_state: PyTree, images: jax.Array, *, beam_size: int,
@@ -171,22 +246,30 @@ class SATTask(Task):
 
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, params: PyTree, model_state: PyTree, *, workdir: str, step: int, mesh,
-                 tokenizer=None, final: bool = False) -> dict[str, float]:
-        """Beam-search captions for the eval split -> results/metrics JSON, attention PNGs, table."""
-        import functools
+    def evaluators(self):
+        """``config.evals.caption``: beam-search captions of the eval split -> caption metrics,
+        attention figures and localization (`vlm_jax.evaluation.caption_eval`)."""
+        if not hasattr(self, "_evaluators"):
+            import functools
 
-        from vlm_jax.evaluation import caption_eval
+            from vlm_jax.evaluation.caption_eval import CaptionEvaluator
 
-        e = self.config.eval
-        predict = functools.partial(self.predict, beam_size=int(e.beam_size), max_len=int(e.max_len),
-                                    length_penalty=float(e.length_penalty), bos_id=tokenizer.bos_id,
-                                    eos_id=tokenizer.eos_id)
-        return caption_eval.run(predict, params, model_state, config=self.config, tokenizer=tokenizer,
-                                workdir=workdir, step=step, mesh=mesh, final=final,
-                                cache=self._predict_cache,
-                                cache_key=(int(e.beam_size), int(e.max_len), float(e.length_penalty),
-                                           tokenizer.bos_id, tokenizer.eos_id))
+            e = self.config.evals.caption
+            tok = self.tokenizer
+            predict = functools.partial(self.predict, beam_size=int(e.beam_size), max_len=int(e.max_len),
+                                        length_penalty=float(e.length_penalty), bos_id=tok.bos_id, eos_id=tok.eos_id)
+
+            def load_split():
+                from vlm_jax.data import pipeline
+                return pipeline.load_eval_split(self.config, tok, e.split)
+
+            self._evaluators = [CaptionEvaluator(
+                name="caption", every=int(e.every),
+                predict=lambda params, model_state, batch: predict(params, model_state, batch["image"]),
+                input_keys=("image",), load_split=load_split, tokenizer=tok, batch_size=int(e.batch_size),
+                max_examples=int(e.max_examples), num_figures=int(e.num_figures), grid=int(self.config.model.grid),
+                mesh=self.mesh)]
+        return self._evaluators
 
 
 def validate(config) -> None:
@@ -194,12 +277,17 @@ def validate(config) -> None:
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive
 
     check_choice(config, "model.attention", ("soft", "hard"))
-    check_choice(config, "model.encoder", ("cnn", "resnet50", "resnet101"))
+    check_choice(config, "model.encoder", ("cnn", "resnet", "resnet50", "resnet101"))
     check_positive(config, "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
-                   "model.attention_dim", "eval.beam_size", "eval.max_len", "data.image_size",
-                   "data.max_caption_len")
-    check_positive(config, "model.ds_lambda", "model.hard_entropy_weight", "eval.length_penalty",
-                   allow_zero=True)
+                   "model.attention_dim", "evals.caption.beam_size", "evals.caption.max_len",
+                   "evals.caption.batch_size", "data.image_size", "data.max_caption_len")
+    check_positive(config, "model.ds_lambda", "model.hard_entropy_weight", "evals.caption.length_penalty",
+                   "evals.caption.every", "model.vocab_size", allow_zero=True)
+    if config.model.freeze_encoder and config.model.encoder != "cnn" and not encoder_init_dir(config):
+        raise ConfigError(f"config.model.freeze_encoder=True with a {config.model.encoder} encoder but nothing "
+                          "initialises it, so the captioner would train on a frozen random network: set "
+                          "--config.init.encoder.source=hf --config.init.encoder.path=/path/to/hf-resnet "
+                          "(a Hugging Face ResNetModel directory), or --config.model.freeze_encoder=false.")
     for key in ("model.dropout", "model.hard_baseline_decay", "model.hard_sample_fraction"):
         value = config_value(config, key)
         if not 0.0 <= value <= 1.0:
@@ -223,5 +311,5 @@ def config_value(config, key: str):
     return get_path(config, key)
 
 
-def make_task(config) -> SATTask:
-    return SATTask(config)
+def make_task(config, *, workdir=None, mesh=None) -> SATTask:
+    return SATTask(config, workdir=workdir, mesh=mesh)
