@@ -145,7 +145,7 @@ def vit_config(preset: str, **overrides):
 
 def lm_config(preset: str, **overrides):
     """`DecoderLMConfig` of a preset name (``lm_tiny``: GPT-2-shaped, for smoke tests)."""
-    from vlm_jax.layers.text import DecoderLMConfig
+    from vlm_jax.layers.decoder_lm import DecoderLMConfig
     if preset == "lm_tiny":
         return DecoderLMConfig(**{**dict(vocab_size=256, width=32, num_layers=2, num_heads=2, mlp_dim=128,
                                          max_positions=64), **overrides})
@@ -223,7 +223,7 @@ def build_jax(args):
         flops = vit_flops(cfg, args.batch)
         init_args = (images[:1],)
     else:
-        from vlm_jax.layers.text import DecoderLM
+        from vlm_jax.layers.decoder_lm import DecoderLM
         cfg = lm_config(args.preset, implementation=impl)
         if args.seq > cfg.max_positions:
             raise ValueError(f"--seq {args.seq} exceeds the preset's max_positions={cfg.max_positions}.")

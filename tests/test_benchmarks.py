@@ -67,7 +67,7 @@ def test_vit_flops_hand_count_and_jaxpr():
 
 
 def test_lm_flops_hand_count_and_jaxpr():
-    from vlm_jax.layers.text import DecoderLM
+    from vlm_jax.layers.decoder_lm import DecoderLM
     cfg = tt.lm_config("lm_tiny")      # V 256, D 32, 2 layers, F 128, tied head
     t = 16
     dense = 2 * t * (4 * 32 * 32 + 2 * 32 * 128)              # 393_216 per layer
@@ -104,7 +104,7 @@ def test_lm_flops_hand_count_and_jaxpr():
 def test_lm_tower_is_causal_without_a_mask_array():
     """DecoderLM hands causality to the attention kernel (is_causal) instead of a mask array:
     logits at position t must not change when later tokens change."""
-    from vlm_jax.layers.text import DecoderLM
+    from vlm_jax.layers.decoder_lm import DecoderLM
     cfg = tt.lm_config("lm_tiny", num_layers=1)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 256, (2, 12)), jnp.int32)

@@ -5,6 +5,7 @@ Oracles are tiny random transformers models built from configs and saved with
 within 1e-4. Decoder-only outputs are compared at real (non-pad) positions: HF's values at
 left-pad positions are undefined (their query rows see no key).
 """
+import dataclasses
 import functools
 import os
 
@@ -24,8 +25,10 @@ from vlm_jax import generate as gen  # noqa: E402
 from vlm_jax.convert import common  # noqa: E402
 from vlm_jax.convert import CONVERTERS, load_hf  # noqa: E402
 from vlm_jax.layers.mlp import Dense  # noqa: E402
-from vlm_jax.layers.text import (BertConfig, BertEncoder, DecoderLM, DecoderLMConfig, T5, T5Config,  # noqa: E402
-                                 relative_position_bucket)
+from vlm_jax.layers.bert import BertConfig, BertEncoder  # noqa: E402
+from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig  # noqa: E402
+from vlm_jax.layers.t5 import T5, T5Config, relative_position_bucket  # noqa: E402
+from vlm_jax.layers.transformer import InsertSpec  # noqa: E402
 
 ATOL = 1e-4
 PAD, EOS = 1, 2
@@ -84,6 +87,9 @@ def _t5(**kw):
     return transformers.T5ForConditionalGeneration(cfg)
 
 
+PATHS: dict[str, str] = {}          # name -> the saved HF directory (filled by hf_models)
+
+
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """name -> (HF model reloaded from disk, our module, our variables)."""
@@ -106,6 +112,7 @@ def hf_models(tmp_path_factory):
     out = {}
     for name, (model, extra) in built.items():
         path = _save(model, tmp_path_factory.mktemp(name), extra)
+        PATHS[name] = path
         ref = type(model).from_pretrained(path).eval()
         module, variables, _ = load_hf(path)
         out[name] = (ref, module, variables)
@@ -373,49 +380,196 @@ def test_generation_rejects_right_padding(hf_models):
                      max_new_tokens=2, eos_id=EOS)
 
 
-# ---------------------------------------------------------- Flamingo-style layer hook
-class _HookedLM(nn.Module):
-    """A parent that inserts a gated residual layer before every 2nd LM block (Flamingo-like)."""
-    config: DecoderLMConfig
-    gate_init: float = 0.0
-
-    def setup(self):
-        self.lm = DecoderLM(self.config)
-        self.extra = [Dense(self.config.width, ("embed", "embed_out"), name=f"xattn_{j}")
-                      for j in range((self.config.num_layers + 1) // 2)]
-        self.gates = self.param("gates", nn.with_logical_partitioning(nn.initializers.constant(self.gate_init),
-                                                                      (None,)), (len(self.extra),))
-
-    def __call__(self, tokens=None, **kw):
-        def hook(i, x):
-            if i % 2:
-                return x
-            return x + jnp.tanh(self.gates[i // 2]) * jnp.tanh(self.extra[i // 2](x))
-        return self.lm(tokens, layer_callback=hook, **kw)
+# ----------------------------------------------------------------- scanned layouts
+def _grads(module, variables, *args, **kw):
+    def loss(p):
+        out = module.apply({"params": p}, *args, **kw)
+        main = out.logits if getattr(out, "logits", None) is not None else out.hidden
+        return (main ** 2).mean()
+    return jax.jit(jax.grad(loss))(variables["params"])
 
 
-def test_layer_callback_hook():
-    cfg = DecoderLMConfig(vocab_size=40, width=32, num_layers=3, num_heads=4, mlp_dim=48, max_positions=16,
-                          activation="relu", position_offset=2)
-    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 40)
-    closed = _HookedLM(cfg, gate_init=0.0)
-    variables = jax.jit(closed.init)(jax.random.key(0), tokens)
-    p = variables["params"]
-    assert set(p) == {"lm", "xattn_0", "xattn_1", "gates"}        # hook params belong to the parent
-    bare = DecoderLM(cfg).apply({"params": p["lm"]}, tokens).logits
-    np.testing.assert_allclose(_np(closed.apply(variables, tokens).logits), _np(bare), atol=1e-6)
-    opened = _HookedLM(cfg, gate_init=0.5)
-    open_vars = {"params": {**p, "gates": jnp.full((2,), 0.5)}}
-    full = opened.apply(open_vars, tokens).logits
-    assert np.abs(_np(full) - _np(bare)).max() > 1e-3
-    # the hook also runs while decoding from the KV cache (the step function generate uses)
-    first, state = gen.prefill_decoder_lm(opened, open_vars["params"], tokens[:, :5], max_new_tokens=5)
-    step = jax.jit(gen.decoder_lm_step_fn(opened, open_vars["params"]))
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
+def test_scanned_import_matches_hf_and_unrolled(hf_models, name):
+    """load_hf(scan_layers=True): stacked 'layers' params, same outputs as HF, same gradients."""
+    ref_model, module_u, vars_u = hf_models[name]
+    module_s, vars_s, _ = load_hf(PATHS[name], scan_layers=True, remat_policy="full")
+    assert module_s.config.scan_layers and not module_u.config.scan_layers
+    ids, mask = _inputs(5, left_pad=name == "gpt2")
+    j_ids, j_mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+    if name == "t5":
+        dec = torch.randint(2, 64, (B, 5), generator=torch.Generator().manual_seed(15))
+        for stack in ("encoder", "decoder"):
+            assert vars_s["params"][stack]["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
+            assert not any(k.startswith("layers_") for k in vars_s["params"][stack])
+        args, kw = (j_ids, jnp.asarray(dec.numpy())), dict(attention_mask=j_mask)
+        with torch.no_grad():
+            want = ref_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.numpy()
+        got = module_s.apply(vars_s, *args, **kw).logits
+        np.testing.assert_allclose(_np(got), want, atol=ATOL, rtol=0)
+    else:
+        assert vars_s["params"]["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
+        args, kw = (j_ids,), dict(attention_mask=j_mask, output_hidden_states=True)
+        out_s, out_u = module_s.apply(vars_s, *args, **kw), module_u.apply(vars_u, *args, **kw)
+        valid = mask.numpy().astype(bool)
+        with torch.no_grad():
+            if name == "bert":
+                ref = ref_model(ids, attention_mask=mask)
+                np.testing.assert_allclose(_np(out_s.hidden), ref.last_hidden_state.numpy(), atol=ATOL, rtol=0)
+            else:
+                ref = ref_model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0) * mask)
+                np.testing.assert_allclose(_np(out_s.logits)[valid], ref.logits.numpy()[valid], atol=ATOL, rtol=0)
+        for a, b in zip(out_u.hidden_states, out_s.hidden_states):
+            np.testing.assert_allclose(_np(b), _np(a), atol=1e-5, rtol=0)
+        kw.pop("output_hidden_states")
+    g_u = _grads(module_u, vars_u, *args, **kw)
+    containers = (("encoder",), ("decoder",)) if name == "t5" else ((),)
+    stacked = g_u
+    for c in containers:
+        n = module_u.config.num_layers if c != ("decoder",) else module_u.config.decoder_layers
+        stacked = common.stack_params(stacked, n, container=c)
+    g_s = _grads(module_s, vars_s, *args, **kw)
+    assert jax.tree.structure(stacked) == jax.tree.structure(g_s)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(g_s)):
+        np.testing.assert_allclose(_np(b), _np(a), atol=1e-5, rtol=1e-5)
+
+
+def test_scanned_kv_cache_decoding_equals_full_forward(hf_models):
+    """GPT-2 and T5 scanned: prefill + one-token steps through the stacked cache == full forward."""
+    module, variables, _ = load_hf(PATHS["gpt2"], scan_layers=True)
+    ids, mask = _inputs(3)
+    ids, mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+    full = _np(module.apply(variables, ids, attention_mask=mask).logits)
+    k = 5                                                   # rows 1, 2 left-padded, last column real
+    first, state = gen.prefill_decoder_lm(module, variables["params"], ids[:, :k], prompt_mask=mask[:, :k],
+                                          max_new_tokens=T - k + 1)
+    index = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"])
+             if path[-1].key == "cache_index"]
+    assert index and index[0].shape == (B, 2)                  # stacked on axis 1, batch first
+    step = jax.jit(gen.decoder_lm_step_fn(module, variables["params"]))
     tok = first
-    for pos in range(4, 9):
-        logits, state, _ = step(tok, state, jnp.int32(pos - 4))
-        np.testing.assert_allclose(_np(logits), _np(full[:, pos]), atol=ATOL, rtol=0)
-        tok = tokens[:, min(pos + 1, 8)]
+    for pos in range(k - 1, T):
+        logits, state, _ = step(tok, state, jnp.int32(pos - k + 1))
+        valid = _np(mask[:, pos]).astype(bool)
+        np.testing.assert_allclose(_np(logits)[valid], full[valid, pos], atol=ATOL, rtol=0)
+        if pos + 1 < T:
+            tok = ids[:, pos + 1]
+
+    module, variables, _ = load_hf(PATHS["t5_tied"], scan_layers=True)
+    ids, mask = _inputs(4, left_pad=False)
+    ids, mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
+    dec = jax.random.randint(jax.random.key(0), (B, 6), 2, 64)
+    full = _np(module.apply(variables, ids, dec, attention_mask=mask).logits)
+    state = gen.prefill_seq2seq(module, variables["params"], ids, input_mask=mask, max_new_tokens=6)
+    step = jax.jit(gen.seq2seq_step_fn(module, variables["params"]))
+    for t in range(6):
+        logits, state, _ = step(dec[:, t], state, jnp.int32(t))
+        np.testing.assert_allclose(_np(logits), full[:, t], atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------- Flamingo-style declared insertion
+class _GatedMediaAdd(nn.Module):
+    """Flamingo-like inserted block: x + tanh(gate) * tanh(Dense(mean of the visible media)).
+
+    x [B, T, D]; media [B, S, Dm]; media_mask [B, 1, T, S] (which media each token sees)."""
+    width: int
+    gate_init: float = 0.0
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, media, media_mask, *, deterministic: bool = True):
+        gate = self.param("gate", nn.with_logical_partitioning(nn.initializers.constant(self.gate_init), (None,)),
+                          ())
+        proj = Dense(self.width, (None, "embed"), name="proj")(media)                  # [B, S, D]
+        w = media_mask[:, 0].astype(x.dtype)                                           # [B, T, S]
+        seen = jnp.einsum("bts,bsd->btd", w, proj) / jnp.maximum(w.sum(-1, keepdims=True), 1.0)
+        return x + jnp.tanh(gate) * jnp.tanh(seen)
+
+
+def _flamingo_lm(scan: bool, gate: float, num_layers: int = 4):
+    spec = InsertSpec(_GatedMediaAdd, {"width": 24, "gate_init": gate}, every=2, offset=1)
+    return DecoderLM(DecoderLMConfig(vocab_size=40, width=24, num_layers=num_layers, num_heads=3, mlp_dim=40,
+                                     max_positions=16, activation="relu", position_offset=2, insert=spec,
+                                     scan_layers=scan, remat_policy="full" if scan else "none"))
+
+
+def test_decoder_lm_inserted_blocks_full_decode_and_scan():
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 40)
+    media = jax.random.normal(jax.random.key(2), (2, 3, 10))
+    media_mask = jnp.ones((2, 1, 1, 3), bool).at[1, :, :, 2].set(False)        # row 1 sees media 0, 1
+    ins = (media, media_mask)
+    closed = _flamingo_lm(False, 0.0)
+    variables = jax.jit(lambda: closed.init(jax.random.key(0), tokens, inserted_inputs=ins))()
+    p = nn.unbox(variables["params"])
+    assert sorted(k for k in p if k.startswith("inserted")) == ["inserted_0", "inserted_1"]   # own scopes
+    assert all(set(p[f"layers_{i}"]) == {"attn_norm", "attn", "mlp_norm", "mlp"} for i in range(4))
+    bare_cfg = dataclasses.replace(closed.config, insert=None)
+    lm_params = {k: v for k, v in p.items() if not k.startswith("inserted")}
+    bare = DecoderLM(bare_cfg).apply({"params": lm_params}, tokens).logits
+    np.testing.assert_allclose(_np(closed.apply({"params": p}, tokens, inserted_inputs=ins).logits), _np(bare),
+                               atol=1e-6)                                       # gate 0: the frozen LM exactly
+    p = {**p, **{f"inserted_{m}": {**p[f"inserted_{m}"], "gate": jnp.asarray(0.7)} for m in range(2)}}
+    opened = _flamingo_lm(False, 0.7)
+    full = opened.apply({"params": p}, tokens, inserted_inputs=ins).logits
+    assert np.abs(_np(full) - _np(bare)).max() > 1e-3
+    other = opened.apply({"params": p}, tokens, inserted_inputs=(media * 2, media_mask)).logits
+    assert np.abs(_np(full) - _np(other)).max() > 1e-3                          # the media matter
+    # scanned: groups of (2 layers + 1 inserted block) give the same logits and gradients
+    scanned = _flamingo_lm(True, 0.7)
+    ps = jax.tree.map(jnp.asarray, common.stack_params(p, 4, group=2, inserts_per_group=1))
+    shapes = nn.unbox(jax.eval_shape(lambda: scanned.init(jax.random.key(0), tokens, inserted_inputs=ins))["params"])
+    assert jax.tree.structure(shapes) == jax.tree.structure(ps)
+    assert set(ps["layers"]) == {"block_0", "block_1", "inserted_0"}
+    full_s = scanned.apply({"params": ps}, tokens, inserted_inputs=ins).logits
+    np.testing.assert_allclose(_np(full_s), _np(full), atol=1e-5, rtol=0)
+    g_u = _grads(opened, {"params": p}, tokens, inserted_inputs=ins)
+    g_s = _grads(scanned, {"params": ps}, tokens, inserted_inputs=ins)
+    for a, b in zip(jax.tree.leaves(common.stack_params(g_u, 4, group=2, inserts_per_group=1)),
+                    jax.tree.leaves(g_s)):
+        np.testing.assert_allclose(_np(b), _np(a), atol=1e-5, rtol=1e-5)
+    # the inserted blocks also run while decoding from the KV cache, unrolled and scanned
+    for model, params in ((opened, p), (scanned, ps)):
+        first, state = gen.prefill_decoder_lm(model, params, tokens[:, :5], max_new_tokens=5,
+                                              row_inputs={"inserted_inputs": ins})
+        step = jax.jit(gen.decoder_lm_step_fn(model, params))
+        tok = first
+        for pos in range(4, 9):
+            logits, state, _ = step(tok, state, jnp.int32(pos - 4))
+            np.testing.assert_allclose(_np(logits), _np(full[:, pos]), atol=ATOL, rtol=0)
+            tok = tokens[:, min(pos + 1, 8)]
+    with pytest.raises(ValueError, match=r"num_layers=5 to be a multiple of insert.every=2"):
+        _flamingo_lm(True, 0.0, num_layers=5)
+
+
+def test_bert_cross_attention_pattern_scans():
+    """Q-Former layout (cross-attention every 2nd layer): scanned == unrolled; non-periodic layouts refuse scan."""
+    kw = dict(vocab_size=20, width=24, num_layers=4, num_heads=3, mlp_dim=32, cross_attention_every=2)
+    unrolled = BertEncoder(BertConfig(**kw))
+    scanned = BertEncoder(BertConfig(**kw, scan_layers=True, remat_policy="dots"))
+    tokens = jax.random.randint(jax.random.key(3), (2, 5), 0, 20)
+    encoded = jax.random.normal(jax.random.key(4), (2, 3, 12))
+    enc_mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+    p = nn.unbox(jax.jit(unrolled.init)(jax.random.key(0), tokens, encoded=encoded)["params"])
+    ps = jax.tree.map(jnp.asarray, common.stack_params(p, 4, group=2))
+    assert "cross_attn" in ps["layers"]["block_0"] and "cross_attn" not in ps["layers"]["block_1"]
+    call = dict(encoded=encoded, encoder_mask=enc_mask, output_hidden_states=True)
+    out_u = unrolled.apply({"params": p}, tokens, **call)
+    out_s = scanned.apply({"params": ps}, tokens, **call)
+    np.testing.assert_allclose(_np(out_s.hidden), _np(out_u.hidden), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_np(out_s.pooled), _np(out_u.pooled), atol=1e-5, rtol=0)
+    for a, b in zip(out_u.hidden_states, out_s.hidden_states):
+        np.testing.assert_allclose(_np(b), _np(a), atol=1e-5, rtol=0)
+    call.pop("output_hidden_states")
+    g_u = _grads(unrolled, {"params": p}, tokens, **call)
+    g_s = _grads(scanned, {"params": ps}, tokens, **call)
+    for a, b in zip(jax.tree.leaves(common.stack_params(g_u, 4, group=2)), jax.tree.leaves(g_s)):
+        np.testing.assert_allclose(_np(b), _np(a), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"BertConfig.scan_layers=True needs a periodic layer layout"):
+        BertConfig(**{**kw, "cross_attention_every": 0}, cross_attention_layers=(1,), scan_layers=True)
+    BertConfig(**{**kw, "cross_attention_every": 0}, cross_attention_layers=(1,))          # unrolled: fine
+    with pytest.raises(ValueError, match=r"BertConfig.remat_policy=True"):
+        BertConfig(**kw, remat_policy=True)
 
 
 # ------------------------------------------------------------------------ converters

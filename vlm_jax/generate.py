@@ -143,6 +143,13 @@ def _cache_index(cache) -> jax.Array:
     return index if index.ndim == 1 else index.reshape(index.shape[0], -1)[:, 0]
 
 
+def _cache_length(cache) -> int:
+    """S, the self-attention cache length: 'cached_key' is [N, S, H, K], or [N, G, S, H, K] in a
+    scanned stack."""
+    key = _cache_leaf(cache, "cached_key")
+    return key.shape[1] if key.ndim == 4 else key.shape[2]
+
+
 # ---------------------------------------------------------------------- encoder-decoder
 def prefill_seq2seq(model, params, input_tokens=None, *, input_mask=None, inputs_embeds=None,
                     max_new_tokens: int, cache_cross_kv: bool = True) -> dict:
@@ -175,7 +182,7 @@ def seq2seq_step_fn(model, params) -> decoding.StepFn:
     def step(tokens, state, t):
         del t
         index = _cache_index(state["cache"])                                     # i32[N]
-        s = _cache_leaf(state["cache"], "cached_key").shape[1]
+        s = _cache_length(state["cache"])
         (logits, _, _), new_vars = model.apply(
             {"params": params, "cache": state["cache"]}, tokens[:, None], state.get("encoded"),
             encoder_mask=state["encoder_mask"], decode=True, key_valid=jnp.ones((tokens.shape[0], s), bool),
