@@ -198,16 +198,22 @@ def test_t5_forward_matches_hf(hf_models, name):
 
 
 # ------------------------------------------------------------------- KV-cache decoding
-@pytest.mark.parametrize("name", ["gpt2", "opt_post_ln"])
-def test_kv_cache_decoding_equals_full_forward(hf_models, name):
-    """Prefill a left-padded prompt, then feed the rest one token at a time."""
+@pytest.mark.parametrize("name,scan", [("gpt2", False), ("opt_post_ln", False), ("gpt2", True)])
+def test_kv_cache_decoding_equals_full_forward(hf_models, name, scan):
+    """Prefill a left-padded prompt, then feed the rest one token at a time (scan: through the
+    stacked cache of load_hf(scan_layers=True))."""
     _, module, variables = hf_models[name]
+    if scan:
+        module, variables, _ = load_hf(PATHS[name], scan_layers=True)
     ids, mask = _inputs(3)
     ids, mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
     full = _np(module.apply(variables, ids, attention_mask=mask).logits)
     k = 5                                                   # prompt = first k tokens (rows 1, 2 left-padded)
     first, state = gen.prefill_decoder_lm(module, variables["params"], ids[:, :k], prompt_mask=mask[:, :k],
                                           max_new_tokens=T - k + 1)
+    index = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"])
+             if path[-1].key == "cache_index"]
+    assert index[0].shape == ((B, module.config.num_layers) if scan else (B,))   # scanned: stacked on axis 1
     step = jax.jit(gen.decoder_lm_step_fn(module, variables["params"]))
     tok = first
     for pos in range(k - 1, T):
@@ -434,27 +440,8 @@ def test_scanned_import_matches_hf_and_unrolled(hf_models, name):
         np.testing.assert_allclose(_np(b), _np(a), atol=1e-5, rtol=1e-5)
 
 
-def test_scanned_kv_cache_decoding_equals_full_forward(hf_models):
-    """GPT-2 and T5 scanned: prefill + one-token steps through the stacked cache == full forward."""
-    module, variables, _ = load_hf(PATHS["gpt2"], scan_layers=True)
-    ids, mask = _inputs(3)
-    ids, mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
-    full = _np(module.apply(variables, ids, attention_mask=mask).logits)
-    k = 5                                                   # rows 1, 2 left-padded, last column real
-    first, state = gen.prefill_decoder_lm(module, variables["params"], ids[:, :k], prompt_mask=mask[:, :k],
-                                          max_new_tokens=T - k + 1)
-    index = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"])
-             if path[-1].key == "cache_index"]
-    assert index and index[0].shape == (B, 2)                  # stacked on axis 1, batch first
-    step = jax.jit(gen.decoder_lm_step_fn(module, variables["params"]))
-    tok = first
-    for pos in range(k - 1, T):
-        logits, state, _ = step(tok, state, jnp.int32(pos - k + 1))
-        valid = _np(mask[:, pos]).astype(bool)
-        np.testing.assert_allclose(_np(logits)[valid], full[valid, pos], atol=ATOL, rtol=0)
-        if pos + 1 < T:
-            tok = ids[:, pos + 1]
-
+def test_scanned_t5_kv_cache_decoding_equals_full_forward(hf_models):
+    """T5 scanned (encoder and decoder stacks): steps through the stacked self/cross cache == full forward."""
     module, variables, _ = load_hf(PATHS["t5_tied"], scan_layers=True)
     ids, mask = _inputs(4, left_pad=False)
     ids, mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
