@@ -105,8 +105,9 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
     """Optimizer, abstract state, shardings and the jitted init / train step. Compiles nothing."""
     local = task.example_batch(1)       # shapes only: params do not depend on the batch size
     rng = jax.random.key(config.seed)
-    with sharding.rules_context(mesh):
-        boxed = jax.eval_shape(task.init, rng, local)
+    # Init is traced outside the rules context: the parameters get their shardings from
+    # `out_shardings` below (the step and the evaluators are traced under the rules).
+    boxed = jax.eval_shape(task.init, rng, local)
     specs = nn.get_partition_spec(boxed)
     abstract_vars = nn.meta.unbox(boxed)
 
@@ -155,7 +156,7 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
     return TrainProgram(
         task=task, mesh=mesh, tx=tx, labels=labels, groups=table, abstract_state=abstract_state,
         state_sharding=state_sh, variable_sharding=var_sh, batch_sharding=batch_sh,
-        init_variables=_traced_under_rules(init_variables, mesh),
+        init_variables=init_variables,
         state_from_variables=_traced_under_rules(
             jax.jit(state_from_variables, out_shardings=state_sh, donate_argnums=(0,)), mesh),
         train_step=_traced_under_rules(train_step, mesh), step_flops=step_flops)
@@ -194,14 +195,13 @@ def _microbatches(batch, k: int):
     return jax.tree.map(one, batch)
 
 
-def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1):
-    """One optimizer step. Pure: (state, batch, rng) -> (new state, metrics).
+def loss_and_grads(state: TrainState, batch, rng, *, task: Task, accum: int = 1):
+    """-> (loss, metrics, new model state, gradients of the trainable params).
 
     Gradients are taken for the trainable params only (frozen ones enter as constants, so their
     gradient matmuls are never traced). With ``accum > 1`` the batch is split into that many
-    microbatches whose gradients are averaged before the one update (`_microbatches`)."""
-    rng = jax.random.fold_in(rng, state.step)
-
+    microbatches (`_microbatches`) whose gradients, losses and metrics are averaged
+    ('num_tokens' summed); the model state threads through them in order."""
     def loss_fn(trainable, model_state, batch, rng):
         params = optim.merge(trainable, state.frozen)
         return task.loss_fn(params, model_state, batch, rng, train=True)
@@ -209,18 +209,26 @@ def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
         (loss, (metrics, new_model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
-    else:
-        def body(carry, micro):
-            acc, model_state, i = carry
-            (l, (m, model_state)), g = grad_fn(state.params, model_state, micro, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, acc, g), model_state, i + 1), (l, m)
+        return loss, metrics, new_model_state, grads
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, new_model_state, _), (losses, per_micro) = jax.lax.scan(
-            body, (zeros, state.model_state, jnp.zeros((), jnp.int32)), _microbatches(batch, accum))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        loss = jnp.mean(losses)
-        metrics = {k: (jnp.sum(v) if k == "num_tokens" else jnp.mean(v, axis=0)) for k, v in per_micro.items()}
+    def body(carry, micro):
+        acc, model_state, i = carry
+        (l, (m, model_state)), g = grad_fn(state.params, model_state, micro, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, acc, g), model_state, i + 1), (l, m)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, new_model_state, _), (losses, per_micro) = jax.lax.scan(
+        body, (zeros, state.model_state, jnp.zeros((), jnp.int32)), _microbatches(batch, accum))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = {k: (jnp.sum(v) if k == "num_tokens" else jnp.mean(v, axis=0)) for k, v in per_micro.items()}
+    return jnp.mean(losses), metrics, new_model_state, grads
+
+
+def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1):
+    """One optimizer step. Pure: (state, batch, rng) -> (new state, metrics); gradients from
+    `loss_and_grads`, then the optimizer update and the task's `constrain_params`."""
+    rng = jax.random.fold_in(rng, state.step)
+    loss, metrics, new_model_state, grads = loss_and_grads(state, batch, rng, task=task, accum=accum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.constrain_params(optax.apply_updates(state.params, updates))
     metrics = dict(metrics)

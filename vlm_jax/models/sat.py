@@ -145,7 +145,7 @@ class SATModel(nn.Module):
             feats = self.encoder_proj(feats)                                     # 1x1 conv C -> D
         b, g, _, d = feats.shape
         a = feats.reshape(b, g * g, d).astype(self.dtype)
-        return nn.with_logical_constraint(a, ("batch", None, None))
+        return nn.with_logical_constraint(a, ("activation_batch", None, None))
 
     # ------------------------------------------------------------------ decoder
     def init_decode_state(self, annotations: jax.Array) -> State:
@@ -256,7 +256,7 @@ class SATModel(nn.Module):
         _, outs = scan(self, state, (inputs, flags))                             # each [T-1, B, ...]
         outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
         result = dict(
-            logits=nn.with_logical_constraint(outs["logits"], ("batch", "length", "vocab")),
+            logits=nn.with_logical_constraint(outs["logits"], ("activation_batch", "activation_length", "activation_vocab")),
             alphas=outs["alpha"],
             betas=outs["beta"],
         )
