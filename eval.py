@@ -6,6 +6,7 @@ from vlm_jax import host
 host.tune_malloc()   # before jax allocates: XLA:CPU step buffers reuse heap pages (vlm_jax/host.py)
 
 from vlm_jax import cli, config_lib  # noqa: E402
+from vlm_jax.init_sources import InitSourceError  # noqa: E402
 
 
 def main(argv):
@@ -15,6 +16,8 @@ def main(argv):
         eval_lib.evaluate(config, args.workdir, step=args.step)
     except config_lib.ConfigError as e:
         sys.exit(f"config error: {e}")
+    except InitSourceError as e:
+        sys.exit(f"init error: {e}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import jax  # noqa: E402
 import numpy as np
 
 from vlm_jax import config_lib, flops, sharding, train_lib
-from vlm_jax.tasks import make_task
 
 
 def random_batch(example: dict, vocab_size: int, rng: np.random.Generator) -> dict:
@@ -52,21 +51,29 @@ def main(argv):
     p.add_argument("--vocab_size", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/vlm_jax_bench")
     args = p.parse_args(rest)
+    if args.vocab_size:       # a fixed vocabulary: the task needs no tokenizer (and no dataset)
+        overrides = dict(overrides, **{"model.vocab_size": str(args.vocab_size)})
     config = config_lib.load_config(args.config, overrides)
-    shape = config_lib.validate_common(config, jax.device_count(), jax.process_count())
     if args.vocab_size:
+        # Throughput only: every parameter random (no dataset, no pretrained weights on disk), so
+        # the task's own checks (e.g. SAT refuses to *train* on a frozen random encoder) are skipped
+        # and config.init is switched off. Shapes, dtypes and frozen groups stay the config's.
         config.unlock()
-        config.model.vocab_size = args.vocab_size
+        for name in (config.init.keys() if "init" in config else ()):
+            config.init[name].source = ""
         config.lock()
-        task = make_task(config)
+        from vlm_jax.tasks import make_task
+        shape = config_lib.validate_common(config, jax.device_count(), jax.process_count())
         mesh = sharding.create_mesh(shape)
+        task = make_task(config, workdir=None, mesh=mesh)
     else:
-        config, _, task, mesh = train_lib.prepare(config, args.workdir)
-    s = train_lib.setup(config, task, mesh)
-    state = s.init_fn(jax.random.key(0))
+        task, mesh = train_lib.make_task_and_mesh(config, args.workdir)
+    s = train_lib.build_program(config, task, mesh)
+    state = s.init_state(jax.random.key(0))
     rng = np.random.default_rng(0)
     example = task.example_batch(config.train.batch_size)
-    batches = [sharding.put_batch(random_batch(example, config.model.vocab_size, rng), mesh) for _ in range(4)]
+    vocab = args.vocab_size or task.tokenizer.vocab_size
+    batches = [sharding.put_batch(random_batch(example, vocab, rng), mesh, s.batch_sharding) for _ in range(4)]
     t0 = time.time()
     for i in range(args.warmup):
         state, metrics = s.train_step(state, batches[i % 4], jax.random.key(1))
@@ -90,7 +97,7 @@ def main(argv):
         "malloc_tuned": MALLOC["applied"], "model_flops_per_step": step_flops,
         "model_tflops": round(model_tflops, 4),
         "mfu": round(model_tflops / (peak * jax.device_count()), 4) if peak else None,
-        "params": train_lib._count(state.params),
+        "params": train_lib._count(state.full_params()), "trainable_params": train_lib._count(state.params),
     }
     print(json.dumps(out))
 
