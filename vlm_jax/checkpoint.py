@@ -308,7 +308,8 @@ def read_subtrees(path: str, *, step: int, subtree: str, want: dict, describe: s
             in_frozen = None
             if coll == "params" and os.path.isdir(frozen_dir):
                 if frozen_meta is None:
-                    fm = ocp.PyTreeCheckpointer().metadata(frozen_dir)
+                    fm = ocp.PyTreeCheckpointer().metadata(frozen_dir)     # StepMetadata (orbax 0.12)
+                    fm = getattr(fm, "item_metadata", fm)
                     frozen_meta = getattr(fm, "tree", fm)
                 in_frozen = _get(frozen_meta, subtree)
             if in_step is None and in_frozen is None:

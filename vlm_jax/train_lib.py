@@ -105,9 +105,8 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
     """Optimizer, abstract state, shardings and the jitted init / train step. Compiles nothing."""
     local = task.example_batch(1)       # shapes only: params do not depend on the batch size
     rng = jax.random.key(config.seed)
-    # Init is traced outside the rules context: the parameters get their shardings from
-    # `out_shardings` below (the step and the evaluators are traced under the rules).
-    boxed = jax.eval_shape(task.init, rng, local)
+    with sharding.rules_context(mesh):
+        boxed = jax.eval_shape(task.init, rng, local)
     specs = nn.get_partition_spec(boxed)
     abstract_vars = nn.meta.unbox(boxed)
 
@@ -156,7 +155,7 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
     return TrainProgram(
         task=task, mesh=mesh, tx=tx, labels=labels, groups=table, abstract_state=abstract_state,
         state_sharding=state_sh, variable_sharding=var_sh, batch_sharding=batch_sh,
-        init_variables=init_variables,
+        init_variables=_traced_under_rules(init_variables, mesh),
         state_from_variables=_traced_under_rules(
             jax.jit(state_from_variables, out_shardings=state_sh, donate_argnums=(0,)), mesh),
         train_step=_traced_under_rules(train_step, mesh), step_flops=step_flops)

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT
+from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT, Dense
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -129,51 +129,6 @@ def attention_logits(q, k, scale: float, bias=None):
     return logits
 
 
-class HeadProjection(nn.Module):
-    """``x [B, T, D] -> [B, T, H, K]``: kernel ``[D, H, K]`` ('embed', 'heads', 'kv'), bias ``[H, K]``.
-
-    Written out (not `nn.DenseGeneral`): DenseGeneral initialises a flattened ``[D, H*K]``
-    kernel, and under the logical axis rules flax constrains that flat value with the three
-    axis names (also while checking shapes in `apply`), which raises."""
-    num_heads: int
-    head_dim: int
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable = DEFAULT_KERNEL_INIT
-
-    @nn.compact
-    def __call__(self, x):
-        shape = (x.shape[-1], self.num_heads, self.head_dim)
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "heads", "kv")),
-                            shape, self.param_dtype)
-        bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")),
-                           shape[1:], self.param_dtype) if self.use_bias else None)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("...d,dhk->...hk", x, kernel)
-        return y + bias if bias is not None else y
-
-
-class OutProjection(nn.Module):
-    """``x [B, T, H, K] -> [B, T, Dout]``: kernel ``[H, K, Dout]`` ('heads', 'kv', 'embed'), bias ``[Dout]``."""
-    features: int
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernel_init: Callable = DEFAULT_KERNEL_INIT
-
-    @nn.compact
-    def __call__(self, x):
-        shape = (x.shape[-2], x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
-                            shape, self.param_dtype)
-        bias = (self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                           (self.features,), self.param_dtype) if self.use_bias else None)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.einsum("...hk,hkd->...d", x, kernel)
-        return y + bias if bias is not None else y
-
-
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: ``inputs_q [B, T, D]`` (+ ``inputs_kv [B, S, Dkv]``) -> ``[B, T, Dout]``.
 
@@ -203,8 +158,8 @@ class MultiHeadAttention(nn.Module):
     kernel_init: Callable = DEFAULT_KERNEL_INIT
 
     def _proj(self, name, x):
-        return HeadProjection(self.num_heads, self.head_dim, use_bias=self.use_bias, dtype=self.dtype,
-                              param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)(x)
+        return Dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.use_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)(x)
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, mask=None, bias=None, *,
@@ -304,8 +259,8 @@ class MultiHeadAttention(nn.Module):
             # after the output projection too, so its bias does not leak in
             out = out * jnp.transpose(has_key, (0, 2, 1, 3)).astype(out.dtype)   # [B|1, T, 1|H, 1]
             row_has_key = jnp.any(has_key, axis=1)                                # [B|1, T, 1]
-        out = OutProjection(out_dim, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=self.kernel_init, name="out")(out)
+        out = Dense(out_dim, ("heads", "kv", "embed"), use_bias=self.out_bias, contract=2, dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="out")(out)
         if row_has_key is not None:
             out = jnp.where(row_has_key, out, jnp.zeros((), out.dtype))
         out = nn.with_logical_constraint(out, OUT_AXES)

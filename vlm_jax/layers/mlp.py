@@ -72,23 +72,35 @@ def activation_fn(name: str) -> Callable:
 
 
 class Dense(nn.Module):
-    """``[..., Din] -> [..., features]`` with logically-named kernel and bias."""
-    features: int
-    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    """``[..., *In] -> [..., *Out]`` with logically-named kernel ``[*In, *Out]`` and bias ``[*Out]``.
+
+    ``features``: Out, an int or a tuple (attention's ``(H, K)``); ``contract``: how many trailing
+    input dims are contracted (attention's output projection contracts ``(H, K)``: 2).
+    ``axes`` names every kernel dim (In then Out); the bias takes the names of the Out dims.
+    The kernel is created at its full shape (flax's DenseGeneral creates a flattened one, which
+    the logical axis rules cannot constrain)."""
+    features: int | tuple[int, ...]
+    axes: tuple[str | None, ...] = ("embed", "mlp")
     use_bias: bool = True
+    contract: int = 1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable = DEFAULT_KERNEL_INIT
 
     @nn.compact
     def __call__(self, x):
-        """x: ``[..., Din]`` -> ``[..., features]`` (params ``kernel [Din, features]``, ``bias``)."""
+        """x: ``[..., *In]`` -> ``[..., *Out]`` (params ``kernel [*In, *Out]``, ``bias [*Out]``)."""
+        out = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        shape = tuple(x.shape[x.ndim - self.contract:]) + out
+        if len(self.axes) != len(shape):
+            raise ValueError(f"Dense.axes={self.axes} names {len(self.axes)} dims but the kernel is {shape}.")
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)),
-                            (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+                            shape, self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), axes=self.contract)
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[-1],)),
-                              (self.features,), self.param_dtype)
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   tuple(self.axes[len(shape) - len(out):])),
+                              out, self.param_dtype)
             y = y + jnp.asarray(bias, self.dtype)
         return y
 
