@@ -66,6 +66,7 @@ def main(argv):
         shape = config_lib.validate_common(config, jax.device_count(), jax.process_count())
         mesh = sharding.create_mesh(shape)
         task = make_task(config, workdir=None, mesh=mesh)
+        task.prepare()
     else:
         task, mesh = train_lib.make_task_and_mesh(config, args.workdir)
     s = train_lib.build_program(config, task, mesh)

@@ -24,3 +24,23 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # torch is only a test oracle
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A TFDS data_dir per test module (the tiny synthetic set is built on first use)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+SAT_CONFIG = os.path.join(ROOT, "configs", "sat.py")
+
+
+def sat_config(data_dir, arg="tiny", **overrides):
+    """configs/sat.py:<arg> reading data from ``data_dir``; ``a__b=v`` overrides ``a.b``."""
+    from vlm_jax import config_lib
+    ov = {"data.data_dir": data_dir}
+    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return config_lib.load_config(f"{SAT_CONFIG}:{arg}", ov)

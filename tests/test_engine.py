@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import sat_config
 from vlm_jax import config_lib, init_sources, optim, sharding, train_lib
 from vlm_jax.layers.bert import BertConfig, BertEncoder
 from vlm_jax.tasks.base import Task
@@ -218,6 +219,27 @@ def test_activation_shardings_follow_the_rules_in_the_compiled_step():
     assert local not in without
 
 
+def test_batch_leaves_are_sharded_from_the_declared_logical_axes():
+    """Task.batch_axes: a leaf with declared axes follows the rules (batch over data x fsdp, a
+    feature dim over tensor); undeclared leaves split dim 0; nested per-source batches nest."""
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    P = jax.sharding.PartitionSpec
+    batch = {"image": np.zeros((8, 4, 4, 3), np.float32), "feats": np.zeros((8, 6), np.float32),
+             "docs": {"tokens": np.zeros((4, 5), np.int32), "media": np.zeros((4, 2, 6), np.float32)}}
+    axes = {"feats": ("activation_batch", "activation_mlp"),
+            "docs": {"media": ("activation_batch", None, "activation_mlp")}}
+    sh = sharding.batch_shardings(batch, mesh, axes)
+    assert sh["image"].spec == P(("data", "fsdp"), None, None, None)
+    assert sh["feats"].spec == P(("data", "fsdp"), "tensor")
+    assert sh["docs"]["tokens"].spec == P(("data", "fsdp"), None)
+    assert sh["docs"]["media"].spec == P(("data", "fsdp"), None, "tensor")
+    put = sharding.put_batch(batch, mesh, sh)
+    assert put["docs"]["media"].sharding == sh["docs"]["media"]
+    assert put["feats"].addressable_shards[0].data.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"batch leaf 'feats' has 2 dims but its logical axes"):
+        sharding.batch_shardings(batch, mesh, {"feats": ("activation_batch",)})
+
+
 def test_large_replicated_parameter_is_reported_once(caplog):
     mesh = sharding.create_mesh({"data": 1, "fsdp": 8, "tensor": 1})
     spec = jax.sharding.PartitionSpec("fsdp", None)
@@ -229,15 +251,7 @@ def test_large_replicated_parameter_is_reported_once(caplog):
 
 
 # ----------------------------------------------------------------------------- init sources
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def sat_tiny(data_dir, arg="tiny", **overrides):
-    ov = {"data.data_dir": data_dir}
-    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return config_lib.load_config(f"{SAT}:{arg}", ov)
+sat_tiny = sat_config
 
 
 def test_partial_restore_seeds_named_subtrees_from_an_earlier_run(data_dir, tmp_path):
@@ -283,6 +297,23 @@ def test_partial_restore_seeds_named_subtrees_from_an_earlier_run(data_dir, tmp_
     t3, m3 = train_lib.make_task_and_mesh(bad, str(tmp_path / "d"))
     with pytest.raises(init_sources.InitSourceError, match=r"holds no checkpoints/"):
         train_lib.build_program(bad, t3, m3).init_state(jax.random.key(0), init_sources.sources_from_config(bad))
+
+
+def test_checkpoint_source_reads_a_frozen_subtree_of_the_earlier_run(data_dir, tmp_path):
+    """Run A froze its encoder (so it lives in A's frozen_params/, not in A's steps); B, which
+    trains its encoder, is seeded from it bitwise."""
+    run_a = str(tmp_path / "a")
+    a = train_lib.train(sat_tiny(data_dir, model__freeze_encoder=True, train__num_steps=2), run_a)
+    assert "encoder" in a.state.frozen
+    b_cfg = sat_tiny(data_dir, init__encoder__source="checkpoint", init__encoder__path=run_a)
+    task, mesh = train_lib.make_task_and_mesh(b_cfg, str(tmp_path / "b"))
+    prog = train_lib.build_program(b_cfg, task, mesh)
+    state = prog.init_state(jax.random.key(5), init_sources.sources_from_config(b_cfg))
+    assert "encoder" in state.params            # trainable in B
+    got, want = _leaves(jax.device_get(state.params["encoder"])), _leaves(jax.device_get(a.state.frozen["encoder"]))
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_init_source_config_errors(data_dir, tmp_path):

@@ -144,8 +144,8 @@ def test_every_param_has_logical_axes():
 def test_bad_inputs_name_the_fix():
     with pytest.raises(ValueError, match="model.encoder"):
         sat_task.make_task(tiny_config(model__encoder="vgg")).init(jax.random.key(0), make_batch())
-    with pytest.raises(ValueError, match="vocab_size"):
-        sat_task.make_task(tiny_config(model__vocab_size=0))
+    with pytest.raises(ValueError, match="model.vocab_size=-1"):
+        sat_task.validate(tiny_config(model__vocab_size=-1))
     task = sat_task.make_task(tiny_config())
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
         jax.eval_shape(task.init, jax.random.key(0), {"image": np.zeros((B, S, S)), "tokens": np.zeros((B, T), np.int32)})
@@ -239,14 +239,17 @@ def test_hard_loss_metrics_and_attention_gradients(hard):
 
 
 # ---------------------------------------------------------------------------- task
-def test_param_labels_freeze_encoder(soft):
+def test_param_groups_freeze_encoder(soft):
+    from vlm_jax import optim
     task, _, variables = soft
-    labels = task.param_labels(variables["params"])
-    assert set(jax.tree.leaves(labels)) == {"train"}
+    assert task.param_groups() == ()
     frozen = sat_task.make_task(tiny_config(model__freeze_encoder=True))
-    labels = frozen.param_labels(variables["params"])
-    assert set(jax.tree.leaves(labels["encoder"])) == {"freeze"}
-    assert all(set(jax.tree.leaves(sub)) == {"train"} for k, sub in labels.items() if k != "encoder")
+    groups = frozen.param_groups()
+    table = optim.group_table((), groups)
+    labels = optim.assign_groups(variables["params"], (), groups)
+    assert {table[x].trainable for x in jax.tree.leaves(labels["encoder"])} == {False}
+    assert all({table[x].trainable for x in jax.tree.leaves(sub)} == {True} for k, sub in labels.items()
+               if k != "encoder")
     # the frozen encoder's output is cut from the graph
     g = jax.jit(jax.grad(lambda p: frozen.loss_fn(p, {}, make_batch(), jax.random.key(0), train=True)[0]))(
         variables["params"])

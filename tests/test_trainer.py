@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import sat_config
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_lib, sharding, train_lib
 
@@ -15,15 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAT = os.path.join(ROOT, "configs", "sat.py")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny(data_dir, arg="tiny", **overrides):
-    ov = {"data.data_dir": data_dir}
-    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return config_lib.load_config(f"{SAT}:{arg}", ov)
+tiny = sat_config
 
 
 def _max_diff(a, b):
@@ -291,3 +284,24 @@ def test_non_finite_parameters_block_the_checkpoint():
     with pytest.raises(FloatingPointError, match=r"non-finite parameters at step 7 \(\[\"\['bad'\]\"\]"):
         train_lib._check_finite(state, 7)
     train_lib._check_finite(state.replace(params={"ok": jnp.ones(3)}), 7)
+
+
+def test_step_without_tree_metadata_is_walked_back_not_called_a_config_mismatch(data_dir, tmp_path):
+    """Deleting the latest step's state/_METADATA makes that step unreadable (corruption), which
+    is walked back past; it used to be reported as 'written with another config'."""
+    workdir = str(tmp_path)
+    train_lib.train(tiny(data_dir, train__num_steps=4, train__checkpoint_every=2), workdir)
+    meta = os.path.join(workdir, "checkpoints", "4", "state", "_METADATA")
+    assert os.path.isfile(meta)
+    os.remove(meta)
+    config = tiny(data_dir, train__num_steps=4)
+    task, mesh = train_lib.make_task_and_mesh(config, workdir)
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    restored = train_lib.restore_state(train_lib.build_program(config, task, mesh), ck, config, task)
+    ck.close()
+    assert restored[0] == 2
+    # a real config difference in the optimizer state is still refused: freezing the encoder
+    # removes its Adam slots
+    frozen = tiny(data_dir, train__num_steps=4, model__freeze_encoder=True)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"different optimizer state|different model"):
+        train_lib.train(frozen, workdir)

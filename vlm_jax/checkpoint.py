@@ -182,26 +182,36 @@ class Checkpointer:
                 multihost_utils.sync_global_devices("vlm_jax_checkpoint_discard")
             self.manager.reload()
 
-    def _check_params_match(self, step: int, abstract_state) -> None:
-        """Compare saved parameter names/shapes with this model's before touching array data."""
+    def _check_params_match(self, step: int, abstract_state) -> bool:
+        """Compare the saved tree (parameter names/shapes, model state, optimizer-state leaf shapes)
+        with this run's before touching array data: a difference is another config
+        (CheckpointMismatchError). Returns False when the step's tree metadata is unreadable
+        (a corrupted step: the caller walks back past it), True when it matches."""
         try:
             tree = self.manager.item_metadata(step)["state"]
             tree = getattr(tree, "tree", tree)
             saved = {f"params/{k}": v for k, v in _params_shapes(tree["params"]).items()}
             saved.update({f"model_state/{k}": v for k, v in _params_shapes(tree["model_state"] or {}).items()})
-        except Exception:  # metadata unreadable: let restore decide (corruption walk-back)
-            return
+            saved_opt = sorted(_params_shapes(tree.get("opt_state") or {}).values())
+        except Exception:  # metadata missing / truncated: a corrupted step
+            return False
         want = {f"params/{k}": v for k, v in _params_shapes(abstract_state["params"]).items()}
         want.update({f"model_state/{k}": v for k, v in _params_shapes(abstract_state["model_state"]).items()})
-        if saved == want:
-            return
-        missing = sorted(set(want) - set(saved))[:3]
-        extra = sorted(set(saved) - set(want))[:3]
-        shape = [(k, saved[k], want[k]) for k in sorted(set(saved) & set(want)) if saved[k] != want[k]][:3]
-        raise CheckpointMismatchError(
-            f"the checkpoint at {self.directory} (step {step}) was written by a different model: "
-            f"parameters missing from it {missing}, unexpected in it {extra}, shape differences "
-            f"(name, saved, expected) {shape}. Use a fresh --workdir, or the config that wrote it.")
+        if saved != want:
+            missing = sorted(set(want) - set(saved))[:3]
+            extra = sorted(set(saved) - set(want))[:3]
+            shape = [(k, saved[k], want[k]) for k in sorted(set(saved) & set(want)) if saved[k] != want[k]][:3]
+            raise CheckpointMismatchError(
+                f"the checkpoint at {self.directory} (step {step}) was written by a different model: "
+                f"parameters missing from it {missing}, unexpected in it {extra}, shape differences "
+                f"(name, saved, expected) {shape}. Use a fresh --workdir, or the config that wrote it.")
+        want_opt = sorted(_params_shapes(abstract_state.get("opt_state") or {}).values())
+        if saved_opt != want_opt:
+            raise CheckpointMismatchError(
+                f"the checkpoint at {self.directory} (step {step}) has a different optimizer state than this run "
+                f"({len(saved_opt)} saved leaves vs {len(want_opt)}): it was written with other optimizer groups "
+                "(config.optim.groups, frozen parameters). Use a fresh --workdir, or the config that wrote it.")
+        return True
 
     def read_meta(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -244,16 +254,16 @@ class Checkpointer:
                     raise CheckpointMismatchError(
                         f"the checkpoint at {self.directory} (step {s}) was written with {key}={have!r} but this "
                         f"run has {key}={want!r}. Use a fresh --workdir, or the config that wrote it.")
-            self._check_params_match(s, abstract_state)
+            if not self._check_params_match(s, abstract_state):
+                last_error = RuntimeError("the step's tree metadata is missing or unreadable")
+                unreadable.append(s)
+                log.warning("checkpoint step %d in %s has unreadable tree metadata; trying an earlier step.",
+                            s, self.directory)
+                continue
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            except Exception as e:  # truncated / missing files: a corrupted step
-                if isinstance(e, ValueError) and "tree structure" in str(e).lower():
-                    raise CheckpointMismatchError(
-                        f"the checkpoint at {self.directory} (step {s}) has a different optimizer/state "
-                        f"structure than this run ({str(e)[:300]}); it was written with another config "
-                        "(e.g. other frozen parameters). Use a fresh --workdir, or the config that wrote it.") from e
+            except Exception as e:  # truncated / missing files (the tree matched): a corrupted step
                 last_error = e
                 unreadable.append(s)
                 log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying an earlier step.",

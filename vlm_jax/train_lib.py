@@ -283,7 +283,9 @@ def make_task_and_mesh(config, workdir: str | None):
     optim.groups_from_config(config)
     init_sources.sources_from_config(config)
     mesh = sharding.create_mesh(shape)
-    return make_task(config, workdir=workdir, mesh=mesh), mesh
+    task = make_task(config, workdir=workdir, mesh=mesh)
+    task.prepare()
+    return task, mesh
 
 
 def checkpoint_meta(config, task: Task) -> dict:

@@ -4,6 +4,7 @@ The trainer (`vlm_jax.train_lib`) and the evaluator driver (`vlm_jax.eval_lib`) 
 about a particular model. They build a `Task` with `vlm_jax.tasks.make_task(config, workdir=...,
 mesh=...)` from ``config.task`` and ask it for everything model-specific:
 
+  prepare()            build files/dataset-dependent pieces before anything is traced
   tokenizer            the task's tokenizer(s), built or loaded by the task (SAT: a word
                        vocabulary from its training captions, saved in the workdir; BLIP-2: BERT
                        WordPiece + the LM's tokenizer from local directories; Flamingo: the LM
@@ -53,6 +54,11 @@ class Task(abc.ABC):
         self.config = config
         self.workdir = workdir
         self.mesh = mesh
+
+    def prepare(self) -> None:
+        """Called once by the trainer right after construction, outside any trace and on every
+        process: build what needs files or the dataset (tokenizer, dataset preparation with its
+        cross-process barrier). Default: nothing."""
 
     # ------------------------------------------------------------------ data
     @property

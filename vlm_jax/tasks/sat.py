@@ -26,6 +26,7 @@ from vlm_jax.tasks.base import Batch, Metrics, PyTree, Task
 PAD_ID = 0                      # WordTokenizer.pad_id (docs/interfaces.md)
 BASELINE_KEY = "reinforce_baseline"
 ENCODER_SUBTREE = "encoder"     # params['encoder'] is the image CNN; frozen with model.freeze_encoder
+ENCODERS = ("cnn", "resnet", "resnet50", "resnet101")
 
 
 def _dtype(name: str, key: str):
@@ -45,6 +46,9 @@ def build_encoder(config):
     """The SAT encoder module for ``model.encoder`` ('cnn' and 'resnet50'/'resnet101' are built from
     config; 'resnet' takes its architecture from the ``config.init.encoder`` HF checkpoint)."""
     m = config.model
+    if m.encoder not in ENCODERS:
+        from vlm_jax.config_lib import ConfigError
+        raise ConfigError(f"config.model.encoder={m.encoder!r} is not supported; use one of {ENCODERS}.")
     kw = dict(dtype=_dtype(config.train.dtype, "train.dtype"),
               param_dtype=_dtype(config.train.param_dtype, "train.param_dtype"))
     if m.encoder == "cnn":
@@ -124,6 +128,13 @@ class SATTask(Task):
     def tokenizer(self):
         if self._tokenizer is None:
             from vlm_jax.data import pipeline
+            if self.workdir and not os.path.isfile(os.path.join(self.workdir, "vocab.json")) and \
+                    os.path.isdir(os.path.join(self.workdir, "checkpoints")) and \
+                    any(n.isdigit() for n in os.listdir(os.path.join(self.workdir, "checkpoints"))):
+                # a vocabulary rebuilt now could differ from the one the checkpoint was trained with
+                raise FileNotFoundError(
+                    f"--workdir {self.workdir!r} holds checkpoints but no vocab.json (written by train.py with "
+                    "the first checkpoint); restore it from a copy of the run, or train in a fresh --workdir.")
             self._tokenizer = pipeline.get_tokenizer(self.config, self.workdir)
         return self._tokenizer
 
@@ -137,6 +148,11 @@ class SATTask(Task):
         if self._model is None:
             self._model = build_model(self.config, self.vocab_size)
         return self._model
+
+    def prepare(self) -> None:
+        """Build the tokenizer (reads or builds the dataset; collective with several processes)
+        and the model, before anything is traced."""
+        _ = self.model
 
     def train_iterator(self, *, process_index=None, process_count=None):
         from vlm_jax.data import pipeline
@@ -277,7 +293,7 @@ def validate(config) -> None:
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive
 
     check_choice(config, "model.attention", ("soft", "hard"))
-    check_choice(config, "model.encoder", ("cnn", "resnet", "resnet50", "resnet101"))
+    check_choice(config, "model.encoder", ENCODERS)
     check_positive(config, "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
                    "model.attention_dim", "evals.caption.beam_size", "evals.caption.max_len",
                    "evals.caption.batch_size", "data.image_size", "data.max_caption_len")
