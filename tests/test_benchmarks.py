@@ -131,7 +131,7 @@ def test_tiny_cli_prints_json():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     r = subprocess.run([sys.executable, SCRIPT, "--tower", "lm", "--tiny", "--threads", "1"],
-                       capture_output=True, text=True, env=env, timeout=120)
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     _check_result(out, "lm", "lm_tiny", 2)

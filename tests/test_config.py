@@ -92,7 +92,7 @@ def test_cli_reports_config_errors_before_compiling(tmp_path):
     """train.py exits with a one-line message for a bad key, without touching jax compilation."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", f"{SAT}:tiny",
                         "--workdir", str(tmp_path), "--config.train.num_stepz=3"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0
     assert "config error: unknown config key 'train.num_stepz'" in r.stderr
     assert not os.listdir(tmp_path)

@@ -59,7 +59,7 @@ def test_two_process_training(tmp_path):
     outs = []
     for p in procs:
         try:
-            out, _ = p.communicate(timeout=240)
+            out, _ = p.communicate(timeout=600)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()

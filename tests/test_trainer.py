@@ -120,7 +120,7 @@ def test_grain_worker_processes_train_and_resume_exactly(data_dir, tmp_path):
     script.write_text(WORKERS_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     out = subprocess.run([sys.executable, str(script), SAT, data_dir, str(tmp_path)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
     r = json.loads(lines[-1][len("RESULT "):])
@@ -234,14 +234,14 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    deadline = time.time() + 180
+    deadline = time.time() + 400
     for line in proc.stdout:  # wait until the first (compiled) step has run
         lines.append(line)
         if "first step" in line or time.time() > deadline:
             break
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)
     log = "".join(lines) + out
     assert proc.returncode == 0, log[-3000:]
     assert "after SIGTERM" in log
