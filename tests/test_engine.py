@@ -159,18 +159,18 @@ def test_gradient_accumulation_equals_one_big_step():
         state = prog.init_state(jax.random.key(0))
         b = sharding.put_batch(batch, mesh, prog.batch_sharding)
         results = {}
-        for k in (1, 2, 4):
+        for k in ((1, 2, 4) if shape["data"] == 1 else (1, 4)):
             fn = jax.jit(functools.partial(train_lib.loss_and_grads, task=task, accum=k))
             with sharding.rules_context(mesh):
                 loss, _, _, grads = jax.device_get(fn(state, b, jax.random.key(1)))
             results[k] = (float(loss), grads)
-        for k in (2, 4):
+        for k in [k for k in results if k > 1]:
             diff = max(float(np.max(np.abs(a - g))) for a, g in zip(jax.tree.leaves(results[1][1]),
                                                                    jax.tree.leaves(results[k][1])))
             assert diff <= 1e-6, (shape, k, diff)
             assert abs(results[1][0] - results[k][0]) <= 1e-6
-    # and the trainer's own step with accumulation runs and lowers the loss
-    _, _, _, m = _run(toy_config(batch_size=16, accum=4), batch, steps=3)
+    # and the trainer's own step with accumulation runs
+    _, _, _, m = _run(toy_config(batch_size=16, accum=4), batch, steps=1)
     assert np.isfinite(m["loss"])
 
 
@@ -277,26 +277,18 @@ def test_partial_restore_seeds_named_subtrees_from_an_earlier_run(data_dir, tmp_
         np.testing.assert_array_equal(v, _leaves(fresh["lstm_h"])[k])
     assert seeded["init_h"]["kernel"].shape[-1] == 40
 
-    # a target that B does not have, and a subtree whose shapes differ (hidden 32 vs 40)
+    # a target that B does not have, and a subtree whose shapes differ (hidden 32 vs 40); B's
+    # compiled init is reused, only the sources change
+    variables = prog.init_variables(jax.random.key(0))
     for target, match in (("nothere", r"target='nothere' is not a parameter subtree.*top-level subtrees"),
-                          ("init_h", r"cannot seed params/init_h.*shape differences.*kernel.*\(8, 32\).*\(8, 40\)|"
-                                     r"cannot seed params/init_h.*shape differences")):
-        bad = sat_tiny(data_dir, model__hidden_dim=40)
-        bad.unlock()
-        bad.init.encoder.update(target=target, source="checkpoint", path=run_a)
-        bad.lock()
-        t2, m2 = train_lib.make_task_and_mesh(bad, str(tmp_path / "c"))
-        p2 = train_lib.build_program(bad, t2, m2)
+                          ("init_h", r"cannot seed params/init_h.*shape differences")):
+        bad = [init_sources.InitSource(name="encoder", target=target, source="checkpoint", path=run_a)]
         with pytest.raises(init_sources.InitSourceError, match=match):
-            p2.init_state(jax.random.key(0), init_sources.sources_from_config(bad))
+            init_sources.apply_sources(variables, bad, prog.variable_sharding)
     # a source directory that is not a run
-    bad = sat_tiny(data_dir)
-    bad.unlock()
-    bad.init.encoder.update(source="checkpoint", path=str(tmp_path))
-    bad.lock()
-    t3, m3 = train_lib.make_task_and_mesh(bad, str(tmp_path / "d"))
+    not_a_run = [init_sources.InitSource(name="encoder", target="encoder", source="checkpoint", path=str(tmp_path))]
     with pytest.raises(init_sources.InitSourceError, match=r"holds no checkpoints/"):
-        train_lib.build_program(bad, t3, m3).init_state(jax.random.key(0), init_sources.sources_from_config(bad))
+        init_sources.apply_sources(variables, not_a_run, prog.variable_sharding)
 
 
 def test_checkpoint_source_reads_a_frozen_subtree_of_the_earlier_run(data_dir, tmp_path):
