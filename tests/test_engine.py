@@ -1,9 +1,7 @@
 """The engine: optimizer groups, gradient accumulation, sharding that is applied, init sources
 (partial restore from an earlier run; SAT's coco encoder from a Hugging Face ResNet)."""
 import contextlib
-import json
 import os
-import re
 
 import flax.linen as nn
 import jax

@@ -290,7 +290,7 @@ def read_subtrees(path: str, *, step: int, subtree: str, want: dict, describe: s
     subtrees read from run ``path`` (its workdir or its checkpoints/ dir) at ``step`` (-1 =
     latest), at ``subtree`` of the source. Trainable params and model state come from the step,
     frozen params from the run's frozen_params/. Raises ValueError naming what is missing."""
-    from vlm_jax.init_sources import InitSourceError, _get, check_same_tree  # noqa: F401 (errors)
+    from vlm_jax.init_sources import InitSourceError, _get
     root = os.path.abspath(path)
     if os.path.basename(root) == "checkpoints":
         root = os.path.dirname(root)

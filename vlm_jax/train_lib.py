@@ -274,8 +274,8 @@ def _fmt(values: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------- entry point
 def make_task_and_mesh(config, workdir: str | None):
     """Validate the config (common keys, then the task module's own `validate`), build the mesh
-    and the task. Writes nothing in the workdir (the task may create its tokenizer files there
-    once the run is known to be compatible: see `train`). Returns (task, mesh)."""
+    and the task, and call `Task.prepare()` (which may write the task's tokenizer files into a
+    workdir that has none, e.g. SAT's vocab.json). Returns (task, mesh)."""
     shape = config_lib.validate_common(config, jax.device_count(), jax.process_count())
     module = task_module(config.task)
     if hasattr(module, "validate"):
