@@ -198,9 +198,7 @@ class Checkpointer:
         want = {f"params/{k}": v for k, v in _params_shapes(abstract_state["params"]).items()}
         want.update({f"model_state/{k}": v for k, v in _params_shapes(abstract_state["model_state"]).items()})
         if saved != want:
-            missing = sorted(set(want) - set(saved))[:3]
-            extra = sorted(set(saved) - set(want))[:3]
-            shape = [(k, saved[k], want[k]) for k in sorted(set(saved) & set(want)) if saved[k] != want[k]][:3]
+            missing, extra, shape = shape_diff(want, saved, limit=3)
             raise CheckpointMismatchError(
                 f"the checkpoint at {self.directory} (step {step}) was written by a different model: "
                 f"parameters missing from it {missing}, unexpected in it {extra}, shape differences "
@@ -273,6 +271,15 @@ class Checkpointer:
             return s, out["state"], (decode_data_state(out["data"]) if data_state else None), meta
         raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
                            f"{type(last_error).__name__}: {last_error}. Move the directory away to start fresh.")
+
+
+def shape_diff(want: dict, have: dict, limit: int = 5) -> tuple[list, list, list]:
+    """Between two {path: shape} dicts: (paths missing from ``have``, paths only in ``have``,
+    [(path, have shape, want shape)] where they differ), each cut to ``limit`` entries."""
+    missing = sorted(set(want) - set(have))[:limit]
+    extra = sorted(set(have) - set(want))[:limit]
+    shape = [(k, have[k], want[k]) for k in sorted(set(want) & set(have)) if want[k] != have[k]][:limit]
+    return missing, extra, shape
 
 
 def _params_shapes(tree) -> dict[str, tuple]:

@@ -129,9 +129,8 @@ def check_same_tree(want, got, *, where: str, source: InitSource) -> None:
     w, g = _shapes(want), _shapes(got)
     if w == g:
         return
-    missing = sorted(set(w) - set(g))[:5]
-    extra = sorted(set(g) - set(w))[:5]
-    shape = [(k, g[k], w[k]) for k in sorted(set(w) & set(g)) if w[k] != g[k]][:5]
+    from vlm_jax.checkpoint import shape_diff
+    missing, extra, shape = shape_diff(w, g)
     raise InitSourceError(
         f"config.init.{source.name} ({source.describe()}) cannot seed {where}: leaves missing from the source "
         f"{missing}, not in this model {extra}, shape differences (path, source, model) {shape}. Check that the "
