@@ -5,8 +5,9 @@
 
 The architecture is chosen by ``config.json["architectures"][0]`` through `CONVERTERS`
 (architecture name -> converter). Registration points: `vlm_jax.convert.vision.CONVERTERS`
-(vision towers, here) and `vlm_jax.convert.text.CONVERTERS` (text towers, owned by the text
-converter); both dicts are merged below, so adding an entry to either module registers it.
+(vision towers, here), `vlm_jax.convert.text.CONVERTERS` (text towers, owned by the text
+converter) and `vlm_jax.convert.blip2.CONVERTERS` (BLIP-2 composites); the dicts are merged below,
+so adding an entry to any of them registers it.
 ``text`` is imported if present, so this package works before/without it.
 
 A converter is ``fn(hf_config: dict, keys: set[str], *, dtype, param_dtype, **overrides)
@@ -32,6 +33,7 @@ except ModuleNotFoundError as e:   # text converters not written yet
     _text = None
 if _text is not None and hasattr(_text, "CONVERTERS"):
     CONVERTERS.update(_text.CONVERTERS)
+CONVERTERS.update(importlib.import_module("vlm_jax.convert.blip2").CONVERTERS)   # BLIP-2 composites
 
 
 def architecture_of(hf_config: dict, path: str = "") -> str:

@@ -7,11 +7,14 @@ split (`vlm_jax.data` EvalSplit: references, object annotations, batches with im
 runs over the split through `predict_over_split` and writes under `<workdir>/eval/step_<N>/`:
 
   results.json     COCO format [{"image_id", "caption"}]
-  metrics.json     BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) + attribute precision and
-                   attention localization where the split has object annotations
+  metrics.json     BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) + attribute precision,
+                   the grounded caption metrics (`grounded.grounded_metrics`: binding precision,
+                   object recall, exact-set rate, count / order / position accuracy and their
+                   counts, keys `grounded_*`) and attention localization where the split has
+                   object annotations
   attention_*.png  paper-style attention figures for the first ``num_figures`` images
 
-The attribute vocabularies (colours, shapes) are the values the split's own object
+The attribute vocabularies (colours, shapes, sizes) are the values the split's own object
 annotations use, so nothing here knows which dataset it scores.
 """
 from __future__ import annotations
@@ -53,7 +56,7 @@ class CaptionEvaluator(ev_lib.Evaluator):
         self._num_figures, self._grid = int(num_figures), int(grid)
 
     def run(self, params, model_state, *, step: int, workdir: str, final: bool) -> dict[str, float]:
-        from vlm_jax.evaluation import captioning, localization, plots
+        from vlm_jax.evaluation import captioning, grounded, localization, plots
 
         t0 = time.time()
         split = self._load_split()
@@ -80,6 +83,8 @@ class CaptionEvaluator(ev_lib.Evaluator):
         if any(objects.values()):
             colors, shapes = attribute_vocabularies(split.objects.values())
             metrics["attribute_precision"] = captioning.attribute_precision(predictions, objects, colors, shapes)
+            metrics.update(grounded.grounded_metrics(
+                predictions, objects, grounded.GroundedVocabulary.from_objects(split.objects.values())))
             if alphas:
                 loc = localization.attention_localization(words, alphas, objects, grid=self._grid,
                                                           colors=colors, shapes=shapes)
@@ -122,7 +127,10 @@ def _tokens_until_eos(ids: list[int], eos_id: int) -> list[int]:
 
 def print_table(metrics: dict, *, step: int, split: str, out_dir: str) -> None:
     keys = [k for k in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr",
-                        "attribute_precision", "localization_rate", "localization_chance") if k in metrics]
+                        "attribute_precision", "grounded_binding_precision", "grounded_binding_precision_with_size",
+                        "grounded_object_recall", "grounded_exact_set_rate", "grounded_count_accuracy",
+                        "grounded_order_accuracy_horizontal", "grounded_order_accuracy_vertical",
+                        "grounded_position_accuracy", "localization_rate", "localization_chance") if k in metrics]
     width = max(len(k) for k in keys) if keys else 10
     lines = [f"== evaluation: step {step}, split {split}, {metrics.get('num_images', 0)} images =="]
     for k in keys:

@@ -238,11 +238,7 @@ class TransformerBlock(nn.Module):
         Returns ``[B, T, D]``.
         """
         c = self.config
-        if c.cross_attention and encoded is None and not decode:
-            raise ValueError("This block has cross_attention=True: pass encoded=[B, S, Dc] (only decode=True may "
-                             "omit it, to reuse the cross-attention KV cache).")
-        if not c.cross_attention and encoded is not None:
-            raise ValueError("encoded was given but BlockConfig.cross_attention is False.")
+        self.check_encoded(encoded, decode)
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)   # residual stream in compute dtype
         x = self.attention_sublayer(x, mask, attn_bias, deterministic=deterministic, decode=decode)
         if c.cross_attention:
@@ -250,6 +246,16 @@ class TransformerBlock(nn.Module):
                                               decode=decode)
         x = self.mlp_sublayer(x, deterministic=deterministic)
         return nn.with_logical_constraint(x, ACT_AXES)
+
+    def check_encoded(self, encoded, decode: bool):
+        """Raise unless ``encoded`` is given exactly when the block cross-attends (decoding may
+        omit it to reuse the cross-attention KV cache). A block variant may relax this."""
+        c = self.config
+        if c.cross_attention and encoded is None and not decode:
+            raise ValueError("This block has cross_attention=True: pass encoded=[B, S, Dc] (only decode=True may "
+                             "omit it, to reuse the cross-attention KV cache).")
+        if not c.cross_attention and encoded is not None:
+            raise ValueError("encoded was given but BlockConfig.cross_attention is False.")
 
     def residual(self, x, norm, fn, deterministic: bool):
         """Pre-norm ``x + Drop(fn(norm(x)))`` or post-norm ``norm(x + Drop(fn(x)))``."""
@@ -320,11 +326,12 @@ class _Plan:
     decode: bool
     dtype: Any
     param_dtype: Any
+    block_kwargs: tuple = ()
 
     def block(self, i: int, name: str) -> nn.Module:
         cls = _maybe_remat(_static_block(self.block_cls), self.remat_policy, scanned=self.scanned)
         return cls(config=self.pattern[i % len(self.pattern)], dtype=self.dtype, param_dtype=self.param_dtype,
-                   deterministic=self.deterministic, decode=self.decode, name=name)
+                   deterministic=self.deterministic, decode=self.decode, name=name, **dict(self.block_kwargs))
 
     def inserted(self, name: str) -> nn.Module:
         spec = self.insert
@@ -419,12 +426,15 @@ class TransformerStack(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None, *, encoded=None, cross_mask=None, attn_bias=None, cross_bias=None,
                  inserted_inputs: tuple = (), deterministic: bool = True, decode: bool = False,
-                 output_layer: int = -1, output_hidden_states: bool = False):
+                 output_layer: int = -1, output_hidden_states: bool = False, block_kwargs=None):
         """Args:
           x ``[B, T, D]``; mask bool ``[B|1, 1|H, T, S]``; attn_bias ``[B|1, H, T, S]``;
           encoded ``[B, S, Dc]``, cross_mask, cross_bias: for the cross-attention blocks;
           inserted_inputs: tuple of extra arrays for the inserted blocks (``insert``);
           deterministic, decode, output_layer, output_hidden_states: see the class docstring.
+          block_kwargs: static attributes for every block of this call (a dict of hashable
+            values, e.g. the Q-Former block's ``query_length``); they never change the
+            parameter layout, only how a block variant routes its inputs.
         Returns ``(out [B, T, D], hidden_states or None)``.
         """
         n, pattern = self.num_layers, self.pattern
@@ -443,7 +453,7 @@ class TransformerStack(nn.Module):
         args = (mask, encoded, cross_mask, attn_bias, cross_bias)
         plan = _Plan(pattern=pattern, block_cls=self.block_cls, insert=self.insert, remat_policy=self.remat_policy,
                      scanned=self.scan_layers, deterministic=deterministic, decode=decode, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+                     param_dtype=self.param_dtype, block_kwargs=tuple(sorted((block_kwargs or {}).items())))
         if not self.scan_layers:
             hidden, h, m = [x], x, 0
             for i in range(n):

@@ -114,7 +114,7 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, output_layer: int = -1, output_hidden_states: bool = False,
-                 deterministic: bool = True) -> VisionOutput:
+                 deterministic: bool = True, apply_final_norm: bool = True) -> VisionOutput:
         """Args:
           images: ``[B, S, S, C]`` float, S = config.image_size.
           output_layer: which hidden state to return as ``features`` (index into the L+1
@@ -122,6 +122,9 @@ class VisionTransformer(nn.Module):
             -2 = the penultimate layer's raw output, as BLIP-2/Flamingo use).
           output_hidden_states: also return all L+1 hidden states.
           deterministic: False enables dropout ('dropout' rng).
+          apply_final_norm: False returns the last layer's raw output as ``features`` (no
+            ``final_norm``), for a model that normalises the features itself (BLIP-2's
+            trainable ``ln_vision``).
         """
         c = self.config
         if images.ndim != 4 or images.shape[1:] != (c.image_size, c.image_size, c.num_channels):
@@ -152,7 +155,7 @@ class VisionTransformer(nn.Module):
         if not -(n + 1) <= output_layer <= n:
             raise ValueError(f"output_layer={output_layer} is out of range for {n} layers "
                              f"(hidden states are indexed 0..{n}, or -{n + 1}..-1).")
-        want_last = (output_layer % (n + 1)) == n
+        want_last = (output_layer % (n + 1)) == n and apply_final_norm
         stack = TransformerStack(c.block, n, scan_layers=c.scan_layers, remat_policy=c.remat_policy, dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="encoder")
         h, hidden = stack(x, deterministic=deterministic, output_layer=output_layer,

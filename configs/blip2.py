@@ -1,0 +1,182 @@
+"""BLIP-2 (Li et al. 2023) configs. Stage 1: Q-Former pretraining (ITC + ITM + ITG).
+
+Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
+  tiny              seconds; what tests and smoke runs use (random tiny ViT, trained).
+  stage1_synthetic  stage 1 on the embedded synthetic shapes set; trains on a 2-core CPU in
+                    minutes. No pretrained image tower exists offline, so this variant trains a
+                    small ViT together with the Q-Former (``model.freeze_vision=False``: a
+                    named deviation from the paper, whose image encoder is frozen).
+  stage1_paper      the paper's stage 1: EVA ViT-g/14 without its last block (a Hugging Face
+                    Blip2VisionModel / CLIP directory in ``config.init.vision``), 224 px,
+                    BERT-base Q-Former with 32 queries (``config.model.tokenizer_dir``: the
+                    bert-base-uncased tokenizer; [DEC] is added), batch 1680, 250k steps, AdamW
+                    b = (0.9, 0.98), weight decay 0.05, peak lr 1e-4, 2k warmup, cosine.
+
+Every other key is overridden on the command line as `--config.section.key=value`.
+
+Commands:
+  python train.py --config configs/blip2.py:stage1_synthetic --workdir runs/blip2_stage1
+  python eval.py  --config configs/blip2.py:stage1_synthetic --workdir runs/blip2_stage1
+  python train.py --config configs/blip2.py:tiny --workdir /tmp/blip2_tiny
+  python train.py --config configs/blip2.py:stage1_paper --workdir runs/blip2_paper \\
+      --config.data.manual_dir=/data/coco --config.init.vision.path=/ckpt/blip2-vision-eva-g \\
+      --config.model.tokenizer_dir=/ckpt/bert-base-uncased
+"""
+import ml_collections
+
+from vlm_jax import config_lib
+
+VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper")
+
+
+def get_config(arg=None):
+    variant, overrides = config_lib.parse_arg(arg, VARIANTS, default="stage1_synthetic")
+    c = ml_collections.ConfigDict()
+    c.task = "blip2"
+    c.variant = variant
+    c.seed = 0
+
+    # ---------------------------------------------------------------- data (image-caption pairs)
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions'
+    d.data_dir = ""
+    d.manual_dir = ""
+    d.builder_config = ""              # karpathy: coco | flickr8k | flickr30k
+    d.image_size = 56
+    d.num_train = 6000
+    d.num_val = 500
+    d.num_test = 500
+    d.max_caption_len = 24             # words (or WordPiece tokens); T = + [CLS] and [SEP]
+    d.vocab_min_count = 1
+    d.vocab_max_size = 10000
+    d.blind = False
+    d.worker_count = 0
+    d.mean = (0.5, 0.5, 0.5)
+    d.std = (0.25, 0.25, 0.25)
+
+    # ---------------------------------------------------------------- model
+    c.model = m = ml_collections.ConfigDict()
+    m.stage = "qformer"                # stage 1 (the stage-2 LM configs come with the stage-2 task)
+    m.tokenizer_dir = ""               # '' = word vocabulary of the training captions; else a BERT tokenizer dir
+    m.embed_dim = 256                  # E: ITC projection width
+    m.feature_layer = -1               # image-tower hidden state fed to the Q-Former (-1 last raw, -2 penultimate)
+    m.init_temperature = 0.07          # ITC tau, clamped to [0.001, 0.5]
+    m.itc_label_smoothing = 0.1
+    m.itg_label_smoothing = 0.1
+    m.freeze_vision = True             # the paper: frozen image encoder
+    m.vision_dtype = "float32"         # compute dtype of the image tower ('bfloat16' / 'float16' on accelerators)
+    m.vision_param_dtype = ""          # storage dtype of the frozen tower ('' = train.param_dtype)
+    # Image tower built from config when config.init.vision is not 'hf' (the synthetic variants).
+    m.vision = ml_collections.ConfigDict(dict(patch_size=8, width=96, num_layers=3, num_heads=4, mlp_dim=192))
+    m.qformer = q = ml_collections.ConfigDict()
+    q.num_queries = 32
+    q.width = 768
+    q.num_layers = 12
+    q.num_heads = 12
+    q.mlp_dim = 3072
+    q.max_positions = 512
+    q.cross_attention_every = 2
+    q.dropout = 0.1
+    q.scan_layers = False
+    q.remat_policy = "none"
+
+    # ---------------------------------------------------------------- optimisation
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-4
+    o.end_lr_fraction = 0.0
+    o.warmup_steps = 2000
+    o.weight_decay = 0.05
+    o.grad_clip = 0.0                  # LAVIS does not clip
+    o.b1 = 0.9
+    o.b2 = 0.98
+    o.eps = 1e-8
+    o.grad_accum_steps = 1
+    o.groups = ml_collections.ConfigDict()
+
+    # ---------------------------------------------------------------- initialisation
+    c.init = ml_collections.ConfigDict()
+    c.init.vision = ml_collections.ConfigDict(dict(target="vision", source="", path="", step=-1,
+                                                   source_target=""))
+
+    # ---------------------------------------------------------------- training loop
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 1680
+    t.num_steps = 250_000
+    t.log_every = 100
+    t.checkpoint_every = 5000
+    t.max_to_keep = 3
+    t.dtype = "float32"
+    t.param_dtype = "float32"
+    t.peak_tflops = 0.0
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # ---------------------------------------------------------------- evaluation
+    c.evals = ml_collections.ConfigDict()
+    c.evals.retrieval = e = ml_collections.ConfigDict()
+    e.every = 0
+    e.split = "test"
+    e.batch_size = 128
+    e.k_test = 128                     # ITC shortlist re-ranked by ITM (paper/LAVIS: 128 COCO)
+    e.rerank = True
+    e.max_examples = 0
+    e.num_figures = 4                  # text queries in retrieval_examples.png
+
+    if variant in ("tiny", "stage1_synthetic"):
+        m.freeze_vision = False        # deviation: no pretrained image tower offline (see the docstring)
+        m.embed_dim = 64
+        q.num_queries = 8
+        q.width, q.num_layers, q.num_heads, q.mlp_dim = 96, 2, 4, 192
+        q.max_positions = 32
+        q.dropout = 0.0
+        o.lr = 1e-3
+        o.warmup_steps = 100
+        o.end_lr_fraction = 0.05
+        o.weight_decay = 0.05
+        o.grad_clip = 1.0
+        t.batch_size = 64
+        t.num_steps = 1500
+        t.log_every = 50
+        t.checkpoint_every = 500
+        t.max_to_keep = 2
+        e.every = 500
+        e.max_examples = 200
+        e.batch_size = 64
+        e.k_test = 16
+    if variant == "tiny":
+        d.image_size = 16
+        d.num_train, d.num_val, d.num_test = 64, 16, 16
+        d.max_caption_len = 12
+        m.vision = ml_collections.ConfigDict(dict(patch_size=4, width=16, num_layers=1, num_heads=2, mlp_dim=24))
+        m.embed_dim = 8
+        q.num_queries = 3
+        q.width, q.num_layers, q.num_heads, q.mlp_dim = 24, 2, 2, 40
+        q.max_positions = 16
+        o.warmup_steps = 2
+        t.batch_size = 8
+        t.num_steps = 4
+        t.log_every = 2
+        t.checkpoint_every = 2
+        e.every = 0
+        e.max_examples = 0
+        e.batch_size = 8
+        e.k_test = 4
+        e.num_figures = 1
+    elif variant == "stage1_paper":
+        d.name = "karpathy_captions"
+        d.builder_config = "coco"
+        d.num_train = d.num_val = d.num_test = 0
+        d.image_size = 224
+        d.max_caption_len = 30
+        d.mean = (0.48145466, 0.4578275, 0.40821073)     # CLIP / EVA normalisation
+        d.std = (0.26862954, 0.26130258, 0.27577711)
+        m.vision_dtype = "float16"
+        m.vision_param_dtype = "float16"
+        c.init.vision.source = "hf"     # + --config.init.vision.path=<Blip2VisionModel (EVA ViT-g, 39 blocks)>
+        t.dtype = "float32"
+        e.every = 10_000
+        e.k_test = 128
+
+    config_lib.apply_overrides(c, overrides)
+    c.lock()
+    return c

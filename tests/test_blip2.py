@@ -1,0 +1,330 @@
+"""BLIP-2 stage 1: the Q-Former's query/text routing, the ITC/ITM/ITG objective pieces, the
+sharded loss, hard negatives across devices, frozen towers, the temperature clamp, the paper-size
+parameter count, and the task through the trainer (configs/blip2.py:tiny).
+(HF import and parity: tests/test_blip2_convert.py.)"""
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax import config_lib, optim, sharding, train_lib
+from vlm_jax.layers import masks
+from vlm_jax.layers.vit import ViTConfig, VisionTransformer
+from vlm_jax.models import blip2
+from vlm_jax.objectives import contrastive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLIP2_CONFIG = os.path.join(ROOT, "configs", "blip2.py")
+
+
+def blip2_config(data_dir, arg="tiny", **overrides):
+    ov = {"data.data_dir": data_dir}
+    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return config_lib.load_config(f"{BLIP2_CONFIG}:{arg}", ov)
+
+
+def _tiny_model(**q):
+    """Odd sizes: 12 px images, patch 4 (9 patches), ViT 20 wide; Q-Former 30 wide, 3 heads, 4 layers
+    (cross-attention in 0 and 3), 3 queries, vocab 23."""
+    vit = VisionTransformer(ViTConfig(image_size=12, patch_size=4, hidden_size=20, num_layers=1, num_heads=2,
+                                      mlp_dim=28, pool="none"))
+    qcfg = dict(num_queries=3, width=30, num_layers=4, num_heads=3, mlp_dim=34, vocab_size=23, max_positions=10,
+                cross_attention_every=3)
+    qcfg.update(q)
+    return blip2.Blip2QFormerModel(vit, blip2.Blip2Config(qformer=blip2.QFormerConfig(**qcfg), embed_dim=6))
+
+
+def _inputs(b=2, t=6, seed=0):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.normal(size=(b, 12, 12, 3)), jnp.float32)
+    tokens = rng.integers(3, 23, size=(b, t)).astype(np.int32)
+    tokens[:, 0] = 1
+    tokens[0, 4:] = 0                                     # row 0: 4 real tokens, 2 pads
+    return images, jnp.asarray(tokens), jnp.asarray(tokens != 0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = _tiny_model()
+    images, tokens, valid = _inputs()
+    params = model.init(jax.random.key(1), images, tokens, valid)["params"]
+    # non-trivial norms and biases, so that a wrong routing shows
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return model, params
+
+
+# ----------------------------------------------------------------------------- Q-Former routing
+def test_query_and_text_streams_match_separate_passes(tiny):
+    """Under the ITC (unimodal) mask one pass over [queries; text] gives exactly the image-only
+    pass on the query rows and the text-only pass on the text rows; under the ITG mask the query
+    rows still equal the image-only pass (what the stage-1 loss relies on)."""
+    model, params = tiny
+    images, tokens, valid = _inputs()
+    q = model.config.qformer.num_queries
+
+    def run(method, *a, **k):
+        return model.apply({"params": params}, *a, method=method, **k)
+
+    feats = run(blip2.Blip2QFormerModel.image_features, images)
+    qf = lambda *a, **k: run(lambda m, *a, **k: m.qformer(*a, **k)[0], *a, **k)  # noqa: E731
+    image_only = qf(feats)
+    text_only = qf(tokens=tokens, mask=masks.padding_mask(valid))
+    joint = qf(feats, tokens, mask=masks.qformer_itc_mask(q, valid))
+    np.testing.assert_allclose(joint[:, :q], image_only, atol=1e-5)
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(joint[:, q:])[real], np.asarray(text_only)[real], atol=1e-5)
+    itg = qf(feats, tokens, mask=masks.qformer_itg_mask(q, valid))
+    np.testing.assert_allclose(itg[:, :q], image_only, atol=1e-5)
+    # the bidirectional (ITM) pass does mix the streams
+    itm = qf(feats, tokens, mask=masks.qformer_itm_mask(q, valid))
+    assert float(jnp.max(jnp.abs(itm[:, :q] - image_only))) > 1e-3
+
+
+def test_padding_never_changes_real_positions(tiny):
+    model, params = tiny
+    images, tokens, valid = _inputs()
+    longer = jnp.pad(tokens, ((0, 0), (0, 3)))
+    run = lambda m, *a: model.apply({"params": params}, *a, method=m)  # noqa: E731
+    feats = run(blip2.Blip2QFormerModel.image_features, images)
+    for method in (blip2.Blip2QFormerModel.itm_logits,):
+        np.testing.assert_allclose(run(method, feats, tokens, valid), run(method, feats, longer, longer != 0),
+                                   atol=1e-5)
+    np.testing.assert_allclose(run(blip2.Blip2QFormerModel.text_embeds, tokens, valid),
+                               run(blip2.Blip2QFormerModel.text_embeds, longer, longer != 0), atol=1e-5)
+    a, _ = run(blip2.Blip2QFormerModel.itg_pass, feats, tokens, valid)
+    b, _ = run(blip2.Blip2QFormerModel.itg_pass, feats, longer, longer != 0)
+    np.testing.assert_allclose(np.asarray(a)[np.asarray(valid)], np.asarray(b[:, :6])[np.asarray(valid)], atol=1e-4)
+
+
+def test_itg_is_causal_over_text(tiny):
+    """Changing text token 3 changes no ITG logit before position 3."""
+    model, params = tiny
+    images, tokens, valid = _inputs()
+    run = lambda m, *a: model.apply({"params": params}, *a, method=m)  # noqa: E731
+    feats = run(blip2.Blip2QFormerModel.image_features, images)
+    a, _ = run(blip2.Blip2QFormerModel.itg_pass, feats, tokens, valid)
+    b, _ = run(blip2.Blip2QFormerModel.itg_pass, feats, tokens.at[:, 3].set(7), valid)
+    np.testing.assert_array_equal(np.asarray(a[:, :3]), np.asarray(b[:, :3]))
+    assert float(jnp.max(jnp.abs(a[1, 3:] - b[1, 3:]))) > 1e-4
+
+
+# ----------------------------------------------------------------------------- objective pieces
+def test_smoothed_nll_equals_torch_label_smoothing():
+    import torch
+    rng = np.random.default_rng(0)
+    logits, target = rng.normal(size=(5, 7)).astype(np.float32), rng.integers(0, 7, 5)
+    ours = contrastive.smoothed_nll(jnp.asarray(logits), jnp.asarray(target), smoothing=0.1)
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(target), label_smoothing=0.1,
+                                            reduction="none")
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-6)
+    # excluded classes behave as if they were not there
+    allowed = np.ones((5, 7), bool)
+    allowed[:, 6] = False
+    allowed[np.arange(5), target] = True
+    sub = contrastive.smoothed_nll(jnp.asarray(np.where(allowed, logits, 99.0)), jnp.asarray(target),
+                                   jnp.asarray(allowed), smoothing=0.1)
+    for i in range(5):
+        keep = np.flatnonzero(allowed[i])
+        ref_i = torch.nn.functional.cross_entropy(torch.tensor(logits[i, keep][None]),
+                                                  torch.tensor([int(np.flatnonzero(keep == target[i])[0])]),
+                                                  label_smoothing=0.1)
+        np.testing.assert_allclose(float(sub[i]), float(ref_i), atol=1e-6)
+
+
+def test_itc_same_image_pairs_are_not_negatives():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 4)).astype(np.float32)
+    ids = jnp.asarray([5, 5, 7, 8])                       # rows 0 and 1 show the same image
+    loss, _ = contrastive.itc_loss(jnp.asarray(logits), ids, smoothing=0.1)
+    moved = logits.copy()
+    moved[0, 1] = moved[1, 0] = 50.0                      # a same-image pair scoring high costs nothing
+    loss2, _ = contrastive.itc_loss(jnp.asarray(moved), ids, smoothing=0.1)
+    np.testing.assert_allclose(loss, loss2, atol=1e-6)
+    moved[0, 2] = 50.0                                    # a true negative scoring high does
+    loss3, _ = contrastive.itc_loss(jnp.asarray(moved), ids, smoothing=0.1)
+    assert float(loss3) > float(loss) + 1.0
+
+
+def test_hard_negatives_exclude_positives_and_same_image_pairs():
+    rng = np.random.default_rng(2)
+    b = 12
+    ids = jnp.asarray(rng.integers(0, 5, size=b))          # many duplicates
+    exclude = contrastive.same_image_pairs(ids)
+    sims = jnp.asarray(rng.normal(size=(b, b)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 400)
+    idx, found = jax.vmap(lambda k: contrastive.sample_hard_negatives(k, sims, exclude))(keys)
+    idx, found = np.asarray(idx), np.asarray(found)
+    ex = np.asarray(exclude)
+    rows = np.arange(b)
+    for r in rows:
+        if not found[0, r]:
+            assert ex[r].all()
+            continue
+        assert not ex[r, idx[:, r]].any(), f"row {r} drew an excluded column"
+    # sampling follows softmax(sim) over the allowed columns: the most similar allowed one is drawn most
+    r = int(np.flatnonzero(found[0])[0])
+    p = np.where(ex[r], -np.inf, np.asarray(sims[r]))
+    freq = np.bincount(idx[:, r], minlength=b) / len(keys)
+    expected = np.exp(p - p.max()) / np.exp(p - p.max()).sum()
+    assert np.argmax(freq) == np.argmax(expected) and np.abs(freq - expected).max() < 0.1
+    # a row with no allowed column is flagged
+    _, found_all = contrastive.sample_hard_negatives(jax.random.key(0), sims[:2, :2],
+                                                     jnp.ones((2, 2), bool))
+    assert not np.asarray(found_all).any()
+
+
+def test_hard_negatives_come_from_other_devices_on_a_sharded_batch():
+    """8 devices, 2 rows each: every row's most similar allowed column lives on another device, and a
+    peaked softmax draws exactly it, computed on the batch-sharded similarity matrix."""
+    assert jax.device_count() == 8
+    b = 16
+    mesh = sharding.create_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    target = (np.arange(b) + 5) % b                        # row i -> column i+5: two devices away
+    sims = np.full((b, b), -10.0, np.float32)
+    sims[np.arange(b), target] = 40.0
+    ids = np.arange(b)
+    row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    s = jax.device_put(sims, row_sharding)
+    ex = jax.device_put(np.eye(b, dtype=bool), row_sharding)
+    idx, found = jax.jit(contrastive.sample_hard_negatives)(jax.random.key(3), s, ex)
+    idx = np.asarray(idx)
+    assert np.asarray(found).all()
+    np.testing.assert_array_equal(idx, target)
+    assert np.all(idx // 2 != ids // 2)                    # each negative came from another device
+
+
+# ----------------------------------------------------------------------------- the task and the trainer
+@pytest.fixture(scope="module")
+def vision_dir(tmp_path_factory):
+    """A tiny Hugging Face Blip2VisionModel (16 px, patch 4, hidden 20, 2 heads, 2 layers, FFN 28)."""
+    import torch
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+    torch.manual_seed(0)
+    m = Blip2VisionModel(Blip2VisionConfig(image_size=16, patch_size=4, hidden_size=20, num_attention_heads=2,
+                                           num_hidden_layers=2, intermediate_size=28))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("blip2_vision")
+    m.save_pretrained(str(d))
+    return str(d)
+
+
+def _one_device_mesh():
+    return sharding.create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def _batch(task, b, seed=0):
+    rng = np.random.default_rng(seed)
+    it = task.train_iterator()
+    batch = next(iter(it))
+    reps = -(-b // len(batch["tokens"]))
+    out = {k: np.concatenate([v] * reps)[:b] for k, v in batch.items()}
+    out["image"] = out["image"] + rng.normal(size=out["image"].shape).astype(np.float32) * 0.1
+    return out
+
+
+def test_stage1_loss_on_8_devices_equals_one_device(data_dir):
+    """The same global batch, params and rng: the full objective (with hard negatives drawn from
+    the global batch) on data=8 equals one device."""
+    config = blip2_config(data_dir, train__batch_size=16)
+    task1, _ = train_lib.make_task_and_mesh(config, None)
+    batch = _batch(task1, 16)
+    params = jax.tree.map(jnp.asarray, flax.linen.unbox(task1.init(jax.random.key(0), batch)["params"]))
+    rng = jax.random.key(7)
+    results = []
+    for shape in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 8, "fsdp": 1, "tensor": 1}):
+        n = shape["data"]
+        mesh = sharding.create_mesh(shape, jax.devices()[:n])
+        task = type(task1)(config, mesh=mesh)
+        b = sharding.put_batch(batch, mesh)
+        with sharding.rules_context(mesh):
+            loss, (metrics, _) = jax.jit(lambda p, bb, r: task.loss_fn(p, {}, bb, r, train=True))(params, b, rng)
+        results.append((float(loss), {k: float(v) for k, v in metrics.items()}))
+    (l1, m1), (l8, m8) = results
+    assert np.isfinite(l1)
+    assert abs(l1 - l8) <= 1e-5, (l1, l8)
+    for k in ("loss_itc", "loss_itm", "loss_itg", "itm_acc"):
+        assert abs(m1[k] - m8[k]) <= 1e-5, (k, m1[k], m8[k])
+
+
+def test_frozen_vision_is_bit_identical_and_temperature_stays_clamped(data_dir, vision_dir, tmp_path):
+    """Stage 1 with a frozen HF image tower: after training steps the tower equals the HF weights bit
+    for bit (and has no optimizer slots) while the Q-Former moved; an exploding learning rate on
+    the temperature still leaves it inside [0.001, 0.5]."""
+    from vlm_jax.convert import load_hf
+    config = blip2_config(data_dir, model__freeze_vision=True, init__vision__source="hf",
+                          init__vision__path=vision_dir, train__num_steps=3, train__checkpoint_every=3,
+                          optim__grad_clip=0.0)
+    with config.unlocked():
+        config.optim.groups.temperature = config_lib.ml_collections.ConfigDict(dict(
+            pattern="temp", trainable=True, lr_mult=2000.0, weight_decay=False, dtype=""))
+    result = train_lib.train(config, str(tmp_path / "run"))
+    state = result.state
+    hf = load_hf(vision_dir)[1]["params"]
+    got = {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+        jax.device_get(state.frozen["vision"]))}
+    want = {optim.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(hf)}
+    assert got.keys() == want.keys()
+    for k in got:
+        assert np.array_equal(got[k], want[k]), k
+    assert "vision" not in state.params
+    import re
+    slots = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+    assert slots and not any(re.search(r"(^|/)vision/", s) for s in slots)     # ln_vision, vision_proj do train
+    assert any("ln_vision" in s for s in slots)
+    temp = float(state.params["temp"])
+    lo, hi = blip2.TEMPERATURE_RANGE
+    assert lo <= temp <= hi and temp != pytest.approx(0.07, abs=1e-4), temp
+
+
+def test_tiny_trains_and_evaluates_retrieval(data_dir, tmp_path):
+    """configs/blip2.py:tiny through train_and_evaluate: every loss term logged, finite, and the
+    retrieval evaluator's R@K (with ITM re-ranking) written and ordered."""
+    import json
+    workdir = str(tmp_path / "tiny")
+    metrics = train_lib.train_and_evaluate(blip2_config(data_dir), workdir)
+    r = metrics["retrieval"]
+    for d in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
+        assert 0.0 <= r[f"{d}_r1"] <= r[f"{d}_r5"] <= r[f"{d}_r10"] <= 1.0
+    assert r["num_images"] == 16 and r["num_texts"] > 16
+    saved = json.load(open(os.path.join(workdir, "eval", "step_4", "retrieval_metrics.json")))
+    assert saved["i2t_r1"] == r["i2t_r1"]
+    assert os.path.isfile(os.path.join(workdir, "eval", "step_4", "retrieval_examples.png"))
+    lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_lines = [l for l in lines if l["split"] == "train"]
+    assert {"loss_itc", "loss_itm", "loss_itg", "temperature", "itm_acc"} <= set(train_lines[-1])
+    assert all(np.isfinite(l["loss"]) for l in train_lines)
+
+
+# ----------------------------------------------------------------------------- retrieval metric
+def test_strict_recall_and_shortlist_rescoring():
+    from vlm_jax.evaluation.retrieval import shortlist_scores, strict_recall
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.2, 0.1]])
+    truth = np.array([[False, False, True], [True, False, False]])
+    r = strict_recall(scores, truth, ks=(1, 2))
+    assert r == {1: 0.0, 2: 0.5}                      # row 1's tie counts against it
+    # re-ranking only touches the shortlist: column 2 of row 0 is lifted by the matcher
+    out = shortlist_scores(scores, 2, lambda rows, cols: np.where(cols == 2, 10.0, 0.0))
+    assert np.isneginf(out[0, 1]) and out[0, 2] == pytest.approx(10.5) and out[0, 0] == pytest.approx(0.9)
+    assert strict_recall(out, truth, ks=(1,))[1] == 0.5
+
+
+# ----------------------------------------------------------------------------- paper size
+def test_paper_qformer_parameter_count():
+    """jax.eval_shape of the paper's Q-Former (BERT-base, 32 queries, cross-attention every 2nd
+    layer to 1408-wide EVA features, query FFNs, [DEC] in the vocabulary, LM head) with its ITC/ITM
+    heads: within 2% of the paper's 188M."""
+    model = blip2.Blip2QFormerModel(VisionTransformer(ViTConfig(image_size=28, patch_size=14, hidden_size=1408,
+                                                                num_layers=1, num_heads=16, mlp_dim=64)),
+                                    blip2.Blip2Config(qformer=blip2.QFormerConfig.paper()))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)),
+                                               jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), bool)))
+    flat = flax.traverse_util.flatten_dict(flax.linen.unbox(shapes["params"]))
+    n = sum(int(np.prod(v.shape)) for k, v in flat.items() if k[0] != "vision")
+    assert abs(n - 188e6) / 188e6 < 0.02, n

@@ -1,0 +1,86 @@
+"""BLIP-2 stage-1 objective: ITC + ITM (hard negatives) + ITG in one step (paper section 3.2).
+
+Dimension letters: B global batch, S image side, T text length ([CLS] w1 .. wn [SEP] pad..),
+Nv image tokens, Dv image width, Q queries, E ITC width, V vocabulary.
+
+  ITC  s_ij = max_q z_iq . z_j / tau over the global batch, label smoothing 0.1 (LAVIS),
+       same-image pairs are not negatives                      (`contrastive.itc_loss`)
+  ITM  per text one hard-negative image, per image one hard-negative text, each drawn from
+       softmax(s) with the positive and same-image pairs excluded; 2-way CE over the B
+       positives and 2B negatives                              (`contrastive.sample_hard_negatives`)
+  ITG  [DEC] replaces [CLS]; next-token CE (label smoothing 0.1, LAVIS) over the text given
+       all queries, multimodal-causal mask
+  loss = ITC + ITM + ITG (unweighted, as the paper and LAVIS)
+
+The ITC image embeddings come from the ITG pass's query outputs: under the multimodal-causal
+mask the queries attend only to each other, so they equal an image-only pass (one pass saved).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.models.blip2 import Blip2QFormerModel, itc_similarity
+from vlm_jax.objectives.contrastive import itc_loss, same_image_pairs, sample_hard_negatives, smoothed_nll
+
+
+def stage1_loss(model: Blip2QFormerModel, params, batch, rng, *, dec_id: int, pad_id: int,
+                itc_smoothing: float = 0.1, itg_smoothing: float = 0.1, train: bool = True):
+    """batch: image f32 ``[B, S, S, 3]``, tokens int ``[B, T]`` ([CLS] first), image_id int ``[B]``.
+
+    -> (loss, metrics) with every term logged on its own.
+    """
+    images, tokens, image_ids = batch["image"], batch["tokens"], batch["image_id"]
+    valid = tokens != pad_id                                                   # [B, T]
+    r_drop, r_img, r_txt = jax.random.split(rng, 3)
+    det = not train
+    call = functools.partial(model.apply, {"params": params})
+    drop = (lambda k: {"dropout": jax.random.fold_in(r_drop, k)}) if train else (lambda k: {})  # noqa: E731
+
+    feats = call(images, method=Blip2QFormerModel.image_features)             # [B, Nv, Dv]
+
+    # ITG pass; its query outputs also give the ITC image embeddings.
+    dec_tokens = tokens.at[:, 0].set(dec_id)
+    itg_logits, q_out = call(feats, dec_tokens, valid, deterministic=det, rngs=drop(0),
+                             method=Blip2QFormerModel.itg_pass)               # [B, T, V], [B, Q, D]
+    img_emb = call(q_out, method=Blip2QFormerModel.project_queries)          # [B, Q, E]
+    txt_emb = call(tokens, valid, deterministic=det, rngs=drop(1),
+                   method=Blip2QFormerModel.text_embeds)                      # [B, E]
+
+    # ITC
+    temp = params["temp"]
+    sim = itc_similarity(img_emb, txt_emb) / temp                             # [B (images), B (texts)]
+    loss_itc, itc_m = itc_loss(sim, image_ids, smoothing=itc_smoothing)
+
+    # ITM with hard negatives over the global batch
+    same = same_image_pairs(image_ids)                                        # includes the diagonal
+    neg_img, found_img = sample_hard_negatives(r_img, sim.T, same.T)          # per text: an image
+    neg_txt, found_txt = sample_hard_negatives(r_txt, sim, same)              # per image: a text
+    feats_all = jnp.concatenate([feats, feats[neg_img], feats], axis=0)       # [3B, Nv, Dv]
+    tokens_all = jnp.concatenate([tokens, tokens, tokens[neg_txt]], axis=0)   # [3B, T]
+    valid_all = jnp.concatenate([valid, valid, valid[neg_txt]], axis=0)
+    itm_logits = call(feats_all, tokens_all, valid_all, deterministic=det, rngs=drop(2),
+                      method=Blip2QFormerModel.itm_logits)                    # [3B, 2]
+    b = tokens.shape[0]
+    labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+    weight = jnp.concatenate([jnp.ones((b,), bool), found_img, found_txt]).astype(jnp.float32)
+    itm_nll = smoothed_nll(itm_logits, labels)
+    loss_itm = jnp.sum(itm_nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    itm_acc = jnp.sum((jnp.argmax(itm_logits, -1) == labels) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+    # ITG: position t predicts token t+1 (text only; the queries carry no loss)
+    target, tmask = tokens[:, 1:], valid[:, 1:].astype(jnp.float32)
+    itg_nll = smoothed_nll(itg_logits[:, :-1], target, smoothing=itg_smoothing)
+    num_tokens = jnp.maximum(jnp.sum(tmask), 1.0)
+    loss_itg = jnp.sum(itg_nll * tmask) / num_tokens
+    itg_acc = jnp.sum((jnp.argmax(itg_logits[:, :-1], -1) == target) * tmask) / num_tokens
+
+    loss = loss_itc + loss_itm + loss_itg
+    metrics = {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg,
+               "itc_acc_i2t": itc_m["acc_i2t"], "itc_acc_t2i": itc_m["acc_t2i"], "itm_acc": itm_acc,
+               "itg_acc": itg_acc, "temperature": temp,
+               "itm_missing_negatives": 2 * b - jnp.sum(found_img) - jnp.sum(found_txt),
+               "num_tokens": jnp.sum(tmask)}
+    return loss, metrics

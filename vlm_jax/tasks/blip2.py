@@ -1,0 +1,289 @@
+"""BLIP-2 as a trainer task. Stage 1 (``model.stage='qformer'``): Q-Former pretraining with ITC +
+ITM + ITG against a frozen image encoder.
+
+Dimension letters: B batch, S image side, T text length ([CLS] w1 .. wn [SEP] pad..), Q queries.
+
+Pieces (each in its one place):
+  model        `vlm_jax.models.blip2.Blip2QFormerModel` (Q-Former, heads, ln_vision)
+  image tower  `VisionTransformer`: from a Hugging Face directory (``config.init.vision``,
+               source='hf': CLIP / Blip2Vision / ViT; architecture from its config.json) or, with
+               no pretrained tower, built from ``config.model.vision`` (the synthetic variants)
+  loss         `vlm_jax.objectives.blip2.stage1_loss`
+  tokenizer    ``model.tokenizer_dir`` set: that BERT WordPiece tokenizer with ``[DEC]`` added
+               (as LAVIS); empty: the word vocabulary of the training captions (saved as
+               ``<workdir>/vocab.json``), its <bos> playing [CLS] and one extra id for [DEC]
+  freezing     ``vision/...`` frozen by default (``model.freeze_vision``); the ITC temperature
+               clamped to [0.001, 0.5] after every update
+  evaluators   ``evals.retrieval``: ITC shortlist + ITM re-ranking, R@1/5/10 both ways
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.models.blip2 import TEMPERATURE_RANGE, Blip2Config, Blip2QFormerModel, QFormerConfig
+from vlm_jax.objectives.blip2 import stage1_loss
+from vlm_jax.tasks.base import Task
+
+VISION = "vision"
+STAGES = ("qformer",)
+
+
+def _dtype(name: str, key: str):
+    if name not in ("float32", "bfloat16", "float16"):
+        from vlm_jax.config_lib import ConfigError
+        raise ConfigError(f"config.{key}={name!r}: use 'float32', 'bfloat16' or 'float16'.")
+    return jnp.dtype(name)
+
+
+def vision_init_dir(config) -> str:
+    """The HF directory of ``config.init.vision`` ('' when the image tower is built from config)."""
+    if "vision" in config.init and config.init.vision.source == "hf":
+        return config.init.vision.path
+    return ""
+
+
+def build_vision(config):
+    """The image tower module (its weights come from ``config.init.vision`` when it is 'hf')."""
+    dtype = _dtype(config.model.vision_dtype, "model.vision_dtype")
+    hf_dir = vision_init_dir(config)
+    if hf_dir:
+        from vlm_jax.convert import conversion_for
+        from vlm_jax.convert.common import read_hf_dir
+        hf, tensors = read_hf_dir(hf_dir)
+        return conversion_for(hf, tensors.keys(), dtype=dtype).module
+    from vlm_jax.layers.vit import ViTConfig, VisionTransformer
+    v = config.model.vision
+    cfg = ViTConfig(image_size=int(config.data.image_size), patch_size=int(v.patch_size), hidden_size=int(v.width),
+                    num_layers=int(v.num_layers), num_heads=int(v.num_heads), mlp_dim=int(v.mlp_dim),
+                    norm_eps=1e-6, pool="none")
+    return VisionTransformer(cfg, dtype=dtype)
+
+
+def qformer_config(config, vocab_size: int) -> QFormerConfig:
+    q = config.model.qformer
+    return QFormerConfig(num_queries=int(q.num_queries), width=int(q.width), num_layers=int(q.num_layers),
+                         num_heads=int(q.num_heads), mlp_dim=int(q.mlp_dim), vocab_size=int(vocab_size),
+                         max_positions=int(q.max_positions), cross_attention_every=int(q.cross_attention_every),
+                         dropout_rate=float(q.dropout), attention_dropout_rate=float(q.dropout),
+                         scan_layers=bool(q.scan_layers), remat_policy=str(q.remat_policy))
+
+
+class Blip2Task(Task):
+    """batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B])."""
+
+    name = "blip2"
+
+    def __init__(self, config, *, workdir=None, mesh=None):
+        super().__init__(config, workdir=workdir, mesh=mesh)
+        self.image_size = int(config.data.image_size)
+        self.seq_len = int(config.data.max_caption_len) + 2
+        self._tokenizer = None
+        self._model = None
+        self._evaluators = None
+
+    # ------------------------------------------------------------------ tokenizer
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            tdir = self.config.model.tokenizer_dir
+            if tdir:
+                from vlm_jax.data.pretrained_tokenizer import PretrainedTokenizer
+                self._tokenizer = PretrainedTokenizer.from_dir(tdir, added_tokens=("[DEC]",))
+            else:
+                from vlm_jax.data import pipeline
+                self._tokenizer = pipeline.get_tokenizer(self.config, self.workdir)
+        return self._tokenizer
+
+    @property
+    def dec_id(self) -> int:
+        """The [DEC] id that starts an ITG sequence."""
+        tok = self.tokenizer
+        return tok.token_id("[DEC]") if self.config.model.tokenizer_dir else tok.vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Q-Former vocabulary: the tokenizer's ids (+1 for [DEC] with the word vocabulary)."""
+        tok = self.tokenizer
+        return tok.vocab_size if self.config.model.tokenizer_dir else tok.vocab_size + 1
+
+    @property
+    def cls_id(self) -> int:
+        tok = self.tokenizer
+        prefix = tok.template[0]
+        if len(prefix) != 1:
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError(f"the BLIP-2 text tokenizer must put one [CLS] token first; {tok!r} puts {prefix}.")
+        return prefix[0]
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model(self) -> Blip2QFormerModel:
+        if self._model is None:
+            m = self.config.model
+            cfg = Blip2Config(qformer=qformer_config(self.config, self.vocab_size), embed_dim=int(m.embed_dim),
+                              feature_layer=int(m.feature_layer), init_temperature=float(m.init_temperature))
+            self._model = Blip2QFormerModel(vision=build_vision(self.config), config=cfg,
+                                            dtype=_dtype(self.config.train.dtype, "train.dtype"))
+        return self._model
+
+    def prepare(self) -> None:
+        _ = self.model, self.cls_id
+
+    # ------------------------------------------------------------------ data
+    def train_iterator(self, *, process_index=None, process_count=None):
+        from vlm_jax.data import pipeline
+        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index=process_index,
+                                            process_count=process_count)
+
+    def example_batch(self, batch_size: int) -> dict[str, Any]:
+        return {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
+                "tokens": np.zeros((batch_size, self.seq_len), np.int32),
+                "image_id": np.zeros((batch_size,), np.int32)}
+
+    def checkpoint_meta(self) -> dict:
+        return {"vocab_size": int(self.vocab_size)}
+
+    # ------------------------------------------------------------------ variables
+    def init(self, rng, batch):
+        """Random Q-Former and heads. With a pretrained image tower (``config.init.vision``) its
+        subtree is a zeros placeholder of the right shapes (logical boxes kept) that the init
+        source always overwrites, so the big tower's random init is never traced."""
+        images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
+        tokens = tokens.at[:, 0].set(self.cls_id)
+        valid = jnp.ones(tokens.shape, bool)
+        if not vision_init_dir(self.config):
+            return {"params": self.model.init({"params": rng}, images, tokens, valid)["params"], "model_state": {}}
+        vis = self.model.vision
+        vparams = jax.eval_shape(lambda r: vis.init(r, images)["params"], rng)
+        vparams = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), vparams)
+        feats = jax.eval_shape(lambda p: vis.apply({"params": p}, images, output_layer=self.model.config.feature_layer,
+                                                   apply_final_norm=False).features, nn.unbox(vparams))
+
+        def init_rest(module, feats, tokens, valid):
+            f = module.ln_vision(feats)
+            module.image_embeds(f)
+            module.text_embeds(tokens, valid)
+            module.itm_logits(f, tokens, valid)
+            module.itg_pass(f, tokens, valid)
+            return module.temp
+
+        rest = nn.init(init_rest, self.model)({"params": rng}, jnp.zeros(feats.shape, jnp.float32), tokens,
+                                              valid)["params"]
+        return {"params": {**rest, VISION: vparams}, "model_state": {}}
+
+    # ------------------------------------------------------------------ loss
+    def loss_fn(self, params, model_state, batch, rng, *, train):
+        m = self.config.model
+        loss, metrics = stage1_loss(self.model, params, batch, rng, dec_id=self.dec_id,
+                                    pad_id=int(self.tokenizer.pad_id), itc_smoothing=float(m.itc_label_smoothing),
+                                    itg_smoothing=float(m.itg_label_smoothing), train=train)
+        return loss, (metrics, model_state)
+
+    def param_groups(self):
+        """Default: the image tower is frozen (``model.freeze_vision``); a config group
+        (``optim.groups``) of the same pattern overrides it."""
+        from vlm_jax.optim import ParamGroup
+        if not self.config.model.freeze_vision:
+            return ()
+        return (ParamGroup("frozen_vision", pattern=f"{VISION}/.*", trainable=False,
+                           dtype=self.config.model.vision_param_dtype),)
+
+    def constrain_params(self, params):
+        if "temp" not in params:
+            return params
+        return dict(params, temp=jnp.clip(params["temp"], *TEMPERATURE_RANGE))
+
+    # ------------------------------------------------------------------ evaluation
+    def _apply(self, params, *args, method, **kw):
+        return self.model.apply({"params": params}, *args, method=method, **kw)
+
+    def embed_images(self, params, model_state, batch):
+        feats = self._apply(params, batch["image"], method=Blip2QFormerModel.image_features)
+        img, _ = self._apply(params, feats, method=Blip2QFormerModel.image_embeds)
+        return {"img": img, "feats": feats}
+
+    def embed_texts(self, params, model_state, batch):
+        tokens = batch["tokens"]
+        return {"txt": self._apply(params, tokens, tokens != self.tokenizer.pad_id,
+                                   method=Blip2QFormerModel.text_embeds)}
+
+    def match(self, params, model_state, batch):
+        """ITM "match" logit (mean over queries of logit 1, as LAVIS re-ranks) ``[b]``."""
+        tokens = batch["tokens"]
+        logits = self._apply(params, batch["feats"], tokens, tokens != self.tokenizer.pad_id,
+                             method=Blip2QFormerModel.itm_logits)
+        return {"score": logits[:, 1]}
+
+    def evaluators(self):
+        if self._evaluators is None:
+            from vlm_jax.evaluation.retrieval import RetrievalEvaluator
+            e = self.config.evals.retrieval
+            tok = self.tokenizer
+
+            def load_split():
+                from vlm_jax.data import pipeline
+                return pipeline.load_eval_split(self.config, tok, e.split)
+
+            self._evaluators = [RetrievalEvaluator(
+                name="retrieval", every=int(e.every), embed_images=self.embed_images, embed_texts=self.embed_texts,
+                match=self.match if e.rerank else None, load_split=load_split, tokenizer=tok,
+                token_len=self.seq_len, batch_size=int(e.batch_size), k_test=int(e.k_test),
+                max_examples=int(e.max_examples), mesh=self.mesh, num_figure_queries=int(e.num_figures))]
+        return self._evaluators
+
+
+def validate(config) -> None:
+    """BLIP-2-specific config checks (run by the trainer before anything compiles)."""
+    from vlm_jax.config_lib import ConfigError, check_choice, check_positive
+    check_choice(config, "model.stage", STAGES)
+    check_positive(config, "model.embed_dim", "model.qformer.num_queries", "model.qformer.width",
+                   "model.qformer.num_layers", "model.qformer.num_heads", "model.qformer.mlp_dim",
+                   "model.qformer.cross_attention_every", "evals.retrieval.k_test", "data.image_size",
+                   "data.max_caption_len")
+    for key in ("model.itc_label_smoothing", "model.itg_label_smoothing", "model.qformer.dropout"):
+        v = float(_get(config, key))
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config.{key}={v!r} must lie in [0, 1).")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= float(config.model.init_temperature) <= hi:
+        raise ConfigError(f"config.model.init_temperature={config.model.init_temperature} must lie in the clamp "
+                          f"range [{lo}, {hi}].")
+    q = config.model.qformer
+    if q.width % q.num_heads:
+        raise ConfigError(f"config.model.qformer.width={q.width} is not divisible by num_heads={q.num_heads}.")
+    if config.data.max_caption_len + 2 > q.max_positions:
+        raise ConfigError(f"config.data.max_caption_len + 2 = {config.data.max_caption_len + 2} exceeds "
+                          f"config.model.qformer.max_positions={q.max_positions}.")
+    if config.model.freeze_vision and not vision_init_dir(config):
+        raise ConfigError("config.model.freeze_vision=True but nothing initialises the image tower, so the Q-Former "
+                          "would read a frozen random network: set --config.init.vision.source=hf "
+                          "--config.init.vision.path=/path/to/hf-vision (CLIP / Blip2Vision / ViT directory), "
+                          "or --config.model.freeze_vision=false (the synthetic variants train the tiny ViT).")
+    if config.model.tokenizer_dir and not os.path.isdir(config.model.tokenizer_dir):
+        raise ConfigError(f"config.model.tokenizer_dir={config.model.tokenizer_dir!r} is not a directory; point it "
+                          "at a folder with a BERT tokenizer.json (e.g. bert-base-uncased saved with save_pretrained).")
+    try:
+        from vlm_jax.data.pipeline import validate_data_config
+    except ImportError:
+        return
+    try:
+        validate_data_config(config.data)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _get(config, key):
+    from vlm_jax.config_lib import get_path
+    return get_path(config, key)
+
+
+def make_task(config, *, workdir=None, mesh=None) -> Blip2Task:
+    return Blip2Task(config, workdir=workdir, mesh=mesh)
