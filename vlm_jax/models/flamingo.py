@@ -1,0 +1,302 @@
+"""Flamingo (Alayrac et al. 2022): the Perceiver Resampler and the tanh-gated cross-attention
+block (GATED XATTN-DENSE) that lets a frozen decoder LM read images interleaved with text.
+
+Dimension letters: B batch, M media (images) per example, F frames per media (1 for a still
+image), P patches (vision tokens) per frame, D resampler width (= the vision feature width),
+R latents per media (the paper's 64), T text length, Dt text (LM) width, Dm media width seen by
+the cross-attention (= D), H heads, K head dim, Fh FFN hidden width.
+
+The mechanism, in the paper's terms (sections 2.1-2.3; figure 4's pseudo-code names the gates):
+
+  Perceiver Resampler  (one media at a time; `PerceiverResampler`)
+    X_f  = vision features of every frame + learned time embedding e_t   [B, M, F, P, D]
+         -> flattened per media to one key/value set                      [B*M, F*P, D]
+    X    = learned latents (shared by every media)                        [R, D]
+    per layer:  X = X + Attn(q = LN(X), kv = [LN(X_f); LN(X)])           (latents also attend
+                                                                          to themselves)
+                X = X + FFW(LN(X))
+    out  = LN(X)                                                          [B, M, R, D]
+
+  GATED XATTN-DENSE  (inserted before LM layers; `GatedCrossAttentionBlock`)
+    y = x + tanh(alpha_xattn) * XAttn(q = LN(x), kv = media latents, media mask)
+    y = y + tanh(alpha_dense) * FFW(LN(y))                                [B, T, Dt]
+    alpha_xattn = alpha_dense = 0 at init, so the LM starts exactly as it was frozen.
+
+  Which image a token sees  (`flamingo_media_mask` in `vlm_jax.layers.masks`)
+    text_time[t] = number of <image> markers at or before t (`media_text_time`);
+    token t attends only to the R latents of media ``text_time[t] - 1`` (the most recent
+    preceding image); tokens before the first image (text_time 0) have an empty mask row and
+    get a zero cross-attention output (``MultiHeadAttention(zero_empty_rows=True)``). The
+    gated FFW still runs on every token (it is ``dense`` in the paper's pseudo-code).
+
+Placement in the LM is declarative: ``DecoderLMConfig(insert=gated_xattn_insert(cfg, every=N))``
+puts the block before every N-th layer of the one `TransformerStack` (paper: every layer for
+Flamingo-3B, every 4th for 9B, every 7th for 80B), called with
+``inserted_inputs = cross_attention_inputs(latents, text_time, media_valid)``.
+
+Compared with flamingo-pytorch 0.1.2 (the test oracle): its ``PerceiverResampler`` treats its
+"time" axis as independent media slices (time embedding i is added to slice i; each slice gets
+its own latents), so one frame per image (F = 1) fed as separate batch rows equals this module;
+its FFN is GELU (``activation='gelu'`` here) and it has no biases, like this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlm_jax.layers import masks as masks_lib
+from vlm_jax.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
+from vlm_jax.layers.mlp import ACTIVATIONS, MLP
+from vlm_jax.layers.norms import NORM_TYPES, LayerNorm, make_norm
+from vlm_jax.layers.transformer import ACT_AXES, InsertSpec
+
+__all__ = ["PerceiverResamplerConfig", "PerceiverResampler", "PerceiverLayer", "GatedXAttnConfig",
+           "GatedCrossAttentionBlock", "gated_xattn_insert", "media_text_time", "cross_attention_inputs",
+           "PAPER_XATTN_EVERY"]
+
+# Flamingo's GATED XATTN-DENSE frequency (insert every N LM layers), by model size (the paper's
+# architecture hyper-parameter table in the appendix).
+PAPER_XATTN_EVERY = {"3b": 1, "9b": 4, "80b": 7}
+
+
+def _check_common(cls_name: str, c, mlp_dim: int) -> None:
+    for f, v in (("num_heads", c.num_heads), ("head_dim", c.head_dim), ("mlp_dim", mlp_dim)):
+        if v <= 0:
+            raise ValueError(f"{cls_name}.{f} must be positive; got {v}.")
+    if c.activation not in ACTIVATIONS:
+        raise ValueError(f"{cls_name}.activation={c.activation!r}; use one of {ACTIVATIONS}.")
+    if c.implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{cls_name}.implementation={c.implementation!r}; use one of {IMPLEMENTATIONS}.")
+
+
+# ---------------------------------------------------------------------- Perceiver Resampler
+@dataclasses.dataclass(frozen=True)
+class PerceiverResamplerConfig:
+    """The Perceiver Resampler's shape.
+
+    width: D, the vision feature width (the latents and all residual streams have it too).
+    depth: number of layers. num_heads, head_dim: H, K (H*K may differ from D).
+    num_latents: R, learned latents = output tokens per media.
+    mlp_dim: Fh, FFN hidden width (flamingo-pytorch's ``int(dim * ff_mult)``); None -> 4 D
+      (`ffn_dim` resolves it).
+    activation: FFN activation: 'squared_relu' (the paper) | 'gelu' (flamingo-pytorch,
+      open_flamingo) | any `vlm_jax.layers.mlp.ACTIVATIONS`.
+    max_frames: rows of the learned time-embedding table (frames per media, F <= this;
+      flamingo-pytorch's ``num_media_embeds``).
+    norm_eps: LayerNorm epsilon. implementation: attention kernel (None | 'xla' | 'cudnn').
+    """
+    width: int
+    depth: int = 6
+    num_heads: int = 8
+    head_dim: int = 64
+    num_latents: int = 64
+    mlp_dim: int | None = None
+    activation: str = "squared_relu"
+    max_frames: int = 8
+    norm_eps: float = 1e-5
+    implementation: str | None = None
+
+    def __post_init__(self):
+        for f in ("width", "depth", "num_latents", "max_frames"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"PerceiverResamplerConfig.{f} must be positive; got {getattr(self, f)}.")
+        _check_common("PerceiverResamplerConfig", self, mlp_dim=self.ffn_dim)
+
+    @property
+    def ffn_dim(self) -> int:
+        """Fh: ``mlp_dim``, or 4 D when it is None."""
+        return 4 * self.width if self.mlp_dim is None else self.mlp_dim
+
+    @classmethod
+    def paper(cls, **kw) -> "PerceiverResamplerConfig":
+        """The paper's resampler (all sizes): 6 layers, width 1536, 16 heads, 64 latents,
+        Squared-ReLU. The paper gives D and H only: K = D / H = 96 and Fh = 4 D are assumptions."""
+        return cls(**{**dict(width=1536, depth=6, num_heads=16, head_dim=96, num_latents=64,
+                             activation="squared_relu"), **kw})
+
+
+class PerceiverLayer(nn.Module):
+    """One resampler layer: ``media [N, S, D]`` (N = B*M, S = F*P), ``latents [N, R, D]`` ->
+    ``latents [N, R, D]``.
+
+    Parameters: ``media_norm``, ``latents_norm`` (LayerNorms), ``attn`` (`MultiHeadAttention`,
+    no biases: ``query/key/value [D, H, K]``, ``out [H, K, D]``), ``mlp_norm``, ``mlp``
+    (``wi [D, Fh]``, ``wo [Fh, D]``, no biases).
+    """
+    config: PerceiverResamplerConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, media, latents, *, deterministic: bool = True):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = LayerNorm(c.norm_eps, name="latents_norm", **kw)(latents)
+        kv = jnp.concatenate([LayerNorm(c.norm_eps, name="media_norm", **kw)(media), h], axis=1)   # [N, S+R, D]
+        latents = latents + MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=False,
+                                               out_bias=False, implementation=c.implementation, name="attn",
+                                               **kw)(h, kv, deterministic=deterministic)
+        mlp = MLP(hidden_dim=c.ffn_dim, activation=c.activation, use_bias=False, name="mlp", **kw)
+        latents = latents + mlp(LayerNorm(c.norm_eps, name="mlp_norm", **kw)(latents), deterministic=deterministic)
+        return nn.with_logical_constraint(latents, ACT_AXES)
+
+
+class PerceiverResampler(nn.Module):
+    """Vision features of M media -> R latents per media.
+
+    ``media [B, M, F, P, D]`` (or ``[B, M, P, D]`` for still images, F = 1) -> ``[B, M, R, D]``.
+    Each media is resampled on its own: its F*P frame-patch features (plus time embeddings)
+    form one key/value set together with the latents.
+
+    Parameters: ``latents [R, D]`` ('latents', 'embed'), ``time_embed [max_frames, D]``
+    ('positions', 'embed'), ``layers_i/...`` (`PerceiverLayer`), ``final_norm``. The latents
+    and time embeddings start as N(0, 1), as in flamingo-pytorch and open_flamingo.
+    """
+    config: PerceiverResamplerConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, media, *, deterministic: bool = True):
+        c = self.config
+        if media.ndim == 4:
+            media = media[:, :, None]
+        if media.ndim != 5:
+            raise ValueError(f"PerceiverResampler: media must be [B, M, F, P, D] (or [B, M, P, D] for still images); "
+                             f"got shape {media.shape}.")
+        b, m, f, p, d = media.shape
+        if d != c.width:
+            raise ValueError(f"PerceiverResampler: media width {d} != PerceiverResamplerConfig.width={c.width} "
+                             "(project the vision features to the resampler width first).")
+        if f > c.max_frames:
+            raise ValueError(f"PerceiverResampler: {f} frames per media exceed PerceiverResamplerConfig.max_frames="
+                             f"{c.max_frames} (the time-embedding table); raise max_frames or subsample frames.")
+        latents = self.param("latents", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                     ("latents", "embed")),
+                             (c.num_latents, c.width), self.param_dtype)
+        time_embed = self.param("time_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                           ("positions", "embed")),
+                                (c.max_frames, c.width), self.param_dtype)
+        x = media.astype(self.dtype) + jnp.asarray(time_embed[:f], self.dtype)[None, None, :, None, :]
+        x = nn.with_logical_constraint(x.reshape(b * m, f * p, d), ACT_AXES)                 # [B*M, F*P, D]
+        h = jnp.broadcast_to(jnp.asarray(latents, self.dtype), (b * m, c.num_latents, d))  # [B*M, R, D]
+        for i in range(c.depth):
+            h = PerceiverLayer(c, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(
+                x, h, deterministic=deterministic)
+        h = LayerNorm(c.norm_eps, name="final_norm", dtype=self.dtype, param_dtype=self.param_dtype)(h)
+        return h.reshape(b, m, c.num_latents, d)
+
+
+# ------------------------------------------------------------------------ GATED XATTN-DENSE
+@dataclasses.dataclass(frozen=True)
+class GatedXAttnConfig:
+    """One GATED XATTN-DENSE block (the text width Dt and media width Dm come from the inputs).
+
+    num_heads, head_dim: H, K of the cross-attention. mlp_dim: Fh of the gated FFW.
+    activation: 'squared_relu' (the paper) | 'gelu' (flamingo-pytorch, open_flamingo) | a gated
+      one (IDEFICS' LLaMA MLP: 'gated_silu'). norm_type / norm_eps: the two pre-norms
+      ('layernorm' | 'rmsnorm'). use_bias: biases of the attention and FFW dense layers (none in
+      the paper's reproductions). implementation: attention kernel (None | 'xla' | 'cudnn').
+    """
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str = "squared_relu"
+    norm_type: str = "layernorm"
+    norm_eps: float = 1e-5
+    use_bias: bool = False
+    implementation: str | None = None
+
+    def __post_init__(self):
+        _check_common("GatedXAttnConfig", self, self.mlp_dim)
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"GatedXAttnConfig.norm_type={self.norm_type!r}; use one of {NORM_TYPES}.")
+
+    @classmethod
+    def paper(cls, size: str = "3b", **kw) -> "GatedXAttnConfig":
+        """The paper's blocks: '3b' (D 2048, 16 heads), '9b' (4096, 32), '80b' (8192, 64), Squared-ReLU;
+        insert them every `PAPER_XATTN_EVERY[size]` layers. K = D / H and Fh = 4 D are assumptions
+        (the paper lists D and H)."""
+        shapes = {"3b": (2048, 16), "9b": (4096, 32), "80b": (8192, 64)}
+        if size not in shapes:
+            raise ValueError(f"GatedXAttnConfig.paper(size={size!r}); choose one of {sorted(shapes)}.")
+        d, h = shapes[size]
+        return cls(**{**dict(num_heads=h, head_dim=d // h, mlp_dim=4 * d, activation="squared_relu"), **kw})
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """GATED XATTN-DENSE: ``x [B, T, Dt]``, ``media [B, M*R, Dm]``, ``media_mask [B|1, 1, T, M*R]``
+    -> ``[B, T, Dt]``.
+
+      y = x + tanh(alpha_xattn) * XAttn(LN(x), media, media_mask)    (empty mask rows -> 0)
+      y = y + tanh(alpha_dense) * FFW(LN(y))
+
+    Parameters: ``cross_norm``, ``cross_attn`` (`MultiHeadAttention`: ``query [Dt, H, K]``,
+    ``key/value [Dm, H, K]``, ``out [H, K, Dt]``), ``mlp_norm``, ``mlp`` (``wi [Dt, Fh]``,
+    ``wo [Fh, Dt]``), ``alpha_xattn`` and ``alpha_dense`` (scalars, 0 at init).
+
+    Built by `TransformerStack` from ``InsertSpec(module=GatedCrossAttentionBlock,
+    kwargs={'config': cfg}, ...)`` (`gated_xattn_insert`); ``media_mask`` None lets every
+    token see every media latent.
+    """
+    config: GatedXAttnConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, media, media_mask=None, *, deterministic: bool = True):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if x.ndim != 3 or media.ndim != 3 or media.shape[0] != x.shape[0]:
+            raise ValueError(f"GatedCrossAttentionBlock: x must be [B, T, Dt] and media [B, M*R, Dm] with the same B; "
+                             f"got {x.shape} and {media.shape} (flatten resampler latents [B, M, R, D] with "
+                             "cross_attention_inputs).")
+        gate = lambda name: jnp.tanh(self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(nn.initializers.zeros, ()), (), self.param_dtype)).astype(self.dtype)
+        x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)
+        attn = MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.use_bias,
+                                  out_bias=c.use_bias, implementation=c.implementation, zero_empty_rows=True,
+                                  name="cross_attn", **kw)
+        h = make_norm(c.norm_type, c.norm_eps, name="cross_norm", **kw)(x)
+        y = x + gate("alpha_xattn") * attn(h, media.astype(self.dtype), mask=media_mask, deterministic=deterministic)
+        mlp = MLP(hidden_dim=c.mlp_dim, activation=c.activation, use_bias=c.use_bias, name="mlp", **kw)
+        y = y + gate("alpha_dense") * mlp(make_norm(c.norm_type, c.norm_eps, name="mlp_norm", **kw)(y),
+                                          deterministic=deterministic)
+        return nn.with_logical_constraint(y, ACT_AXES)
+
+
+def gated_xattn_insert(config: GatedXAttnConfig, every: int, offset: int | None = None) -> InsertSpec:
+    """The `InsertSpec` that puts a `GatedCrossAttentionBlock` before every ``every``-th LM layer.
+    ``offset`` None -> ``every - 1`` (open_flamingo's layout: before layers N-1, 2N-1, ..);
+    IDEFICS uses 0."""
+    return InsertSpec(module=GatedCrossAttentionBlock, kwargs={"config": config}, every=every,
+                      offset=every - 1 if offset is None else offset)
+
+
+# ------------------------------------------------------------------------------ media inputs
+def media_text_time(is_media_marker):
+    """``is_media_marker`` bool ``[B, T]`` (True at each ``<image>`` token) -> int32 ``[B, T]``:
+    the 1-based index of the most recent media at or before each token, 0 before the first."""
+    marker = jnp.asarray(is_media_marker)
+    if marker.ndim != 2:
+        raise ValueError(f"is_media_marker must be [B, T]; got shape {marker.shape}.")
+    return jnp.cumsum(marker.astype(jnp.int32), axis=1)
+
+
+def cross_attention_inputs(latents, text_time, media_valid=None):
+    """The ``inserted_inputs`` of the gated blocks.
+
+    latents: resampler output ``[B, M, R, D]``; text_time: int ``[B, T]`` (`media_text_time`);
+    media_valid: bool ``[B, M]`` (which media slots hold a real image; default all).
+    Returns ``(media [B, M*R, D], media_mask [B, 1, T, M*R])``.
+    """
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be the resampler output [B, M, R, D]; got shape {latents.shape}.")
+    b, m, r, d = latents.shape
+    if media_valid is None:
+        media_valid = jnp.ones((b, m), bool)
+    mask = masks_lib.flamingo_media_mask(text_time, media_valid, r)
+    return latents.reshape(b, m * r, d), mask
