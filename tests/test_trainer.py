@@ -221,7 +221,8 @@ def test_eval_without_training_gives_clear_error(data_dir, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
-    """Preemption: SIGTERM during training saves the current step and exits cleanly."""
+    """Preemption: SIGTERM during training saves the current step and exits with 75 (EX_TEMPFAIL:
+    stopped early, resumable; 0 is only for a finished run)."""
     import signal
     import subprocess
     import sys
@@ -243,8 +244,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     log = "".join(lines) + out
-    assert proc.returncode == 0, log[-3000:]
+    assert proc.returncode == 75, log[-3000:]
     assert "after SIGTERM" in log
+    assert "Rerun the same command to resume" in log
     steps = ckpt_lib.Checkpointer(workdir).all_steps()
     assert len(steps) == 1 and 1 <= steps[0] < 1000000
     assert not os.path.isdir(os.path.join(workdir, "eval")), "a preempted run must not run the final evaluation"

@@ -26,11 +26,38 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vlm_jax import errors
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A workdir's checkpoints cannot be used as asked (the base of the checkpoint errors)."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """The workdir's checkpoint belongs to another model (family or shapes)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint (or not the asked-for step) in the workdir."""
+
+
+# ----------------------------------------------------------------------------- quiet walk-back
+def short_reason(e: BaseException, limit: int = 200) -> str:
+    """'Type: first part of the message' on one line, at most ``limit`` characters (TensorStore
+    errors append a multi-line spec dump after 'See full TensorStore details')."""
+    import re
+    text = str(e) or repr(e)
+    text, _, details = text.partition("See full TensorStore details")
+    text = " ".join(text.split()).rstrip(" .")
+    arrays = [p for p in re.findall(r"'path': '([^']+)'", details) if not p.startswith("/")]
+    suffix = f" (array {arrays[-1].rstrip('/')})" if arrays else ""   # e.g. params.init_h.kernel
+    head = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    room = max(limit - len(suffix), 20)
+    if len(head) > room:
+        head = head[:room - 3] + "..."
+    return (head + suffix)[:limit]
 
 
 def encode_data_state(state: Any) -> dict:
@@ -175,7 +202,7 @@ class Checkpointer:
                 dst = f"{src}.corrupt{n}"
             if jax.process_index() == 0 and os.path.isdir(src):
                 os.rename(src, dst)
-                log.warning("moved unreadable checkpoint step %d to %s.", s, dst)
+                log.info("moved unreadable checkpoint step %d to %s (kept, not deleted).", s, dst)
         if steps:
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
@@ -234,7 +261,8 @@ class Checkpointer:
             return None
         candidates = [step] if step is not None else list(reversed(steps))
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}.")
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}.")
+        errors.quiet_async_noise()   # a failed read's asyncio / TensorStore leftovers
         last_error = None
         unreadable: list[int] = []
         for s in candidates:
@@ -243,8 +271,8 @@ class Checkpointer:
             except Exception as e:  # unreadable metadata: corrupted step
                 last_error = e
                 unreadable.append(s)
-                log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an earlier step.",
-                            s, self.directory, type(e).__name__, e)
+                log.warning("checkpoint step %d in %s is unreadable (%s); trying an earlier step.",
+                            s, self.directory, short_reason(e))
                 continue
             for key, want in (expect_meta or {}).items():
                 have = meta.get(key)
@@ -264,13 +292,13 @@ class Checkpointer:
             except Exception as e:  # truncated / missing files (the tree matched): a corrupted step
                 last_error = e
                 unreadable.append(s)
-                log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying an earlier step.",
-                            s, self.directory, type(e).__name__, str(e)[:300])
+                log.warning("checkpoint step %d in %s could not be restored (%s); trying an earlier step.",
+                            s, self.directory, short_reason(e))
                 continue
             self._discard(unreadable)
             return s, out["state"], (decode_data_state(out["data"]) if data_state else None), meta
-        raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
-                           f"{type(last_error).__name__}: {last_error}. Move the directory away to start fresh.")
+        raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
+                              f"{short_reason(last_error)}. Move the directory away to start fresh.")
 
 
 def shape_diff(want: dict, have: dict, limit: int = 5) -> tuple[list, list, list]:

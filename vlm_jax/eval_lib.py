@@ -20,18 +20,28 @@ log = logging.getLogger("vlm_jax")
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, dict[str, float]]:
     """-> {evaluator name: metrics} for checkpoint ``step`` (default: the latest readable)."""
+    train_first = f"train first: python train.py --config ... --workdir {workdir}"
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"--workdir {workdir!r} holds no checkpoints/; train first with "
-                                f"train.py --config ... --workdir {workdir}.")
-    task, mesh = train_lib.make_task_and_mesh(config, workdir)
-    program = train_lib.build_program(config, task, mesh)
+        raise ckpt_lib.CheckpointNotFoundError(
+            f"--workdir {workdir!r} holds no checkpoints/; {train_first} (or pass the workdir of a training run).")
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep, async_save=False)
     try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ckpt_lib.CheckpointNotFoundError(
+                f"{ckpt.directory} holds no complete checkpoint step (a run that stopped before its first save); "
+                f"{train_first}.")
+        if step is not None and step not in steps:
+            raise ckpt_lib.CheckpointNotFoundError(
+                f"--step {step}: no checkpoint for that step in {ckpt.directory}; available steps: {steps}. Pass "
+                "one of them, or leave out --step for the latest readable one.")
+        task, mesh = train_lib.make_task_and_mesh(config, workdir)
+        program = train_lib.build_program(config, task, mesh)
         restored = train_lib.restore_state(program, ckpt, config, task, step=step, data_state=False)
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first.")
+        raise ckpt_lib.CheckpointNotFoundError(f"no checkpoint in {workdir}/checkpoints; {train_first}.")
     step, state, _ = restored
     log.info("evaluating step %d of %s", step, workdir)
     return train_lib.run_evaluators(task, state, workdir=workdir, step=step, final=True)

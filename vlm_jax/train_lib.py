@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from vlm_jax import checkpoint as ckpt_lib
-from vlm_jax import config_lib, init_sources, optim, sharding
+from vlm_jax import config_lib, errors, init_sources, optim, sharding
 from vlm_jax import flops as flops_lib
 from vlm_jax.tasks import make_task, task_module
 from vlm_jax.tasks.base import Task
@@ -336,6 +336,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, dict[str, float]]:
     result = train(config, workdir)
     if result.stopped_early:
         return {}
+    return final_evaluation(result, workdir)
+
+
+def final_evaluation(result: "TrainResult", workdir: str) -> dict[str, dict[str, float]]:
+    """Every evaluator on a finished run's final state, logged -> {evaluator name: metrics}
+    (train.py calls `train` and this itself, to exit with its own code when stopped early)."""
     metrics = run_evaluators(result.task, result.state, workdir=workdir, step=result.step, final=True)
     if jax.process_index() == 0:
         logger = MetricLogger(workdir)
@@ -355,15 +361,21 @@ class TrainResult:
     train_iter: Any
     config: Any
     program: TrainProgram
+    preempted: bool = False       # stopped by SIGTERM (on any process): resumable, train.py exits 75
 
 
 def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     """The training loop. `stop_at` stops (with a checkpoint) before `train.num_steps`, as a
-    preemption would; rerunning resumes exactly where it stopped."""
+    preemption would; rerunning resumes exactly where it stopped.
+
+    Before anything is written the workdir must be a writable directory with room for one
+    checkpoint (`vlm_jax.errors`: WorkdirError / DiskFullError, each a one-message error)."""
+    errors.check_workdir(workdir)          # a file, unwritable, read-only, no free space: refused here
     task, mesh = make_task_and_mesh(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     program = build_program(config, task, mesh)
+    errors.check_room_for_checkpoint(workdir, program.abstract_state)   # reliability: before any save
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     restored = restore_state(program, ckpt, config, task)
     if is_main:   # only now: a refused workdir keeps the config.json of the run that wrote it
@@ -401,7 +413,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
 
-    rng = jax.random.key(config.seed + 1)
+    rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))   # on every device of the mesh
     num_steps = config.train.num_steps
     start = int(jax.device_get(state.step))
     meta = checkpoint_meta(config, task)
@@ -472,7 +484,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
 
     logger.close()
     return TrainResult(state=state, step=step, stopped_early=preempted["flag"] or step < num_steps, task=task,
-                       mesh=mesh, train_iter=train_iter, config=config, program=program)
+                       mesh=mesh, train_iter=train_iter, config=config, program=program,
+                       preempted=preempted["flag"])
 
 
 @jax.jit
