@@ -5,8 +5,9 @@ Architectures (the ``architectures[0]`` of config.json):
                                 with the Q-Former's text input and no ITG LM head
                                 (``QFormerConfig(text_input=True, lm_head=False)``)
 
-Not here (yet): the image-only Q-Former of ``Blip2ForConditionalGeneration`` / ``Blip2Model``
-(stage 2, with its OPT / T5 language model); it comes with the stage-2 model.
+  Blip2ForConditionalGeneration -> Blip2LMModel(vision=VisionTransformer, config=Blip2LMConfig(...)) with
+                                the image-only Q-Former and an OPT (DecoderLM) or T5 language model
+                                (the stage-2 section at the end of this file says what maps where)
 
 What maps where (file key -> our parameter; ``{i}`` the layer):
 
@@ -212,3 +213,152 @@ def blip2_retrieval(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param
 CONVERTERS = {
     "Blip2ForImageTextRetrieval": blip2_retrieval,
 }
+
+
+# ============================================================================== stage 2
+# Blip2ForConditionalGeneration -> vlm_jax.models.blip2.Blip2LMModel
+#
+#   vision_model.*, post_layernorm         -> vision/..., ln_vision (+ vision/final_norm), as above
+#   query_tokens                           -> qformer/query_tokens
+#   qformer.layernorm, qformer.encoder.*   -> qformer/... (image-only: no word/position embeddings;
+#                                             no text FFN unless use_qformer_text_input, whose text
+#                                             FFN HF never runs in this model: ignored)
+#   language_projection                    -> language_projection [D, E]
+#   language_model.model.decoder.* (OPT)   -> lm/... (`vlm_jax.convert.text.opt_rules`); a tied
+#     language_model.lm_head.weight          is usually absent from the file (tied to embed_tokens);
+#                                             when present it must equal it, unless untied
+#   language_model.* (T5)                  -> lm/... (`vlm_jax.convert.text.t5_rules`); an untied
+#                                             ``language_model.lm_head.weight`` (Flan-T5) -> lm/lm_head
+#
+# HF config fields: ``text_config`` (model_type 'opt' or 't5', read as by the text converters),
+# ``num_query_tokens``, ``qformer_config``, ``vision_config``. ``image_token_index`` is the id of
+# the Q placeholders HF's processor puts in front of ``input_ids``; our model takes the image and
+# the tokens after those placeholders (drop the first Q columns of input_ids / attention_mask).
+# Overrides: as for the retrieval model (vision / qformer fields or ``vision={..}``,
+# ``qformer={..}``), plus fields of the LM config (``DecoderLMConfig`` / ``T5Config``) or
+# ``lm={..}``, and ``Blip2LMConfig`` fields (``feature_layer``, ``vision_norm_eps``,
+# ``decoder_start_id``). A field shared by the towers (``scan_layers``, ``remat_policy``,
+# ``implementation``, ``dropout_rate``) applies to each tower that has it.
+
+from vlm_jax.convert.text import opt_config_from_hf, opt_rules, t5_config_from_hf, t5_rules  # noqa: E402
+from vlm_jax.layers.decoder_lm import DecoderLMConfig  # noqa: E402
+from vlm_jax.layers.t5 import T5Config  # noqa: E402
+from vlm_jax.models.blip2 import Blip2LMConfig, Blip2LMModel  # noqa: E402
+
+_LM_PREFIX = "language_model."
+_LM_TYPES = {"opt": DecoderLMConfig, "t5": T5Config}
+_STAGE2_TOP = ("feature_layer", "vision_norm_eps", "decoder_start_id")
+
+
+def _split_generation_overrides(overrides: dict, lm_cls) -> tuple[dict, dict, dict, dict]:
+    """-> (ViTConfig, QFormerConfig, LM config, Blip2LMConfig) overrides."""
+    o = dict(overrides)
+    lm = dict(o.pop("lm", None) or {})
+    top = {k: o.pop(k) for k in list(o) if k in _STAGE2_TOP}
+    lm_f, shared = _fields(lm_cls), _fields(ViTConfig) | _fields(QFormerConfig)
+    for k in list(o):
+        if k in lm_f:
+            lm[k] = o[k] if k in shared else o.pop(k)
+    unknown_lm = sorted(set(lm) - lm_f)
+    if unknown_lm:
+        raise ConversionError(f"unknown lm override(s) {unknown_lm} for {lm_cls.__name__}; fields are {sorted(lm_f)}.")
+    vis, qf, rest = _split_overrides(o)
+    if rest:
+        raise ConversionError(f"override(s) {sorted(rest)} do not apply to Blip2ForConditionalGeneration (they are "
+                              f"stage-1 Blip2Config fields); Blip2LMConfig takes {list(_STAGE2_TOP)}.")
+    return vis, qf, lm, top
+
+
+def _lm_type(hf: dict) -> str:
+    t = (hf.get("text_config") or {}).get("model_type", "opt")
+    if t not in _LM_TYPES:
+        raise ConversionError(f"Blip2ForConditionalGeneration with a {t!r} language model is not supported; "
+                              f"supported text_config.model_type: {sorted(_LM_TYPES)}.")
+    return t
+
+
+def _lm_keys(keys: set[str]) -> set[str]:
+    """The language model's tensor names without the ``language_model.`` prefix."""
+    return {k[len(_LM_PREFIX):] for k in keys if k.startswith(_LM_PREFIX)}
+
+
+def blip2_generation_configs(hf: dict, keys: set[str] = frozenset(), **overrides) -> tuple[ViTConfig, Blip2LMConfig]:
+    """(`ViTConfig`, `Blip2LMConfig`) of a ``Blip2ForConditionalGeneration`` config.json dict."""
+    for key in ("vision_config", "qformer_config", "text_config"):
+        if key not in hf:
+            raise ConversionError(f"BLIP-2 config.json has no {key!r}.")
+    lm_type = _lm_type(hf)
+    vis_o, q_o, lm_o, top_o = _split_generation_overrides(overrides, _LM_TYPES[lm_type])
+    vcfg = vit_config_from_hf(hf["vision_config"], "blip2", **vis_o)
+    q = {**_QFORMER_DEFAULTS, **{k: v for k, v in hf["qformer_config"].items() if v is not None}}
+    b = {**_BLIP2_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    if q["encoder_hidden_size"] != vcfg.hidden_size:
+        raise ConversionError(f"qformer_config.encoder_hidden_size={q['encoder_hidden_size']} differs from the "
+                              f"vision width vision_config.hidden_size={vcfg.hidden_size}.")
+    if lm_type == "opt":
+        lcfg = opt_config_from_hf(hf["text_config"], **lm_o)
+    else:
+        lcfg = t5_config_from_hf(hf["text_config"], _lm_keys(keys), **lm_o)
+    qcfg = QFormerConfig(
+        num_queries=b["num_query_tokens"], width=q["hidden_size"], num_layers=q["num_hidden_layers"],
+        num_heads=q["num_attention_heads"], mlp_dim=q["intermediate_size"], vocab_size=q["vocab_size"],
+        max_positions=q["max_position_embeddings"], cross_attention_every=q["cross_attention_frequency"],
+        norm_eps=q["layer_norm_eps"], activation=hf_activation(q["hidden_act"]), text_input=False, lm_head=False)
+    start = hf["text_config"].get("decoder_start_token_id")
+    try:
+        qcfg = dataclasses.replace(qcfg, **q_o)
+        cfg = Blip2LMConfig(lm=lcfg, qformer=qcfg, feature_layer=-1, vision_norm_eps=vcfg.norm_eps,
+                            decoder_start_id=0 if start is None else int(start))
+        return vcfg, dataclasses.replace(cfg, **top_o)
+    except ValueError as e:
+        raise ConversionError(f"this BLIP-2 checkpoint cannot be built with overrides {overrides}: {e}") from None
+
+
+def _rekey(rules: list, mapping: dict[str, str]) -> list:
+    """Rules with some file keys renamed (the OPT rules name the head ``lm_head.weight``, unprefixed)."""
+    return [dataclasses.replace(r, hf_keys=tuple(mapping.get(k, k) for k in r.hf_keys)) for r in rules]
+
+
+def blip2_generation_rules(vcfg: ViTConfig, cfg: Blip2LMConfig, keys: set[str]) -> list:
+    """All rules of a ``Blip2ForConditionalGeneration`` file (unrolled layouts)."""
+    rs = vit_rules(vcfg, "blip2", prefix="vision_model.", module_prefix=("vision",))
+    rs += _layer_norm((), "ln_vision", "vision_model.post_layernorm.", keys)
+    rs += [rule("qformer/query_tokens", "query_tokens", lambda x: np.asarray(x).reshape(np.shape(x)[-2:]))]
+    rs += qformer_rules(cfg.qformer, keys)
+    rs += _dense((), "language_projection", "language_projection")
+    lm = ("lm",)
+    if cfg.seq2seq:
+        rs += t5_rules(cfg.lm, keys, prefix=_LM_PREFIX, module_prefix=lm)
+    else:
+        head = _LM_PREFIX + "lm_head.weight"
+        opt_keys = set(keys) | ({"lm_head.weight"} if head in keys else set())
+        prefix = _LM_PREFIX + ("model.decoder." if any(k.startswith(_LM_PREFIX + "model.decoder.") for k in keys)
+                               else "decoder.")
+        rs += _rekey(opt_rules(cfg.lm, opt_keys, prefix=prefix, module_prefix=lm), {"lm_head.weight": head})
+    return rs
+
+
+def blip2_generation(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                     **overrides) -> Conversion:
+    """Blip2ForConditionalGeneration checkpoint (OPT or T5 language model) -> Blip2LMModel."""
+    vcfg, cfg = blip2_generation_configs(hf, keys, **overrides)
+    module = Blip2LMModel(vision=VisionTransformer(vcfg, dtype=dtype, param_dtype=param_dtype), config=cfg,
+                          dtype=dtype, param_dtype=param_dtype)
+    s = vcfg.image_size
+    init_args = (jax.ShapeDtypeStruct((1, s, s, vcfg.num_channels), jnp.float32),
+                 jax.ShapeDtypeStruct((1, 2), jnp.int32))
+    ignore = [r"vision_model\.embeddings\.position_ids"]
+    if hf["qformer_config"].get("use_qformer_text_input"):
+        # the text FFN of a Q-Former built with text input: HF's generation model never runs it
+        ignore.append(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)")
+    stack = [(("vision", "encoder"), vcfg.num_layers), (("qformer",), cfg.qformer.num_layers)]
+    if cfg.seq2seq:
+        ignore.append(r"language_model\.decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
+        stack += [(("lm", "encoder"), cfg.lm.num_layers), (("lm", "decoder"), cfg.lm.decoder_layers)]
+    else:
+        stack.append((("lm",), cfg.lm.num_layers))
+    return Conversion(module=module, init_args=init_args, rules=blip2_generation_rules(vcfg, cfg, keys),
+                      ignore=tuple(ignore), stack=tuple(stack))
+
+
+CONVERTERS["Blip2ForConditionalGeneration"] = blip2_generation

@@ -360,3 +360,242 @@ def itc_similarity(image_embeds, text_embeds):
     return jnp.max(jnp.einsum("iqe,te->itq", image_embeds.astype(jnp.float32),
                               text_embeds.astype(jnp.float32)), axis=-1)
 
+
+
+# ============================================================================== stage 2
+# Extra letters: E the LM's word-embedding width (the soft prefix lives there), Tp prompt length,
+# Tt text (target) length, Td decoder length, S = Q + Tp LM encoder length (T5).
+#
+#   soft prefix        p = W_lm QFormer(queries, f)           [B, Q, E]     ``language_projection``
+#   decoder-only LM    logits = LM([p; embed(prompt); embed(text)])          OPT / GPT-2 (`DecoderLM`)
+#                      loss on the text positions only: the prefix and the prompt are context
+#   encoder-decoder    encoded = Enc([p; embed(prompt)]);  logits = Dec(text, encoded)       T5
+#                      (the paper's prefix-LM split: prefix + prompt condition, text is generated)
+#
+# The image-only Q-Former pass is the same for both. Generation (`generate` below) prefills the
+# prefix (+ prompt) once into the LM's KV cache and decodes through `vlm_jax.generate` /
+# `vlm_jax.decoding` (greedy, beam with length penalty, sampling).
+
+import jax  # noqa: E402
+
+from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig  # noqa: E402
+from vlm_jax.layers.t5 import T5, T5Config  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2LMConfig:
+    """Stage-2 model: frozen image encoder -> ``ln_vision`` -> Q-Former -> linear projection to the
+    LM's word-embedding width -> soft prefix of a frozen LM.
+
+    lm: `DecoderLMConfig` (OPT family, decoder-only) or `T5Config` (Flan-T5, encoder-decoder).
+    qformer: the image-only Q-Former HF ships (``text_input=False, lm_head=False``) or a stage-1
+      Q-Former (its text embeddings / text FFN / LM head exist as parameters, so a stage-1
+      checkpoint restores into the same tree, but they are not used here).
+    feature_layer / vision_norm_eps: as in `Blip2Config`.
+    decoder_start_id: T5's first decoder token (its pad id, 0).
+    """
+    lm: DecoderLMConfig | T5Config
+    qformer: QFormerConfig = QFormerConfig(text_input=False, lm_head=False)
+    feature_layer: int = -1
+    vision_norm_eps: float = 1e-6
+    decoder_start_id: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.lm, (DecoderLMConfig, T5Config)):
+            raise ValueError(f"Blip2LMConfig.lm must be a DecoderLMConfig (OPT) or a T5Config (Flan-T5); got "
+                             f"{type(self.lm).__name__}.")
+
+    @property
+    def seq2seq(self) -> bool:
+        """True for an encoder-decoder LM (T5)."""
+        return isinstance(self.lm, T5Config)
+
+    @property
+    def prefix_width(self) -> int:
+        """E: the width of the LM's input embeddings, which the query outputs are projected to."""
+        return self.lm.width if self.seq2seq else self.lm.word_dim
+
+
+def make_language_model(config: Blip2LMConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                        **kw) -> nn.Module:
+    """The LM module of a `Blip2LMModel` (`DecoderLM` or `T5`), unbound: apply it to ``params['lm']``."""
+    cls = T5 if config.seq2seq else DecoderLM
+    return cls(config.lm, dtype=dtype, param_dtype=param_dtype, **kw)
+
+
+def _check_left_padded(mask, name: str):
+    """Raise when a concrete ``mask [B, T]`` has padding in its last column (skipped under jit)."""
+    if mask is None:
+        return
+    try:
+        ok = bool(jnp.all(jnp.asarray(mask)[:, -1]))
+    except jax.errors.ConcretizationTypeError:
+        return
+    if not ok:
+        raise ValueError(f"{name}[:, -1] has padding: prompts must be LEFT padded (real tokens last), because the "
+                         "first text token is predicted from the last prompt position.")
+
+
+class Blip2LMModel(nn.Module):
+    """Stage 2: image -> soft prefix of Q vectors -> frozen LM (decoder-only or encoder-decoder).
+
+    Parameters: ``vision/...`` (image encoder, frozen), ``ln_vision`` (f32), ``qformer/...``
+    (`QFormer`, incl. ``query_tokens``), ``language_projection [D, E]`` (+ bias), ``lm/...``
+    (`DecoderLM` or `T5`, frozen). ``vision`` is called as in `Blip2QFormerModel`.
+
+    Methods (``[B, S, S, 3]`` images everywhere):
+      image_prefix(images) -> ``[B, Q, E]``
+      lm_logits(images, tokens, mask, decoder_tokens=, decoder_mask=) -> full LM logits (parity
+        with HF ``Blip2ForConditionalGeneration``: OPT ``[B, Q + T, V]``, T5 ``[B, Td, V]``)
+      text_logits(images, prompt, prompt_mask, text, text_mask) -> (logits ``[B, Tt, V]``
+        predicting ``text``, target mask bool ``[B, Tt]``) — the training view; the loss is
+        cross-entropy of ``logits`` against ``text`` where the mask is True
+    Generation: the module-level `generate` (greedy / beam / sample through `vlm_jax.generate`).
+    """
+    vision: nn.Module
+    config: Blip2LMConfig
+    dtype: Any = jnp.float32            # Q-Former / projection compute dtype
+    param_dtype: Any = jnp.float32
+    lm_dtype: Any = None                # LM compute dtype (None: ``dtype``)
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.ln_vision = LayerNorm(c.vision_norm_eps, name="ln_vision")            # f32 compute and params
+        self.qformer = QFormer(c.qformer, name="qformer", **kw)
+        self.language_projection = Dense(c.prefix_width, ("embed", None), name="language_projection", **kw)
+        self.lm = make_language_model(c, dtype=self.lm_dtype or self.dtype, param_dtype=self.param_dtype, name="lm")
+
+    # ------------------------------------------------------------------ image -> prefix
+    def image_features(self, images):
+        """``images [B, S, S, 3]`` -> LN_vision(ViT features) f32 ``[B, Nv, Dv]``."""
+        out = self.vision(images, output_layer=self.config.feature_layer, apply_final_norm=False)
+        return self.ln_vision(out.features.astype(jnp.float32))
+
+    def query_outputs(self, feats, *, deterministic: bool = True):
+        """Image-only Q-Former pass: ``feats [B, Nv, Dv]`` -> ``[B, Q, D]``."""
+        h, _ = self.qformer(feats, deterministic=deterministic)
+        return h
+
+    def image_prefix(self, images, *, deterministic: bool = True):
+        """``images`` -> soft prefix ``[B, Q, E]`` in the LM's compute dtype."""
+        h = self.query_outputs(self.image_features(images), deterministic=deterministic)
+        return self.language_projection(h).astype(self.lm_dtype or self.dtype)
+
+    def embed_inputs(self, prefix, tokens):
+        """``[prefix [B, Q, E]; embed(tokens [B, T])]`` -> ``[B, Q + T, E]`` (the LM's input embeddings)."""
+        check_tokens(tokens, "tokens")
+        word = self.lm.embed_tokens(tokens)
+        return jnp.concatenate([prefix.astype(word.dtype), word], axis=1)
+
+    # ---------------------------------------------------------------------- the LM pass
+    def lm_logits(self, images, tokens, mask=None, *, decoder_tokens=None, decoder_mask=None,
+                  deterministic: bool = True):
+        """Full LM logits with the image prefix in front of ``tokens``.
+
+        ``tokens [B, T]`` / ``mask [B, T]`` (1 = real) are what follows HF's Q image placeholders in
+        ``input_ids`` / ``attention_mask``. Decoder-only: -> f32 ``[B, Q + T, V]`` over
+        ``[prefix; tokens]`` (row i predicts position i + 1). T5: the encoder reads
+        ``[prefix; tokens]``, the decoder ``decoder_tokens [B, Td]`` (``decoder_mask``) -> f32
+        ``[B, Td, V]``.
+        """
+        prefix = self.image_prefix(images, deterministic=deterministic)
+        b, q = prefix.shape[0], prefix.shape[1]
+        m = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+        full_mask = jnp.concatenate([jnp.ones((b, q), bool), m], axis=1)
+        embeds = self.embed_inputs(prefix, tokens)
+        if not self.config.seq2seq:
+            if decoder_tokens is not None:
+                raise ValueError("decoder_tokens are for an encoder-decoder LM; this Blip2LMModel has a decoder-only "
+                                 "LM.")
+            return self.lm(inputs_embeds=embeds, attention_mask=full_mask, deterministic=deterministic).logits
+        if decoder_tokens is None:
+            raise ValueError("Blip2LMModel.lm_logits with a T5 LM needs decoder_tokens [B, Td].")
+        encoded, _ = self.lm.encode(inputs_embeds=embeds, attention_mask=full_mask, deterministic=deterministic)
+        logits, _, _ = self.lm.run_decoder(decoder_tokens, encoded, encoder_mask=full_mask, decoder_mask=decoder_mask,
+                                           deterministic=deterministic)
+        return logits
+
+    def text_logits(self, images, prompt, prompt_mask, text, text_mask, *, deterministic: bool = True):
+        """Teacher-forced logits of the text given image and prompt -> (f32 ``[B, Tt, V]``, bool ``[B, Tt]``).
+
+        Args:
+          prompt: int ``[B, Tp]``, Tp >= 1 (``prompt_mask`` 1 = real). Decoder-only: LEFT padded,
+            the LM's bos (OPT ``</s>``) then the prompt words (e.g. "Question: .. Short answer:");
+            T5: the prompt words + eos as the T5 tokenizer writes them, padded on either side (an
+            all-padding row is no prompt).
+          text: int ``[B, Tt]`` RIGHT padded (``text_mask``): the tokens to learn, ending with eos.
+        Returns ``(logits, target_mask)``: ``logits[:, j]`` predicts ``text[:, j]``; ``target_mask``
+        = ``text_mask`` (True on real text tokens; never on the prefix, the prompt or padding).
+        Decoder-only: one pass over ``[prefix; prompt; text]`` (padding in the middle is masked;
+        position ids count real tokens), the prediction of ``text[:, j]`` read at position
+        ``Q + Tp + j - 1``. T5: encoder ``[prefix; prompt]``, decoder ``[start; text[:, :-1]]``.
+        """
+        check_tokens(prompt, "prompt")
+        check_tokens(text, "text")
+        b, tp = prompt.shape
+        tt = text.shape[1]
+        pm = jnp.asarray(prompt_mask).astype(bool)
+        tm = jnp.asarray(text_mask).astype(bool)
+        if not self.config.seq2seq:
+            _check_left_padded(pm, "prompt_mask")
+            logits = self.lm_logits(images, jnp.concatenate([prompt, text], axis=1), jnp.concatenate([pm, tm], axis=1),
+                                    deterministic=deterministic)
+            q = logits.shape[1] - tp - tt
+            return logits[:, q + tp - 1:q + tp + tt - 1], tm
+        start = jnp.full((b, 1), self.config.decoder_start_id, text.dtype)
+        dec_in = jnp.concatenate([start, text[:, :-1]], axis=1)
+        dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), tm[:, :-1]], axis=1)
+        logits = self.lm_logits(images, prompt, pm, decoder_tokens=dec_in, decoder_mask=dec_mask,
+                                deterministic=deterministic)
+        return logits, tm
+
+    def __call__(self, images, tokens, mask=None, decoder_tokens=None):
+        """Init / smoke path: `lm_logits` (T5: ``decoder_tokens`` default ``tokens``). At init it also
+        creates a stage-1 Q-Former's text parameters (unused here) so a stage-1 checkpoint fits."""
+        if self.config.seq2seq and decoder_tokens is None:
+            decoder_tokens = tokens
+        logits = self.lm_logits(images, tokens, mask, decoder_tokens=decoder_tokens)
+        qc = self.config.qformer
+        if self.is_initializing() and qc.text_input:
+            h, _ = self.qformer(tokens=jnp.zeros((1, 1), jnp.int32))
+            if qc.lm_head:
+                self.qformer.lm_logits(h)
+        return logits
+
+
+def generate(model: Blip2LMModel, params, images, prompt, prompt_mask=None, *, max_new_tokens: int, eos_id: int,
+             pad_id: int = 0, min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
+             length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Caption / answer images with a `Blip2LMModel` -> `vlm_jax.decoding.DecodeResult`
+    (tokens ``[B, K, max_new_tokens]``: only new tokens, eos then ``pad_id``; K = 1 for greedy).
+
+    ``prompt [B, Tp]`` / ``prompt_mask`` as for `Blip2LMModel.text_logits` (decoder-only: LEFT
+    padded, at least the bos). The image prefix is computed once; decoder-only LMs prefill
+    ``[prefix; prompt[:, :-1]]`` into the KV cache once (`vlm_jax.generate.prefill_decoder_lm`),
+    T5 encodes ``[prefix; prompt]`` once and caches each decoder layer's cross-attention
+    keys/values (`vlm_jax.generate.prefill_seq2seq`); beam search repeats that state per beam.
+    ``strategy`` 'greedy' | 'beam' (``beam_size``, ``length_penalty``: score = sum log p /
+    length**length_penalty) | 'sample' (``rng``, ``temperature``, ``top_k``, ``top_p``). Jittable
+    with the keyword arguments static.
+    """
+    from vlm_jax import generate as gen  # the decoding level; imported where used (models stay below it)
+
+    c = model.config
+    variables = {"params": params}
+    prefix = model.apply(variables, images, method=Blip2LMModel.image_prefix)
+    lm = make_language_model(c, dtype=model.lm_dtype or model.dtype, param_dtype=model.param_dtype)
+    b = prompt.shape[0]
+    pm = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask).astype(bool)
+    common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, min_new_tokens=min_new_tokens,
+                  strategy=strategy, beam_size=beam_size, length_penalty=length_penalty, rng=rng,
+                  temperature=temperature, top_k=top_k, top_p=top_p)
+    if not c.seq2seq:
+        return gen.generate(lm, params["lm"], prompt, prompt_mask=pm, prefix_embeds=prefix, **common)
+    embeds = model.apply(variables, prefix, prompt, method=Blip2LMModel.embed_inputs)
+    mask = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool), pm], axis=1)
+    return gen.generate_seq2seq(lm, params["lm"], inputs_embeds=embeds, input_mask=mask,
+                                decoder_start_id=c.decoder_start_id, **common)
+
+
+__all__ += ["Blip2LMConfig", "Blip2LMModel", "make_language_model", "generate"]
