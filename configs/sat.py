@@ -36,22 +36,7 @@ def get_config(arg=None):
     c.seed = 0
 
     # ---------------------------------------------------------------- data
-    c.data = d = ml_collections.ConfigDict()
-    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions'
-    d.data_dir = ""                    # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    d.manual_dir = ""                  # karpathy: folder with dataset_*.json and the images
-    d.builder_config = ""              # karpathy: coco | flickr8k | flickr30k
-    d.image_size = 56                  # S (pixels, square)
-    d.num_train = 6000                 # synthetic split sizes (images)
-    d.num_val = 500
-    d.num_test = 500
-    d.max_caption_len = 24             # words; T = max_caption_len + 2 (bos, eos); cuts 4% of synthetic captions
-    d.vocab_min_count = 1
-    d.vocab_max_size = 10000
-    d.blind = False                    # blind baseline: every caption paired with a random other image
-    d.worker_count = 0
-    d.mean = (0.5, 0.5, 0.5)
-    d.std = (0.25, 0.25, 0.25)
+    c.data = d = config_lib.caption_data()
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -107,6 +92,10 @@ def get_config(arg=None):
     t.param_dtype = "float32"
     t.peak_tflops = 0.0                # per-device peak for the logged MFU; 0 = measured ceiling of
                                        # a known GPU (H100 683, H200 652; vlm_jax/flops.py), none on CPU
+    # Divergence guard (vlm_jax/train_lib.py DivergenceGuard): checked every step on device.
+    t.max_param_norm = 0.0             # > 0: a step whose parameter norm exceeds this counts as diverged
+    t.max_update_norm = 0.0            # > 0: the same for the norm of one update
+    t.on_divergence = "stop"           # 'stop' (no checkpoint of a diverged state) | 'skip' (drop the step, count it)
 
     # ---------------------------------------------------------------- device mesh
     c.mesh = ml_collections.ConfigDict()

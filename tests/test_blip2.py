@@ -308,7 +308,7 @@ def test_strict_recall_and_shortlist_rescoring():
     scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.2, 0.1]])
     truth = np.array([[False, False, True], [True, False, False]])
     r = strict_recall(scores, truth, ks=(1, 2))
-    assert r == {1: 0.0, 2: 0.5}                      # row 1's tie counts against it
+    assert r == {1: 0.0, 2: 1.0}                      # row 1 ties a false candidate: not at rank 0
     # re-ranking only touches the shortlist: column 2 of row 0 is lifted by the matcher
     out = shortlist_scores(scores, 2, lambda rows, cols: np.where(cols == 2, 10.0, 0.0))
     assert np.isneginf(out[0, 1]) and out[0, 2] == pytest.approx(10.5) and out[0, 0] == pytest.approx(0.9)

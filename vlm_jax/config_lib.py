@@ -16,6 +16,48 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key and how to fix it."""
 
 
+def caption_data(**overrides) -> ml_collections.ConfigDict:
+    """The ``config.data`` section every image-caption family shares (SAT, BLIP-2, ...):
+    the dataset, its TFDS location, split sizes of the synthetic set, caption length,
+    vocabulary bounds, the blind baseline switch and the image normalisation."""
+    d = ml_collections.ConfigDict()
+    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions'
+    d.data_dir = ""                    # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    d.manual_dir = ""                  # karpathy: folder with dataset_*.json and the images
+    d.builder_config = ""              # karpathy: coco | flickr8k | flickr30k
+    d.image_size = 56                  # S (pixels, square)
+    d.num_train = 6000                 # synthetic split sizes (images)
+    d.num_val = 500
+    d.num_test = 500
+    d.max_caption_len = 24             # words / tokens; T = max_caption_len + 2 (the template's two specials)
+    d.vocab_min_count = 1
+    d.vocab_max_size = 10000
+    d.blind = False                    # blind baseline: every caption paired with a random other image
+    d.worker_count = 0
+    d.mean = (0.5, 0.5, 0.5)
+    d.std = (0.25, 0.25, 0.25)
+    for k, v in overrides.items():
+        if k not in d:
+            raise ConfigError(f"caption_data({k}=...): no such data field; known: {sorted(d.keys())}.")
+        d[k] = v
+    return d
+
+
+def validate_data_section(config) -> None:
+    """Check ``config.data`` with the data package's own rules (a ConfigError naming the key);
+    nothing to check on a node without the data stack (TFDS / grain not installed)."""
+    try:
+        from vlm_jax.data.pipeline import validate_data_config
+    except ImportError:
+        return
+    try:
+        validate_data_config(config.data)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def parse_arg(arg: str | None, variants: Iterable[str], default: str) -> tuple[str, dict[str, str]]:
     """Parse a `get_config` argument: 'VARIANT' or 'VARIANT,key=value,...' or 'key=value,...'.
 
@@ -139,6 +181,11 @@ def validate_common(config, num_devices: int, process_count: int = 1) -> dict[st
         check_positive(config, "optim.grad_accum_steps")
     if "peak_tflops" in config.train:
         check_positive(config, "train.peak_tflops", allow_zero=True)
+    for key in ("max_param_norm", "max_update_norm"):
+        if key in config.train:
+            check_positive(config, f"train.{key}", allow_zero=True)
+    if "on_divergence" in config.train:
+        check_choice(config, "train.on_divergence", ("stop", "skip"))
     shape = mesh_shape(config, num_devices)
     dp = shape["data"] * shape["fsdp"]
     bs = config.train.batch_size

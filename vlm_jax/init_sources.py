@@ -61,6 +61,14 @@ class InitSource:
         return f"{self.source}:{where}" + (f" [{self.source_target}]" if self.source_target else "")
 
 
+def placeholder(init_fn, *args):
+    """Zeros with the shapes, dtypes and logical-axis boxes of ``init_fn(*args)`` (traced with
+    `jax.eval_shape`, so nothing is computed): the init value of a subtree that an init source
+    always overwrites (a pretrained tower), so its random init is never traced or run."""
+    import jax.numpy as jnp
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init_fn, *args))
+
+
 def sources_from_config(config) -> list[InitSource]:
     """The active entries of ``config.init`` (source != ''), validated."""
     if "init" not in config:

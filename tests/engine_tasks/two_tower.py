@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,10 +32,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlm_jax import config_lib
 from vlm_jax.evaluation.evaluator import Evaluator, eval_dir, make_predict_fn, predict_over_split
 from vlm_jax.layers.bert import BertConfig, BertEncoder
 from vlm_jax.layers.mlp import Dense
-from vlm_jax.tasks.base import Task
+from vlm_jax.tasks.base import ImageCaptionTask
 
 LOG_TEMP_MIN = math.log(1.0 / 100.0)
 LOG_TEMP_MAX = math.log(100.0)
@@ -56,20 +56,8 @@ def get_config(*, data_dir: str, vit_dir: str, tokenizer_dir: str, text_width: i
     c.seed = 0
 
     # the synthetic dataset's fields, as configs/sat.py's tiny variant sets them
-    c.data = d = ml_collections.ConfigDict()
-    d.name = "synthetic_shapes"
-    d.data_dir = data_dir
-    d.manual_dir = ""
-    d.builder_config = ""
-    d.image_size = 16
-    d.num_train, d.num_val, d.num_test = 64, 16, 16
-    d.max_caption_len = 12
-    d.vocab_min_count = 1
-    d.vocab_max_size = 10000
-    d.blind = False
-    d.worker_count = 0
-    d.mean = (0.5, 0.5, 0.5)
-    d.std = (0.25, 0.25, 0.25)
+    c.data = config_lib.caption_data(data_dir=data_dir, image_size=16, num_train=64, num_val=16, num_test=16,
+                                     max_caption_len=12)
 
     c.model = m = ml_collections.ConfigDict()
     m.tokenizer_dir = tokenizer_dir
@@ -173,15 +161,13 @@ def contrastive_loss(img, txt, log_temp, image_ids):
 
 
 # ----------------------------------------------------------------------------- task
-class TwoTowerTask(Task):
+class TwoTowerTask(ImageCaptionTask):
     """batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B])."""
 
     name = "two_tower"
 
     def __init__(self, config, *, workdir=None, mesh=None):
         super().__init__(config, workdir=workdir, mesh=mesh)
-        self.image_size = int(config.data.image_size)
-        self.seq_len = int(config.data.max_caption_len) + 2
         self._tokenizer = None
         self._model = None
         self._evaluators = None
@@ -193,16 +179,6 @@ class TwoTowerTask(Task):
             from vlm_jax.data.pretrained_tokenizer import PretrainedTokenizer
             self._tokenizer = PretrainedTokenizer.from_dir(self.config.model.tokenizer_dir)
         return self._tokenizer
-
-    def train_iterator(self, *, process_index=None, process_count=None):
-        from vlm_jax.data import pipeline
-        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index=process_index,
-                                            process_count=process_count)
-
-    def example_batch(self, batch_size: int) -> dict[str, Any]:
-        return {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
-                "tokens": np.zeros((batch_size, self.seq_len), np.int32),
-                "image_id": np.zeros((batch_size,), np.int32)}
 
     def checkpoint_meta(self) -> dict:
         return {"vocab_size": int(self.tokenizer.vocab_size)}
@@ -227,8 +203,8 @@ class TwoTowerTask(Task):
         logical axis boxes), a placeholder that ``config.init.vision`` always overwrites with the HF
         weights (`validate` insists on it), so its random init and forward pass are never traced."""
         images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
-        vision = jax.eval_shape(lambda r: self.model.vision.init(r, images)["params"], rng)
-        vision = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), vision)      # keeps the nn.Partitioned boxes
+        from vlm_jax.init_sources import placeholder
+        vision = placeholder(lambda r: self.model.vision.init(r, images)["params"], rng)   # boxes kept
 
         def init_rest(module, images, tokens):
             module.embed_texts(tokens)

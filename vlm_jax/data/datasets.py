@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
 
 import numpy as np
@@ -74,6 +75,9 @@ def validate_data_config(data) -> None:
         for k in ("num_train", "num_val", "num_test"):
             if not isinstance(data[k], int) or data[k] < 0:
                 bad(k, "use 0 (whole split) or a positive cap on the number of images.")
+        if data.manual_dir and not os.path.isdir(data.manual_dir):
+            bad("manual_dir", "is not a directory; point it at the folder holding the Karpathy split JSON and "
+                              "the image folders (see vlm_jax/data/karpathy.py).")
     for k, low in (("image_size", 16), ("max_caption_len", 1), ("vocab_min_count", 1),
                    ("vocab_max_size", 0), ("worker_count", 0)):
         if not isinstance(data[k], int) or data[k] < low:

@@ -82,15 +82,20 @@ class KarpathyCaptions(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
         path = os.path.join(root, self.builder_config.json_name)
+        from vlm_jax.errors import DataError
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise DataError(
                 f"karpathy_captions/{self.builder_config.name}: {path} not found.\n"
                 + MANUAL_DOWNLOAD_INSTRUCTIONS)
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path} is not valid JSON ({e}); re-download the Karpathy split file "
+                            f"{self.builder_config.json_name} into --config.data.manual_dir.") from None
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise ValueError(f"{path}: expected a JSON object with an 'images' list "
-                             "(Karpathy split format).")
+            raise DataError(f"{path}: expected a JSON object with an 'images' list "
+                            "(Karpathy split format).")
         by_split = collections.defaultdict(list)
         for entry in data["images"]:
             split = entry.get("split")

@@ -115,3 +115,26 @@ class Task(abc.ABC):
     def checkpoint_meta(self) -> dict:
         """JSON-able values saved with every checkpoint that a restore must find equal."""
         return {}
+
+
+class ImageCaptionTask(Task):
+    """A task trained on the caption pipeline's (image, caption) pairs (SAT, BLIP-2 stage 1, the
+    tests' two-tower task): batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B]),
+    S = ``data.image_size``, T = ``data.max_caption_len + 2`` (the tokenizer's template).
+    Subclasses provide ``tokenizer``, the model and the loss."""
+
+    def __init__(self, config, *, workdir: str | None = None, mesh=None):
+        super().__init__(config, workdir=workdir, mesh=mesh)
+        self.image_size = int(config.data.image_size)
+        self.seq_len = int(config.data.max_caption_len) + 2
+
+    def train_iterator(self, *, process_index: int | None = None, process_count: int | None = None):
+        from vlm_jax.data import pipeline
+        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index=process_index,
+                                            process_count=process_count)
+
+    def example_batch(self, batch_size: int) -> dict[str, Any]:
+        import numpy as np
+        return {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
+                "tokens": np.zeros((batch_size, self.seq_len), np.int32),
+                "image_id": np.zeros((batch_size,), np.int32)}

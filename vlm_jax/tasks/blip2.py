@@ -19,16 +19,14 @@ Pieces (each in its one place):
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlm_jax.models.blip2 import TEMPERATURE_RANGE, Blip2Config, Blip2QFormerModel, QFormerConfig
 from vlm_jax.objectives.blip2 import stage1_loss
-from vlm_jax.tasks.base import Task
+from vlm_jax.tasks.base import ImageCaptionTask
 
 VISION = "vision"
 STAGES = ("qformer",)
@@ -74,15 +72,13 @@ def qformer_config(config, vocab_size: int) -> QFormerConfig:
                          scan_layers=bool(q.scan_layers), remat_policy=str(q.remat_policy))
 
 
-class Blip2Task(Task):
+class Blip2Task(ImageCaptionTask):
     """batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B])."""
 
     name = "blip2"
 
     def __init__(self, config, *, workdir=None, mesh=None):
         super().__init__(config, workdir=workdir, mesh=mesh)
-        self.image_size = int(config.data.image_size)
-        self.seq_len = int(config.data.max_caption_len) + 2
         self._tokenizer = None
         self._model = None
         self._evaluators = None
@@ -136,16 +132,6 @@ class Blip2Task(Task):
         _ = self.model, self.cls_id
 
     # ------------------------------------------------------------------ data
-    def train_iterator(self, *, process_index=None, process_count=None):
-        from vlm_jax.data import pipeline
-        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index=process_index,
-                                            process_count=process_count)
-
-    def example_batch(self, batch_size: int) -> dict[str, Any]:
-        return {"image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
-                "tokens": np.zeros((batch_size, self.seq_len), np.int32),
-                "image_id": np.zeros((batch_size,), np.int32)}
-
     def checkpoint_meta(self) -> dict:
         return {"vocab_size": int(self.vocab_size)}
 
@@ -159,9 +145,9 @@ class Blip2Task(Task):
         valid = jnp.ones(tokens.shape, bool)
         if not vision_init_dir(self.config):
             return {"params": self.model.init({"params": rng}, images, tokens, valid)["params"], "model_state": {}}
+        from vlm_jax.init_sources import placeholder
         vis = self.model.vision
-        vparams = jax.eval_shape(lambda r: vis.init(r, images)["params"], rng)
-        vparams = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), vparams)
+        vparams = placeholder(lambda r: vis.init(r, images)["params"], rng)
         feats = jax.eval_shape(lambda p: vis.apply({"params": p}, images, output_layer=self.model.config.feature_layer,
                                                    apply_final_norm=False).features, nn.unbox(vparams))
 
@@ -240,7 +226,7 @@ class Blip2Task(Task):
 
 def validate(config) -> None:
     """BLIP-2-specific config checks (run by the trainer before anything compiles)."""
-    from vlm_jax.config_lib import ConfigError, check_choice, check_positive
+    from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
     check_choice(config, "model.stage", STAGES)
     check_positive(config, "model.embed_dim", "model.qformer.num_queries", "model.qformer.width",
                    "model.qformer.num_layers", "model.qformer.num_heads", "model.qformer.mlp_dim",
@@ -268,16 +254,7 @@ def validate(config) -> None:
     if config.model.tokenizer_dir and not os.path.isdir(config.model.tokenizer_dir):
         raise ConfigError(f"config.model.tokenizer_dir={config.model.tokenizer_dir!r} is not a directory; point it "
                           "at a folder with a BERT tokenizer.json (e.g. bert-base-uncased saved with save_pretrained).")
-    try:
-        from vlm_jax.data.pipeline import validate_data_config
-    except ImportError:
-        return
-    try:
-        validate_data_config(config.data)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    validate_data_section(config)
 
 
 def _get(config, key):

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vlm_jax.models.sat import SATModel
 from vlm_jax.objectives import captioning
-from vlm_jax.tasks.base import Batch, Metrics, PyTree, Task
+from vlm_jax.tasks.base import Batch, ImageCaptionTask, Metrics, PyTree
 
 PAD_ID = 0                      # WordTokenizer.pad_id (docs/interfaces.md)
 BASELINE_KEY = "reinforce_baseline"
@@ -105,7 +103,7 @@ def build_model(config, vocab_size: int) -> SATModel:
     )
 
 
-class SATTask(Task):
+class SATTask(ImageCaptionTask):
     """Show, Attend and Tell: batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B]).
 
     Tokenizer: a word vocabulary built from the training captions on first use and saved as
@@ -117,8 +115,6 @@ class SATTask(Task):
     def __init__(self, config, *, workdir=None, mesh=None):
         super().__init__(config, workdir=workdir, mesh=mesh)
         self.hard = config.model.attention == "hard"
-        self.image_size = int(config.data.image_size)
-        self.seq_len = int(config.data.max_caption_len) + 2
         self._tokenizer = None
         self._model = None
 
@@ -153,11 +149,6 @@ class SATTask(Task):
         and the model, before anything is traced."""
         _ = self.model
 
-    def train_iterator(self, *, process_index=None, process_count=None):
-        from vlm_jax.data import pipeline
-        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index=process_index,
-                                            process_count=process_count)
-
     def checkpoint_meta(self) -> dict:
         return {"vocab_size": int(self.vocab_size)}
 
@@ -166,13 +157,6 @@ class SATTask(Task):
         """Flax variables: params + every model-state entry that is a Flax collection (e.g. batch_stats)."""
         extra = {k: v for k, v in model_state.items() if k != BASELINE_KEY}
         return {"params": params, **extra}
-
-    def example_batch(self, batch_size: int) -> dict[str, Any]:
-        return {
-            "image": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
-            "tokens": np.zeros((batch_size, self.seq_len), np.int32),
-            "image_id": np.zeros((batch_size,), np.int32),
-        }
 
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
         """-> {'params': boxed params, 'model_state': {Flax non-param collections..., 'reinforce_baseline': f32[] (hard)}}."""
@@ -289,7 +273,7 @@ class SATTask(Task):
 
 def validate(config) -> None:
     """SAT-specific config checks (run by the trainer before anything compiles)."""
-    from vlm_jax.config_lib import ConfigError, check_choice, check_positive
+    from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
 
     check_choice(config, "model.attention", ("soft", "hard"))
     check_choice(config, "model.encoder", ENCODERS)
@@ -309,16 +293,7 @@ def validate(config) -> None:
             raise ConfigError(f"config.{key}={value!r} must lie in [0, 1] (--config.{key}=...).")
     if config.model.encoder == "cnn" and not config.model.cnn_widths:
         raise ConfigError("config.model.cnn_widths is empty; give the channel widths, e.g. 32:64:128.")
-    try:
-        from vlm_jax.data.pipeline import validate_data_config
-    except ImportError:  # data stack not installed (model-only node): nothing more to check here
-        return
-    try:
-        validate_data_config(config.data)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    validate_data_section(config)
 
 
 def config_value(config, key: str):
