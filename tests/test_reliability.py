@@ -211,6 +211,41 @@ def test_state_bytes_counts_every_leaf():
     assert errors.state_bytes(tree) == 3 * 4 * 4 + 5
 
 
+# ----------------------------------------------------------------------------- data files
+def test_karpathy_split_file_that_is_not_json(data_dir, tmp_path, capsys):
+    manual = tmp_path / "coco"
+    manual.mkdir()
+    (manual / "dataset_coco.json").write_text('{"images": [ {"filename": "a.jpg", ')   # cut off mid-file
+    before = _hashes(manual)
+    workdir = tmp_path / "run"
+    err = _refused(train_cli, _argv(workdir, str(tmp_path / "tfds"), "--config.data.name=karpathy_captions",
+                                    "--config.data.builder_config=coco", f"--config.data.manual_dir={manual}",
+                                    "--config.data.num_train=0", "--config.data.num_val=0", "--config.data.num_test=0"),
+                   capsys, errors.EXIT_DATA, "data error:", "dataset_coco.json is not valid JSON",
+                   "re-download the Karpathy split file")
+    assert "Traceback" not in err and _hashes(manual) == before
+
+
+def test_manual_dir_that_does_not_exist(data_dir, tmp_path, capsys):
+    err = _refused(train_cli, _argv(tmp_path / "run", data_dir, "--config.data.name=karpathy_captions",
+                                    "--config.data.builder_config=coco",
+                                    f"--config.data.manual_dir={tmp_path / 'nowhere'}"),
+                   capsys, errors.EXIT_CONFIG, "config error: config.data.manual_dir=", "is not a directory")
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_divergence_stops_with_the_term_and_exit_9(data_dir, tmp_path, capsys):
+    """An exploding learning rate under a parameter-norm limit: 'training diverged:' (exit 9) naming
+    the step and the norm, before any checkpoint of the diverged state."""
+    workdir = tmp_path / "run"
+    err = _refused(train_cli, _argv(workdir, data_dir, "--config.optim.lr=50.0", "--config.optim.grad_clip=0",
+                                    "--config.train.max_param_norm=1.0", steps=4, every=1),
+                   capsys, errors.EXIT_DIVERGED, "training diverged at step 1: parameter norm",
+                   "--config.train.on_divergence=skip")
+    assert "Traceback" not in err
+    assert not [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+
+
 # ----------------------------------------------------------------------------- configs
 def test_unknown_config_key(data_dir, tmp_path, capsys):
     workdir = tmp_path / "run"

@@ -150,7 +150,8 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, OSError):
         return _oserror_message(exc)
     if isinstance(exc, FloatingPointError):
-        return EXIT_DIVERGED, f"training diverged: {exc}"
+        text = str(exc)
+        return EXIT_DIVERGED, text if text.startswith("training diverged") else f"training diverged: {text}"
     return None
 
 

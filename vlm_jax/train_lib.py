@@ -139,7 +139,7 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
 
     batch_sh = sharding.batch_shardings(local, mesh, task.batch_axes())
     accum = int(config.optim.get("grad_accum_steps", 1) or 1)
-    step_fn = functools.partial(_train_step, task=task, tx=tx, accum=accum)
+    step_fn = functools.partial(_train_step, task=task, tx=tx, accum=accum, guard=DivergenceGuard.from_config(config))
     train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
     init_variables = jax.jit(lambda r: nn.meta.unbox(task.init(r, local)), out_shardings=var_sh)
@@ -223,9 +223,45 @@ def loss_and_grads(state: TrainState, batch, rng, *, task: Task, accum: int = 1)
     return jnp.mean(losses), metrics, new_model_state, grads
 
 
-def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1):
+@dataclasses.dataclass(frozen=True)
+class DivergenceGuard:
+    """The per-step health check of the train step (computed on device, read by the host only at
+    log boundaries and before a save, so it costs no extra host sync).
+
+    A step is *diverged* when its loss, any logged term, the gradient norm, the parameter norm or
+    the update norm is non-finite, or the parameter / update norm exceeds ``max_param_norm`` /
+    ``max_update_norm`` (0 = no limit). ``skip``: such a step leaves params, optimizer and model
+    state unchanged (the batch is consumed and counted in the logged ``diverged`` fraction);
+    otherwise the run stops with `DivergenceError` before anything after it is saved.
+    Config: ``train.max_param_norm``, ``train.max_update_norm``, ``train.on_divergence`` ('stop' |
+    'skip'); configs without these keys get the defaults (no limits, stop)."""
+    max_param_norm: float = 0.0
+    max_update_norm: float = 0.0
+    skip: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "DivergenceGuard":
+        t = config.train
+        mode = t.get("on_divergence", "stop")
+        if mode not in DIVERGENCE_MODES:
+            raise config_lib.ConfigError(f"config.train.on_divergence={mode!r}; use one of {DIVERGENCE_MODES}.")
+        return cls(max_param_norm=float(t.get("max_param_norm", 0.0)),
+                   max_update_norm=float(t.get("max_update_norm", 0.0)), skip=mode == "skip")
+
+
+DIVERGENCE_MODES = ("stop", "skip")
+
+
+class DivergenceError(FloatingPointError):
+    """Training diverged; the message names the step, the terms that went non-finite (or the norm
+    that exceeded its limit) and the knobs to turn. Nothing from that step on was saved."""
+
+
+def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1,
+                guard: DivergenceGuard = DivergenceGuard()):
     """One optimizer step. Pure: (state, batch, rng) -> (new state, metrics); gradients from
-    `loss_and_grads`, then the optimizer update and the task's `constrain_params`."""
+    `loss_and_grads`, then the optimizer update, the task's `constrain_params` and the
+    `DivergenceGuard` (metrics ``update_norm`` and ``diverged``)."""
     rng = jax.random.fold_in(rng, state.step)
     loss, metrics, new_model_state, grads = loss_and_grads(state, batch, rng, task=task, accum=accum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -233,9 +269,50 @@ def _train_step(state: TrainState, batch, rng, *, task: Task, tx, accum: int = 1
     metrics = dict(metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["param_norm"] = optax.tree.norm(params)
+    metrics["update_norm"] = optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params))
     metrics["loss"] = loss
+    healthy = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
+    if guard.max_param_norm > 0:
+        healthy &= metrics["param_norm"] <= guard.max_param_norm
+    if guard.max_update_norm > 0:
+        healthy &= metrics["update_norm"] <= guard.max_update_norm
+    metrics["diverged"] = 1.0 - healthy.astype(jnp.float32)
+    if guard.skip:     # a diverged step changes nothing but the step counter
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_model_state = keep(new_model_state, state.model_state)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       model_state=new_model_state, frozen=state.frozen), metrics
+
+
+def check_divergence(unchecked: list, guard: DivergenceGuard) -> None:
+    """Raise `DivergenceError` for the first diverged step among ``unchecked`` [(step, metrics)]
+    (device arrays; fetched here, at a log boundary or before a save). Skip mode only counts."""
+    if guard.skip or not unchecked:
+        return
+    flags = np.asarray(jax.device_get([m["diverged"] for _, m in unchecked]))
+    if not flags.any():
+        return
+    step, m = unchecked[int(np.argmax(flags > 0))]
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    bad = [k for k, v in m.items() if not np.isfinite(v) and k != "diverged"]
+    terms = [k for k in bad if k not in ("loss", "grad_norm", "param_norm", "update_norm")]
+    if bad:
+        what = (f"non-finite {', '.join(terms)} (and {', '.join(k for k in bad if k not in terms)})" if terms
+                else f"non-finite {', '.join(bad)}")
+        hint = (f"the term(s) {', '.join(terms)} went non-finite first-hand: check their weights in config.model "
+                "and the inputs of that batch, " if terms else "")
+    elif guard.max_param_norm > 0 and m["param_norm"] > guard.max_param_norm:
+        what, hint = (f"parameter norm {m['param_norm']:.4g} > --config.train.max_param_norm={guard.max_param_norm:g}",
+                      "")
+    else:
+        what, hint = (f"update norm {m['update_norm']:.4g} > --config.train.max_update_norm={guard.max_update_norm:g}",
+                      "")
+    raise DivergenceError(
+        f"training diverged at step {step}: {what} (loss={m['loss']:.4g}, grad_norm={m['grad_norm']:.4g}). "
+        f"Nothing from step {step} on was saved; the last checkpoint is the latest good state. Fix: {hint}lower "
+        "--config.optim.lr or set --config.optim.grad_clip, or skip such batches with "
+        "--config.train.on_divergence=skip.")
 
 
 # ----------------------------------------------------------------------------- logging
@@ -420,6 +497,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     schedule = optim.make_schedule(config)
     progress = _progress(start, num_steps, enabled=is_main)
     window_t, window_ex, pending = time.time(), 0, []
+    guard, unchecked = DivergenceGuard.from_config(config), []     # (step, metrics) not yet health-checked
     step = start
     compile_done = False
     stop = min(num_steps, stop_at) if stop_at is not None else num_steps
@@ -431,6 +509,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 state, metrics = program.train_step(state, batch, rng)
             step += 1
             pending.append(metrics)
+            unchecked.append((step, metrics))
             window_ex += config.train.batch_size
             progress.update(1)
             if not compile_done:  # keep compilation out of the throughput numbers
@@ -450,9 +529,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 if peak:
                     values["mfu"] = values["model_tflops"] / (peak * jax.device_count())
                 values["learning_rate"] = float(schedule(step - 1))  # the base rate the last update used
-                if not np.isfinite(values["loss"]):
-                    raise FloatingPointError(f"loss is {values['loss']} at step {step}; not saving. Lower "
-                                             "--config.optim.lr or check the data.")
+                check_divergence(unchecked, guard)
+                unchecked = []
+                if guard.skip and values.get("diverged", 0.0) > 0:
+                    log.warning("skipped %d diverged step(s) in the last %d (--config.train.on_divergence=skip).",
+                                int(round(values["diverged"] * len(host))), len(host))
                 logger.scalars(step, values)
                 eta = (stop - step) * dt / max(len(host), 1)
                 progress.write(f"step {step}/{num_steps} eta {eta / 60:.1f}min " + _fmt(values))
@@ -470,6 +551,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                                                    only_due=True).items():
                     logger.scalars(step, values, prefix=f"eval/{name}")
             if step % config.train.checkpoint_every == 0 or step == stop or preempted["flag"]:
+                check_divergence(unchecked, guard)     # before a save: never write a diverged state
+                unchecked = []
                 _check_finite(state, step)
                 if not ckpt.save(step, state.checkpoint_item(), data_state=train_iter.get_state(), meta=meta):
                     log.warning("checkpoint for step %d was not saved (Orbax declined it).", step)
