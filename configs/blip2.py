@@ -1,4 +1,5 @@
-"""BLIP-2 (Li et al. 2023) configs. Stage 1: Q-Former pretraining (ITC + ITM + ITG).
+"""BLIP-2 (Li et al. 2023) configs. Stage 1: Q-Former pretraining (ITC + ITM + ITG); stage 2:
+the Q-Former's query outputs as a soft prefix of an LM, trained on captions.
 
 Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
   tiny              seconds; what tests and smoke runs use (random tiny ViT, trained).
@@ -11,12 +12,26 @@ Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
                     BERT-base Q-Former with 32 queries (``config.model.tokenizer_dir``: the
                     bert-base-uncased tokenizer; [DEC] is added), batch 1680, 250k steps, AdamW
                     b = (0.9, 0.98), weight decay 0.05, peak lr 1e-4, 2k warmup, cosine.
+  stage2_opt_synthetic / stage2_t5_synthetic
+                    stage 2 from a stage1_synthetic run (``stage1=<its workdir>``) with a small
+                    OPT-shaped decoder / T5 encoder-decoder. No pretrained LM exists offline, so
+                    these variants train the LM from scratch (``model.freeze_lm=False``: a named
+                    deviation; the paper's LM is frozen).
+  stage2_opt_paper / stage2_t5_paper
+                    the paper's stage 2: from the stage-1 run, frozen OPT-2.7B / Flan-T5-XL read
+                    from ``config.init.lm.path`` (+ ``model.lm_tokenizer_dir``), 80k steps, batch
+                    1920 / 1520, the stage-1 optimiser settings.
+
+Shortcut inside the arg: ``stage1=<workdir>`` sets config.init.{vision, ln_vision, qformer} to
+that stage-1 run's final checkpoint (source='checkpoint').
 
 Every other key is overridden on the command line as `--config.section.key=value`.
 
 Commands:
   python train.py --config configs/blip2.py:stage1_synthetic --workdir runs/blip2_stage1
   python eval.py  --config configs/blip2.py:stage1_synthetic --workdir runs/blip2_stage1
+  python train.py --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1 --workdir runs/blip2_opt
+  python train.py --config configs/blip2.py:stage2_t5_synthetic,stage1=runs/blip2_stage1 --workdir runs/blip2_t5
   python train.py --config configs/blip2.py:tiny --workdir /tmp/blip2_tiny
   python train.py --config configs/blip2.py:stage1_paper --workdir runs/blip2_paper \\
       --config.data.manual_dir=/data/coco --config.init.vision.path=/ckpt/blip2-vision-eva-g \\
@@ -26,7 +41,9 @@ import ml_collections
 
 from vlm_jax import config_lib
 
-VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper")
+VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper", "stage2_opt_synthetic", "stage2_t5_synthetic",
+            "stage2_opt_paper", "stage2_t5_paper")
+SYNTHETIC = ("tiny", "stage1_synthetic", "stage2_opt_synthetic", "stage2_t5_synthetic")
 
 
 def get_config(arg=None):
@@ -37,22 +54,7 @@ def get_config(arg=None):
     c.seed = 0
 
     # ---------------------------------------------------------------- data (image-caption pairs)
-    c.data = d = ml_collections.ConfigDict()
-    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions'
-    d.data_dir = ""
-    d.manual_dir = ""
-    d.builder_config = ""              # karpathy: coco | flickr8k | flickr30k
-    d.image_size = 56
-    d.num_train = 6000
-    d.num_val = 500
-    d.num_test = 500
-    d.max_caption_len = 24             # words (or WordPiece tokens); T = + [CLS] and [SEP]
-    d.vocab_min_count = 1
-    d.vocab_max_size = 10000
-    d.blind = False
-    d.worker_count = 0
-    d.mean = (0.5, 0.5, 0.5)
-    d.std = (0.25, 0.25, 0.25)
+    c.data = d = config_lib.caption_data()
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -67,7 +69,14 @@ def get_config(arg=None):
     m.vision_dtype = "float32"         # compute dtype of the image tower ('bfloat16' / 'float16' on accelerators)
     m.vision_param_dtype = ""          # storage dtype of the frozen tower ('' = train.param_dtype)
     # Image tower built from config when config.init.vision is not 'hf' (the synthetic variants).
-    m.vision = ml_collections.ConfigDict(dict(patch_size=8, width=96, num_layers=3, num_heads=4, mlp_dim=192))
+    m.vision = ml_collections.ConfigDict(dict(patch_size=8, width=96, num_layers=3, num_heads=4, mlp_dim=192,
+                                              preset=""))   # preset: 'eva_vit_g14' | 'clip_vit_l14' | ...
+    # Stage 2 (model.stage 'opt' | 't5'): the LM, built from model.lm when config.init.lm is not 'hf'.
+    m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=2, num_heads=4, mlp_dim=192))
+    m.freeze_lm = True                 # the paper: frozen LM
+    m.lm_tokenizer_dir = ""            # the LM's tokenizer.json folder ('' = the word vocabulary)
+    m.lm_dtype = "float32"             # LM compute dtype (bfloat16 / float16 on accelerators)
+    m.lm_param_dtype = ""              # storage dtype of the frozen LM ('' = train.param_dtype)
     m.qformer = q = ml_collections.ConfigDict()
     q.num_queries = 32
     q.width = 768
@@ -95,8 +104,8 @@ def get_config(arg=None):
 
     # ---------------------------------------------------------------- initialisation
     c.init = ml_collections.ConfigDict()
-    c.init.vision = ml_collections.ConfigDict(dict(target="vision", source="", path="", step=-1,
-                                                   source_target=""))
+    for name in ("vision", "ln_vision", "qformer", "lm"):
+        c.init[name] = ml_collections.ConfigDict(dict(target=name, source="", path="", step=-1, source_target=""))
 
     # ---------------------------------------------------------------- training loop
     c.train = t = ml_collections.ConfigDict()
@@ -108,6 +117,10 @@ def get_config(arg=None):
     t.dtype = "float32"
     t.param_dtype = "float32"
     t.peak_tflops = 0.0
+    # Divergence guard (vlm_jax/train_lib.py DivergenceGuard): checked every step on device.
+    t.max_param_norm = 0.0             # > 0: a step whose parameter norm exceeds this counts as diverged
+    t.max_update_norm = 0.0            # > 0: the same for the norm of one update
+    t.on_divergence = "stop"           # 'stop' (no checkpoint of a diverged state) | 'skip' (drop the step, count it)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
@@ -121,8 +134,16 @@ def get_config(arg=None):
     e.rerank = True
     e.max_examples = 0
     e.num_figures = 4                  # text queries in retrieval_examples.png
+    c.evals.caption = ec = ml_collections.ConfigDict()     # stage 2
+    ec.every = 0
+    ec.split = "test"
+    ec.batch_size = 64
+    ec.beam_size = 5                   # the paper: beam 5
+    ec.length_penalty = 0.0
+    ec.max_len = 30
+    ec.max_examples = 0
 
-    if variant in ("tiny", "stage1_synthetic"):
+    if variant in SYNTHETIC:
         m.freeze_vision = False        # deviation: no pretrained image tower offline (see the docstring)
         m.embed_dim = 64
         q.num_queries = 8
@@ -147,7 +168,7 @@ def get_config(arg=None):
         d.image_size = 16
         d.num_train, d.num_val, d.num_test = 64, 16, 16
         d.max_caption_len = 12
-        m.vision = ml_collections.ConfigDict(dict(patch_size=4, width=16, num_layers=1, num_heads=2, mlp_dim=24))
+        m.vision.update(dict(patch_size=4, width=16, num_layers=1, num_heads=2, mlp_dim=24))
         m.embed_dim = 8
         q.num_queries = 3
         q.width, q.num_layers, q.num_heads, q.mlp_dim = 24, 2, 2, 40
@@ -177,6 +198,32 @@ def get_config(arg=None):
         e.every = 10_000
         e.k_test = 128
 
+    if variant.startswith("stage2_"):
+        m.stage = "opt" if "_opt_" in variant else "t5"
+        o.warmup_steps = min(o.warmup_steps, 100) if variant.endswith("synthetic") else 2000
+        if variant.endswith("synthetic"):
+            m.freeze_lm = False        # deviation: no pretrained LM offline (see the docstring)
+            t.num_steps = 800
+            e.every = 0
+            ec.every = 0
+            ec.max_examples = 200
+            ec.beam_size = 3
+            ec.max_len = 26
+        else:
+            m.vision.preset = "eva_vit_g14"
+            m.vision_dtype = m.vision_param_dtype = "float16"
+            m.lm_dtype = m.lm_param_dtype = "bfloat16"
+            c.init.lm.source = "hf"    # + --config.init.lm.path=<opt-2.7b | flan-t5-xl>
+            t.batch_size = 1920 if m.stage == "opt" else 1520
+            t.num_steps = 80_000
+            d.name, d.builder_config, d.image_size = "karpathy_captions", "coco", 224
+            d.num_train = d.num_val = d.num_test = 0
+            d.mean = (0.48145466, 0.4578275, 0.40821073)
+            d.std = (0.26862954, 0.26130258, 0.27577711)
+    stage1 = overrides.pop("stage1", "")
+    if stage1:
+        for name in ("vision", "ln_vision", "qformer"):
+            c.init[name].source, c.init[name].path = "checkpoint", stage1
     config_lib.apply_overrides(c, overrides)
     c.lock()
     return c

@@ -283,12 +283,18 @@ def test_frozen_vision_is_bit_identical_and_temperature_stays_clamped(data_dir, 
     assert lo <= temp <= hi and temp != pytest.approx(0.07, abs=1e-4), temp
 
 
-def test_tiny_trains_and_evaluates_retrieval(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def stage1_run(data_dir, tmp_path_factory):
+    """configs/blip2.py:tiny trained and evaluated: (workdir, final metrics)."""
+    workdir = str(tmp_path_factory.mktemp("blip2_stage1") / "run")
+    return workdir, train_lib.train_and_evaluate(blip2_config(data_dir), workdir)
+
+
+def test_tiny_trains_and_evaluates_retrieval(stage1_run):
     """configs/blip2.py:tiny through train_and_evaluate: every loss term logged, finite, and the
     retrieval evaluator's R@K (with ITM re-ranking) written and ordered."""
     import json
-    workdir = str(tmp_path / "tiny")
-    metrics = train_lib.train_and_evaluate(blip2_config(data_dir), workdir)
+    workdir, metrics = stage1_run
     r = metrics["retrieval"]
     for d in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
         assert 0.0 <= r[f"{d}_r1"] <= r[f"{d}_r5"] <= r[f"{d}_r10"] <= 1.0
@@ -328,3 +334,48 @@ def test_paper_qformer_parameter_count():
     flat = flax.traverse_util.flatten_dict(flax.linen.unbox(shapes["params"]))
     n = sum(int(np.prod(v.shape)) for k, v in flat.items() if k[0] != "vision")
     assert abs(n - 188e6) / 188e6 < 0.02, n
+
+
+@pytest.mark.parametrize("stage", ["opt", "t5"])
+def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir, tmp_path, stage):
+    """Stage 2 (decoder-only OPT-shaped / encoder-decoder T5 LM) seeded from the stage-1 run: the
+    image tower, ln_vision and the Q-Former start equal to stage 1's final weights bit for bit; after
+    training steps the image tower is unchanged (frozen) while the projection moved; the caption
+    evaluator decodes through the shared generation."""
+    from vlm_jax import checkpoint as ckpt_lib
+    stage1_dir, _ = stage1_run
+    config = blip2_config(data_dir, f"tiny,stage1={stage1_dir}", model__stage=stage, model__freeze_lm=False,
+                          model__lm__width=16, model__lm__num_heads=2, model__lm__mlp_dim=24, train__num_steps=2,
+                          evals__caption__batch_size=8, evals__caption__max_len=6, evals__caption__beam_size=2)
+    # stage 1's final state
+    c1 = blip2_config(data_dir)
+    t1, mesh1 = train_lib.make_task_and_mesh(c1, stage1_dir)
+    p1 = train_lib.build_program(c1, t1, mesh1)
+    ck = ckpt_lib.Checkpointer(stage1_dir, async_save=False)
+    _, s1, _ = train_lib.restore_state(p1, ck, c1, t1, data_state=False)
+    ck.close()
+    first = jax.device_get(s1.full_params())
+    # stage 2 at init, then trained
+    task, mesh = train_lib.make_task_and_mesh(config, None)
+    prog = train_lib.build_program(config, task, mesh)
+    from vlm_jax import init_sources
+    s2 = jax.device_get(prog.init_state(jax.random.key(0), init_sources.sources_from_config(config)).full_params())
+    for name in ("vision", "ln_vision", "qformer"):
+        for a, b in zip(jax.tree.leaves(first[name]), jax.tree.leaves(s2[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    workdir = str(tmp_path / "stage2")
+    metrics = train_lib.train_and_evaluate(config, workdir)
+    assert {"CIDEr", "Bleu_4", "grounded_object_recall"} <= set(metrics["caption"])
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    _, final, _ = train_lib.restore_state(prog, ck, config, task, data_state=False)
+    ck.close()
+    final = jax.device_get(final.full_params())
+    for a, b in zip(jax.tree.leaves(first["vision"]), jax.tree.leaves(final["vision"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(s2["language_projection"]), jax.tree.leaves(final["language_projection"])))
+
+
+def test_stage2_refuses_without_a_stage1_run(data_dir):
+    with pytest.raises(config_lib.ConfigError, match=r"starts from a stage-1 run.*stage1="):
+        train_lib.make_task_and_mesh(blip2_config(data_dir, model__stage="opt", model__freeze_lm=False), None)

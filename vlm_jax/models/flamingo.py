@@ -34,6 +34,12 @@ puts the block before every N-th layer of the one `TransformerStack` (paper: eve
 Flamingo-3B, every 4th for 9B, every 7th for 80B), called with
 ``inserted_inputs = cross_attention_inputs(latents, text_time, media_valid)``.
 
+The whole model (`FlamingoConfig`, `Flamingo`; its own legend further down): frozen ViT ->
+(``media_proj`` when widths differ) -> resampler -> the frozen LM read through ``inputs_embeds``,
+with ``<image>`` / ``<|endofchunk|>`` rows in a separate trainable ``extra_embed`` table (ids >= V)
+and logits over V + X. `interleaved_loss_mask` is open_flamingo's interleaved loss masking;
+`param_groups` freezes ``vision/..`` and ``lm/..`` except the inserted blocks.
+
 Compared with flamingo-pytorch 0.1.2 (the test oracle): its ``PerceiverResampler`` treats its
 "time" axis as independent media slices (time embedding i is added to slice i; each slice gets
 its own latents), so one frame per image (F = 1) fed as separate batch rows equals this module;
@@ -300,3 +306,289 @@ def cross_attention_inputs(latents, text_time, media_valid=None):
         media_valid = jnp.ones((b, m), bool)
     mask = masks_lib.flamingo_media_mask(text_time, media_valid, r)
     return latents.reshape(b, m * r, d), mask
+
+
+# ============================================================================== the model
+# Extra letters: S image side, C channels, Dv vision width, Pv vision tokens per frame (P + [CLS]),
+# V the frozen LM's vocabulary, X added tokens (``<image>``, ``<|endofchunk|>``), E the LM's
+# word-embedding width (= Dt except OPT-350m).
+#
+#   images  [B, M, S, S, C] | [B, M, F, S, S, C]
+#     -> frozen ViT, one frame at a time, features of ``feature_layer``   [B*M*F, Pv, Dv]
+#        (``vision_tokens='patches'`` drops [CLS], as open_flamingo)       [B, M, F, P, Dv]
+#     -> ``media_proj`` [Dv, D] only when Dv != the resampler width D (trainable; the paper and
+#        open_flamingo run the resampler at the vision width, so they have none)
+#     -> PerceiverResampler                                                [B, M, R, D]
+#   tokens  [B, T]: id < V -> the frozen LM table ``lm/token_embed`` [V, E];
+#                   id >= V -> the trainable ``extra_embed`` [X, E] row ``id - V``
+#     -> inputs_embeds [B, T, E] -> DecoderLM (+ GATED XATTN-DENSE before every N-th layer,
+#        reading (media [B, M*R, D], media_mask [B, 1, T, M*R]) from ``cross_attention_inputs``)
+#   logits [B, T, V + X] = [frozen LM head | extra output rows]: the extra rows are ``extra_embed``
+#     itself when the LM ties its head (open_flamingo resizes a tied table, IDEFICS ties its
+#     ``additional_fc`` to ``additional_embedding``), else their own ``extra_lm_head [E, X]``.
+
+import jax  # noqa: E402
+
+from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig  # noqa: E402
+from vlm_jax.layers.mlp import Dense  # noqa: E402
+from vlm_jax.layers.text_common import TextOutput, check_tokens, embed_table  # noqa: E402
+from vlm_jax.layers.vit import ViTConfig, VisionTransformer  # noqa: E402
+
+__all__ += ["FlamingoConfig", "Flamingo", "interleaved_label_mask", "interleaved_loss_mask", "param_groups",
+            "FROZEN_VISION_PATTERN", "FROZEN_LM_PATTERN", "VISION_TOKENS"]
+
+VISION_TOKENS = ("patches", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlamingoConfig:
+    """Frozen ViT -> Perceiver Resampler -> frozen decoder LM with GATED XATTN-DENSE blocks.
+
+    vision: the frozen image encoder (`ViTConfig`; a CLIP preset for open_flamingo / IDEFICS).
+    feature_layer: which hidden state of the ViT feeds the resampler (`VisionTransformer`'s
+      ``output_layer``: -1 the last layer as HF's last_hidden_state, -2 the penultimate raw one).
+    vision_tokens: 'patches' drops [CLS] (open_flamingo: open_clip's patch tokens) | 'all'
+      (IDEFICS: CLIP's whole last_hidden_state).
+    resampler: `PerceiverResamplerConfig`; a trainable ``media_proj`` maps Dv -> its width when
+      they differ.
+    lm: the frozen LM as pretrained (``insert`` None: Flamingo adds the blocks itself).
+    xattn: the GATED XATTN-DENSE blocks; inserted before every ``xattn_every``-th LM layer, at
+      ``xattn_offset`` (None -> every - 1, open_flamingo's layout; IDEFICS 0).
+    num_extra_tokens: X rows of the trainable ``extra_embed`` table (ids V .. V+X-1).
+    image_token_id / eoc_token_id: ``<image>`` and ``<|endofchunk|>``; None -> V and V + 1.
+    tie_extra_embeddings: the extra output rows are ``extra_embed`` (True) or a separate
+      ``extra_lm_head`` (False); None follows ``lm.tie_embeddings``.
+    """
+    vision: ViTConfig
+    resampler: PerceiverResamplerConfig
+    lm: DecoderLMConfig
+    xattn: GatedXAttnConfig
+    xattn_every: int = 1
+    xattn_offset: int | None = None
+    feature_layer: int = -1
+    vision_tokens: str = "patches"
+    num_extra_tokens: int = 2
+    image_token_id: int | None = None
+    eoc_token_id: int | None = None
+    tie_extra_embeddings: bool | None = None
+
+    def __post_init__(self):
+        for f, t in (("vision", ViTConfig), ("resampler", PerceiverResamplerConfig), ("lm", DecoderLMConfig),
+                     ("xattn", GatedXAttnConfig)):
+            if not isinstance(getattr(self, f), t):
+                raise ValueError(f"FlamingoConfig.{f} must be a {t.__name__}; got {type(getattr(self, f)).__name__}.")
+        if self.lm.insert is not None:
+            raise ValueError("FlamingoConfig.lm.insert must be None: Flamingo inserts its gated cross-attention "
+                             "blocks itself (set xattn / xattn_every / xattn_offset instead).")
+        if self.vision_tokens not in VISION_TOKENS:
+            raise ValueError(f"FlamingoConfig.vision_tokens={self.vision_tokens!r}; use one of {VISION_TOKENS}.")
+        if self.num_extra_tokens < 0:
+            raise ValueError(f"FlamingoConfig.num_extra_tokens must be >= 0; got {self.num_extra_tokens}.")
+        _ = self.lm_config                     # validates xattn_every / offset (InsertSpec, DecoderLMConfig)
+        total = self.total_vocab
+        for f in ("image_id", "eoc_id"):
+            if not 0 <= getattr(self, f) < total:
+                raise ValueError(f"FlamingoConfig: {f}={getattr(self, f)} is outside the vocabulary [0, {total}) "
+                                 f"(LM vocab {self.lm.vocab_size} + num_extra_tokens {self.num_extra_tokens}).")
+        if self.image_id == self.eoc_id:
+            raise ValueError(f"FlamingoConfig: image_token_id and eoc_token_id are both {self.image_id}.")
+
+    @property
+    def total_vocab(self) -> int:
+        """V + X: the width of the logits."""
+        return self.lm.vocab_size + self.num_extra_tokens
+
+    @property
+    def image_id(self) -> int:
+        return self.lm.vocab_size if self.image_token_id is None else self.image_token_id
+
+    @property
+    def eoc_id(self) -> int:
+        return self.lm.vocab_size + 1 if self.eoc_token_id is None else self.eoc_token_id
+
+    @property
+    def tied_extra(self) -> bool:
+        return self.lm.tie_embeddings if self.tie_extra_embeddings is None else self.tie_extra_embeddings
+
+    @property
+    def needs_media_proj(self) -> bool:
+        return self.vision.hidden_size != self.resampler.width
+
+    @property
+    def lm_config(self) -> DecoderLMConfig:
+        """The LM with the gated blocks declared (``insert``)."""
+        return dataclasses.replace(self.lm, insert=gated_xattn_insert(self.xattn, self.xattn_every,
+                                                                      self.xattn_offset))
+
+
+class Flamingo(nn.Module):
+    """Interleaved images and text -> next-token logits ``[B, T, V + X]``.
+
+    Parameters (the optimizer groups of `param_groups` freeze the first and fourth lines):
+      ``vision/...``             `VisionTransformer` (frozen)
+      ``media_proj/kernel``      ``[Dv, D]`` (+ bias), only when Dv != D (trainable)
+      ``resampler/...``          `PerceiverResampler` (trainable)
+      ``lm/...``                 `DecoderLM`: token_embed [V, E], position_embed, layers_i, final_norm,
+                                 [lm_head] (frozen) ...
+      ``lm/inserted_m/...``      ... except the GATED XATTN-DENSE blocks (trainable; scanned LM:
+                                 ``lm/layers/inserted_m``)
+      ``extra_embed/embedding``  ``[X, E]`` the added tokens' rows (trainable)
+      ``extra_lm_head/kernel``   ``[E, X]`` their output rows, untied LMs only (trainable)
+    """
+    config: FlamingoConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.vision = VisionTransformer(c.vision, name="vision", **kw)
+        if c.needs_media_proj:
+            self.media_proj = Dense(c.resampler.width, (None, "embed"), name="media_proj", **kw)
+        self.resampler = PerceiverResampler(c.resampler, name="resampler", **kw)
+        self.lm = DecoderLM(c.lm_config, name="lm", **kw)
+        if c.num_extra_tokens:
+            self.extra_embed = embed_table(c.num_extra_tokens, c.lm.word_dim, (None, "embed"), name="extra_embed",
+                                           **kw)
+            if not c.tied_extra:
+                self.extra_lm_head = Dense(c.num_extra_tokens, ("embed", None), use_bias=False,
+                                           name="extra_lm_head", **kw)
+
+    # ----------------------------------------------------------------------- the pieces
+    def encode_images(self, images, *, deterministic: bool = True):
+        """``images [B, M, S, S, C]`` (or ``[B, M, F, S, S, C]``) -> resampler latents ``[B, M, R, D]``."""
+        c = self.config
+        if images.ndim == 5:
+            images = images[:, :, None]
+        if images.ndim != 6:
+            raise ValueError(f"Flamingo: images must be [B, M, S, S, C] or [B, M, F, S, S, C]; got {images.shape}.")
+        b, m, f = images.shape[:3]
+        out = self.vision(images.reshape((b * m * f,) + images.shape[3:]), output_layer=c.feature_layer,
+                          deterministic=deterministic)
+        feats = out.features[:, 1:] if c.vision_tokens == "patches" else out.features      # [B*M*F, P, Dv]
+        feats = feats.reshape((b, m, f) + feats.shape[1:])                                  # [B, M, F, P, Dv]
+        if c.needs_media_proj:
+            feats = self.media_proj(feats)
+        return self.resampler(feats, deterministic=deterministic)
+
+    def embed_tokens(self, tokens):
+        """``tokens [B, T]`` -> ``[B, T, E]``: the frozen LM table for ids < V, ``extra_embed`` above."""
+        c = self.config
+        check_tokens(tokens, "tokens")
+        v = c.lm.vocab_size
+        x = self.lm.embed_tokens(jnp.clip(tokens, 0, v - 1))
+        if not c.num_extra_tokens:
+            return x
+        extra = self.extra_embed(jnp.clip(tokens - v, 0, c.num_extra_tokens - 1))
+        return jnp.where((tokens >= v)[..., None], extra, x)
+
+    def logits_from_hidden(self, hidden):
+        """LM-head input ``[B, T, E]`` -> f32 logits over the extended vocabulary ``[B, T, V + X]``
+        (the frozen LM head's V columns, then the X extra ones)."""
+        c = self.config
+        logits = self.lm.logits_from_hidden(hidden)
+        if not c.num_extra_tokens:
+            return logits
+        extra = self.extra_embed.attend(hidden) if c.tied_extra else self.extra_lm_head(hidden)
+        return jnp.concatenate([logits, extra.astype(jnp.float32)], axis=-1)
+
+    def __call__(self, tokens, images=None, *, attention_mask=None, media_valid=None, latents=None, text_time=None,
+                 position_ids=None, deterministic: bool = True, decode: bool = False, key_valid=None) -> TextOutput:
+        """Args:
+          tokens: int ``[B, T]`` interleaved text with ``<image>`` markers (and ``<|endofchunk|>``).
+          images: ``[B, M, S, S, C]`` / ``[B, M, F, S, S, C]``: image m belongs to the (m+1)-th marker.
+          attention_mask: ``[B, T]`` 1 = real token (`DecoderLM`).
+          media_valid: bool ``[B, M]`` which media slots hold an image (default all).
+          latents: ``[B, M, R, D]`` precomputed `encode_images` output instead of ``images`` (decoding).
+            With neither, no token sees an image (the cross-attention output is 0 everywhere).
+          text_time: int ``[B, T]`` override of ``media_text_time(tokens == image_id)`` (decoding: the
+            new tokens' count must include the markers already in the cache).
+          position_ids, decode, key_valid: as `DecoderLM`.
+        Returns `TextOutput`: ``logits`` f32 ``[B, T, V + X]``, ``hidden [B, T, E]``.
+        """
+        c = self.config
+        if latents is None:
+            if images is not None:
+                latents = self.encode_images(images, deterministic=deterministic)
+            else:
+                latents = jnp.zeros((tokens.shape[0], 1, c.resampler.num_latents, c.resampler.width), self.dtype)
+                media_valid = jnp.zeros((tokens.shape[0], 1), bool)
+        elif images is not None:
+            raise ValueError("Flamingo: pass images or latents, not both.")
+        if text_time is None:
+            text_time = media_text_time(tokens == c.image_id)
+        inserted = cross_attention_inputs(latents, text_time, media_valid)
+        out = self.lm(inputs_embeds=self.embed_tokens(tokens), attention_mask=attention_mask,
+                      position_ids=position_ids, inserted_inputs=inserted, deterministic=deterministic,
+                      decode=decode, key_valid=key_valid)
+        return out._replace(logits=self.logits_from_hidden(out.hidden))
+
+
+# ------------------------------------------------------------------------------ loss mask
+def interleaved_label_mask(tokens, image_id: int, eoc_id: int, pad_id: int):
+    """bool ``[B, T]``: which tokens are trained as *targets* (open_flamingo's ``labels != -100``).
+
+    open_flamingo's interleaved (MMC4) training keeps token t as a target unless it is
+      - padding,
+      - at or before the first ``<image>`` of its row (a row without an image trains nothing),
+      - an ``<image>`` marker (the model never learns to emit images),
+      - after an ``<|endofchunk|>`` and before the next ``<image>`` (text there belongs to no image;
+        the ``<|endofchunk|>`` token itself *is* trained: the model learns where a chunk ends).
+    One deliberate difference: open_flamingo also blanks label 0 *before* its scan for the first
+    ``<image>``, so a row that opens with ``<image>`` at t = 0 (no BOS token) loses its whole first
+    chunk, up to the second ``<image>``; here that chunk is trained, as the rule intends (position
+    0 itself is never a target either way). Vectorised: with li[t] the
+    last ``<image>`` at or before t and le[t] the last ``<|endofchunk|>`` strictly before t, a
+    non-pad, non-image token is a target iff ``li[t] >= 0 and le[t] < li[t]``. See
+    `interleaved_loss_mask` for the hand example.
+    """
+    tokens = jnp.asarray(tokens)
+    check_tokens(tokens, "tokens")
+    if image_id == eoc_id:
+        raise ValueError(f"interleaved_label_mask: image_id and eoc_id are both {image_id}.")
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    is_image = tokens == image_id
+    last_image = jax.lax.cummax(jnp.where(is_image, pos, -1), axis=1)
+    last_eoc = jax.lax.cummax(jnp.where(tokens == eoc_id, pos, -1), axis=1)
+    eoc_before = jnp.pad(last_eoc[:, :-1], ((0, 0), (1, 0)), constant_values=-1)       # strictly before t
+    return (last_image >= 0) & (eoc_before < last_image) & ~is_image & (tokens != pad_id)
+
+
+def interleaved_loss_mask(tokens, image_id: int, eoc_id: int, pad_id: int):
+    """bool ``[B, T]``: the positions t whose *next-token* prediction (logits[t] -> tokens[t+1]) is
+    trained, i.e. `interleaved_label_mask` shifted left by one (the last position never is).
+    Use it as ``masked_cross_entropy(logits[:, :-1], tokens[:, 1:], mask[:, :-1])``.
+
+    Hand example (``I`` = ``<image>``, ``E`` = ``<|endofchunk|>``, ``_`` = pad)::
+
+        t        0  1  2  3  4  5  6  7  8  9  10
+        token    a  I  b  c  E  d  I  e  E  _  _
+        target   .  .  x  x  x  .  .  x  x  .  .     a: before the first image; I: a marker;
+                                                    d: after E, before the next I; _: padding
+        mask     .  x  x  x  .  .  x  x  .  .  .     (position t predicts token t+1)
+    """
+    label = interleaved_label_mask(tokens, image_id, eoc_id, pad_id)
+    return jnp.concatenate([label[:, 1:], jnp.zeros_like(label[:, :1])], axis=1)
+
+
+# ------------------------------------------------------------------------- optimizer groups
+VISION_SUBTREE, LM_SUBTREE = "vision", "lm"
+FROZEN_VISION_PATTERN = r"vision/.*"
+# every LM parameter except the inserted gated blocks (``lm/inserted_m/..``, scanned ``lm/layers/inserted_m/..``)
+FROZEN_LM_PATTERN = r"lm/(?!(?:.*/)?inserted_\d+/).*"
+
+
+def param_groups(*, freeze_vision: bool = True, freeze_lm: bool = True, vision_dtype: str = "",
+                 lm_dtype: str = "") -> tuple:
+    """Flamingo's default `vlm_jax.optim.ParamGroup`s: the vision tower (``vision/..``) and the LM's own
+    parameters (``lm/..``, its original token table included) frozen, stored in ``vision_dtype`` /
+    ``lm_dtype`` ('' = the train param dtype). Unclaimed, hence trainable with the defaults:
+    ``resampler/..``, ``media_proj/..``, ``lm/(layers/)inserted_m/..``, ``extra_embed/..``,
+    ``extra_lm_head/..``."""
+    from vlm_jax.optim import ParamGroup        # lazy: models import only jax/flax
+    groups = []
+    if freeze_vision:
+        groups.append(ParamGroup("frozen_vision", pattern=FROZEN_VISION_PATTERN, trainable=False, dtype=vision_dtype))
+    if freeze_lm:
+        groups.append(ParamGroup("frozen_lm", pattern=FROZEN_LM_PATTERN, trainable=False, dtype=lm_dtype))
+    return tuple(groups)

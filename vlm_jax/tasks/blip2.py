@@ -1,5 +1,7 @@
 """BLIP-2 as a trainer task. Stage 1 (``model.stage='qformer'``): Q-Former pretraining with ITC +
-ITM + ITG against a frozen image encoder.
+ITM + ITG against a frozen image encoder. Stage 2 (``model.stage='opt'`` | ``'t5'``,
+`Blip2GenerationTask`): the stage-1 image encoder + Q-Former feed a soft prefix to a
+decoder-only (OPT family) or encoder-decoder (Flan-T5 family) LM, trained on captions.
 
 Dimension letters: B batch, S image side, T text length ([CLS] w1 .. wn [SEP] pad..), Q queries.
 
@@ -29,7 +31,8 @@ from vlm_jax.objectives.blip2 import stage1_loss
 from vlm_jax.tasks.base import ImageCaptionTask
 
 VISION = "vision"
-STAGES = ("qformer",)
+STAGES = ("qformer", "opt", "t5")
+VISION_PRESETS = ("eva_vit_g14", "clip_vit_l14", "clip_vit_b16")
 
 
 def _dtype(name: str, key: str):
@@ -55,8 +58,14 @@ def build_vision(config):
         from vlm_jax.convert.common import read_hf_dir
         hf, tensors = read_hf_dir(hf_dir)
         return conversion_for(hf, tensors.keys(), dtype=dtype).module
+    from vlm_jax.layers import vit as vit_lib
     from vlm_jax.layers.vit import ViTConfig, VisionTransformer
     v = config.model.vision
+    if v.preset:       # a known tower whose weights come from a checkpoint (stage 2 after a stage-1 HF import)
+        if v.preset not in VISION_PRESETS:
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError(f"config.model.vision.preset={v.preset!r}; use one of {VISION_PRESETS} or ''.")
+        return VisionTransformer(getattr(vit_lib, v.preset)(image_size=int(config.data.image_size)), dtype=dtype)
     cfg = ViTConfig(image_size=int(config.data.image_size), patch_size=int(v.patch_size), hidden_size=int(v.width),
                     num_layers=int(v.num_layers), num_heads=int(v.num_heads), mlp_dim=int(v.mlp_dim),
                     norm_eps=1e-6, pool="none")
@@ -246,7 +255,23 @@ def validate(config) -> None:
     if config.data.max_caption_len + 2 > q.max_positions:
         raise ConfigError(f"config.data.max_caption_len + 2 = {config.data.max_caption_len + 2} exceeds "
                           f"config.model.qformer.max_positions={q.max_positions}.")
-    if config.model.freeze_vision and not vision_init_dir(config):
+    seeded = lambda name: name in config.init and config.init[name].source in ("hf", "checkpoint") and \
+        bool(config.init[name].path)  # noqa: E731
+    if config.model.stage != "qformer":
+        for name in ("vision", "ln_vision", "qformer"):
+            if not seeded(name):
+                raise ConfigError(f"BLIP-2 stage 2 (model.stage={config.model.stage!r}) starts from a stage-1 run, but "
+                                  f"config.init.{name} seeds nothing: pass the stage-1 workdir with the config "
+                                  "shortcut, e.g. --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1 "
+                                  f"(or set config.init.{name}.source=checkpoint and .path).")
+        if config.model.freeze_lm and not lm_init_dir(config):
+            raise ConfigError("config.model.freeze_lm=True but config.init.lm gives no pretrained LM (source='hf', path=a "
+                              "Hugging Face OPT / T5 directory), so the captioner would decode through a frozen random "
+                              "LM; set --config.init.lm.path=..., or --config.model.freeze_lm=false (the synthetic "
+                              "variants train their small LM).")
+        check_positive(config, "evals.caption.beam_size", "evals.caption.max_len", "model.lm.width",
+                       "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim")
+    elif config.model.freeze_vision and not seeded("vision"):
         raise ConfigError("config.model.freeze_vision=True but nothing initialises the image tower, so the Q-Former "
                           "would read a frozen random network: set --config.init.vision.source=hf "
                           "--config.init.vision.path=/path/to/hf-vision (CLIP / Blip2Vision / ViT directory), "
@@ -262,5 +287,178 @@ def _get(config, key):
     return get_path(config, key)
 
 
+# ----------------------------------------------------------------------------- stage 2
+LM = "lm"
+
+
+def lm_init_dir(config) -> str:
+    """The HF directory of ``config.init.lm`` ('' when the LM is built from ``config.model.lm``)."""
+    if "lm" in config.init and config.init.lm.source == "hf":
+        return config.init.lm.path
+    return ""
+
+
+def lm_config(config, vocab_size: int, prefix_len: int):
+    """The LM's config: from the HF directory of ``config.init.lm`` (OPT / T5 config.json), or
+    built from ``config.model.lm`` (the synthetic variants) with ``vocab_size`` ids."""
+    from vlm_jax.layers.decoder_lm import DecoderLMConfig
+    from vlm_jax.layers.t5 import T5Config
+    stage, hf_dir = config.model.stage, lm_init_dir(config)
+    if hf_dir:
+        import json
+        from vlm_jax.convert import text as text_convert
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf = json.load(f)
+        return (text_convert.opt_config_from_hf(hf) if stage == "opt" else text_convert.t5_config_from_hf(hf))
+    m = config.model.lm
+    if stage == "opt":        # OPT-shaped: learned positions (offset 2), ReLU, pre-LN, tied head
+        return DecoderLMConfig(vocab_size=vocab_size, width=int(m.width), num_layers=int(m.num_layers),
+                               num_heads=int(m.num_heads), mlp_dim=int(m.mlp_dim),
+                               max_positions=prefix_len + int(config.data.max_caption_len) + 4, position_offset=2,
+                               activation="relu", norm_position="pre")
+    return T5Config(vocab_size=vocab_size, width=int(m.width), num_heads=int(m.num_heads),
+                    head_dim=int(m.width) // int(m.num_heads), mlp_dim=int(m.mlp_dim), num_layers=int(m.num_layers))
+
+
+class Blip2GenerationTask(Blip2Task):
+    """Stage 2: batch = dict(image f32[B, S, S, 3], tokens i32[B, T], image_id i32[B]).
+
+    The caption's tokens are split into the prompt (its first token: the tokenizer's <bos> /
+    OPT's ``</s>``; the paper pretrains stage 2 without a text prompt) and the text to learn (the
+    rest, ending with <eos>); loss = token cross-entropy on the text only
+    (`Blip2LMModel.text_logits` gives the target mask: never the prefix, the prompt or padding).
+
+    Parameters: ``vision`` (frozen: it comes from stage 1), ``ln_vision``, ``qformer`` (incl. the
+    stage-1 text parameters, unused here, so a stage-1 checkpoint restores into it),
+    ``language_projection``, ``lm`` (frozen with ``model.freeze_lm``). Stage-1 weights come from
+    ``config.init.{vision, ln_vision, qformer}`` with ``source='checkpoint'`` (the shortcut
+    ``stage1=<workdir>`` of configs/blip2.py fills all three).
+    Evaluator ``evals.caption``: beam search with the shared generation, the project's caption
+    metrics (BLEU, METEOR, ROUGE-L, CIDEr, grounded metrics on the synthetic set).
+    """
+
+    name = "blip2_generation"
+
+    @property
+    def dec_id(self) -> int:
+        raise AttributeError("stage 2 has no [DEC] token (that is the stage-1 ITG decoder's).")
+
+    @property
+    def lm_vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from vlm_jax.models.blip2 import Blip2LMConfig, Blip2LMModel
+            m = self.config.model
+            # the stage-1 Q-Former layout (text params, LM head) so the stage-1 checkpoint fits it
+            qcfg = qformer_config(self.config, self.stage1_vocab_size)
+            cfg = Blip2LMConfig(lm=lm_config(self.config, self.lm_vocab_size, int(m.qformer.num_queries)), qformer=qcfg,
+                                feature_layer=int(m.feature_layer))
+            self._model = Blip2LMModel(vision=build_vision(self.config), config=cfg,
+                                       dtype=_dtype(self.config.train.dtype, "train.dtype"),
+                                       lm_dtype=_dtype(m.lm_dtype, "model.lm_dtype"))
+        return self._model
+
+    @property
+    def stage1_vocab_size(self) -> int:
+        """The stage-1 Q-Former's vocabulary: its BERT tokenizer + [DEC], or the word vocabulary + 1."""
+        if self.config.model.tokenizer_dir:
+            from vlm_jax.data.pretrained_tokenizer import PretrainedTokenizer
+            return PretrainedTokenizer.from_dir(self.config.model.tokenizer_dir, added_tokens=("[DEC]",)).vocab_size
+        return Blip2Task.vocab_size.fget(self)
+
+    @property
+    def tokenizer(self):
+        """The LM's tokenizer (``model.lm_tokenizer_dir``) or, without one, the word vocabulary."""
+        if self._tokenizer is None:
+            tdir = self.config.model.lm_tokenizer_dir
+            if tdir:
+                from vlm_jax.data.pretrained_tokenizer import PretrainedTokenizer
+                self._tokenizer = PretrainedTokenizer.from_dir(tdir)
+            else:
+                from vlm_jax.data import pipeline
+                self._tokenizer = pipeline.get_tokenizer(self.config, self.workdir)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_vocab_size
+
+    def prepare(self) -> None:
+        _ = self.model
+
+    def checkpoint_meta(self) -> dict:
+        return {"vocab_size": int(self.lm_vocab_size), "stage": self.config.model.stage}
+
+    def init(self, rng, batch):
+        images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
+        return {"params": self.model.init({"params": rng}, images, tokens)["params"], "model_state": {}}
+
+    def _split(self, tokens):
+        pad = self.tokenizer.pad_id
+        prompt, text = tokens[:, :1], tokens[:, 1:]
+        return prompt, prompt != pad, text, text != pad
+
+    def loss_fn(self, params, model_state, batch, rng, *, train):
+        from vlm_jax.models.blip2 import Blip2LMModel
+        from vlm_jax.objectives.captioning import masked_cross_entropy
+        prompt, pm, text, tm = self._split(batch["tokens"])
+        logits, target_mask = self.model.apply({"params": params}, batch["image"], prompt, pm, text, tm,
+                                               deterministic=not train, rngs={"dropout": rng} if train else {},
+                                               method=Blip2LMModel.text_logits)
+        x = masked_cross_entropy(logits, text, target_mask)
+        metrics = {"loss": x.loss, "accuracy": x.accuracy, "num_tokens": x.num_tokens}
+        return x.loss, (metrics, model_state)
+
+    def param_groups(self):
+        """The image tower is frozen (stage 1 trained or imported it); the LM with ``model.freeze_lm``."""
+        from vlm_jax.optim import ParamGroup
+        groups = [ParamGroup("frozen_vision", pattern=f"{VISION}/.*", trainable=False,
+                             dtype=self.config.model.vision_param_dtype)]
+        if self.config.model.freeze_lm:
+            groups.append(ParamGroup("frozen_lm", pattern=f"{LM}/.*", trainable=False,
+                                     dtype=self.config.model.lm_param_dtype))
+        return tuple(groups)
+
+    def constrain_params(self, params):
+        return params
+
+    def predict(self, params, model_state, batch, *, beam_size: int, max_len: int, length_penalty: float):
+        """Beam-search captions of ``batch['image']`` -> {tokens i32[B, max_len], scores f32[B]}."""
+        from vlm_jax.models.blip2 import generate
+        tok = self.tokenizer
+        b = batch["image"].shape[0]
+        first = tok.template[0][0] if tok.template[0] else tok.bos_id
+        prompt = jnp.full((b, 1), first, jnp.int32)
+        res = generate(self.model, params, batch["image"], prompt, max_new_tokens=max_len, eos_id=tok.eos_id,
+                       pad_id=tok.pad_id, strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
+                       length_penalty=length_penalty)
+        return {"tokens": res.tokens[:, 0], "scores": res.scores[:, 0]}
+
+    def evaluators(self):
+        if self._evaluators is None:
+            import functools
+
+            from vlm_jax.evaluation.caption_eval import CaptionEvaluator
+            e = self.config.evals.caption
+            tok = self.tokenizer
+
+            def load_split():
+                from vlm_jax.data import pipeline
+                return pipeline.load_eval_split(self.config, tok, e.split)
+
+            predict = functools.partial(self.predict, beam_size=int(e.beam_size), max_len=int(e.max_len),
+                                        length_penalty=float(e.length_penalty))
+            self._evaluators = [CaptionEvaluator(
+                name="caption", every=int(e.every), predict=predict, input_keys=("image",), load_split=load_split,
+                tokenizer=tok, batch_size=int(e.batch_size), max_examples=int(e.max_examples), num_figures=0,
+                grid=1, mesh=self.mesh)]
+        return self._evaluators
+
+
 def make_task(config, *, workdir=None, mesh=None) -> Blip2Task:
-    return Blip2Task(config, workdir=workdir, mesh=mesh)
+    if config.model.stage == "qformer":
+        return Blip2Task(config, workdir=workdir, mesh=mesh)
+    return Blip2GenerationTask(config, workdir=workdir, mesh=mesh)
