@@ -1,4 +1,4 @@
-"""Text towers (GPT-2, OPT, BERT, T5): HF import, numerical parity, KV cache, generation.
+"""Text towers (GPT-2, OPT, LLaMA, BERT, T5): HF import, numerical parity, KV cache, generation.
 
 Oracles are tiny random transformers models built from configs and saved with
 `save_pretrained` into a temporary directory (nothing is downloaded). Parity is float32
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from vlm_jax import generate as gen  # noqa: E402
 from vlm_jax.convert import common  # noqa: E402
 from vlm_jax.convert import CONVERTERS, load_hf  # noqa: E402
+from vlm_jax.layers import attention as attention_lib  # noqa: E402
 from vlm_jax.layers.mlp import Dense  # noqa: E402
 from vlm_jax.layers.bert import BertConfig, BertEncoder  # noqa: E402
 from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig  # noqa: E402
@@ -78,6 +79,22 @@ def _opt(**kw):
     return transformers.OPTForCausalLM(cfg)
 
 
+def _llama(**kw):
+    """Tiny LLaMA with odd sizes; every weight random (the RMSNorm scales too, which HF inits to 1).
+    Default: grouped-query attention (6 heads over 2 kv heads), head_dim 6 != width / heads."""
+    cfg = transformers.LlamaConfig(**{**dict(vocab_size=90, hidden_size=30, intermediate_size=44, num_hidden_layers=3,
+                                             num_attention_heads=6, num_key_value_heads=2, head_dim=6,
+                                             max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                             initializer_range=0.2, pad_token_id=PAD, bos_token_id=EOS,
+                                             eos_token_id=EOS), **kw})
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    return model
+
+
 def _t5(**kw):
     cfg = transformers.T5Config(**{**dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                           feed_forward_proj="gated-gelu", tie_word_embeddings=False,
@@ -99,6 +116,11 @@ def hf_models(tmp_path_factory):
         "opt": (_opt(), None),
         # OPT-350m layout: post-LN, no final norm, project_in/out (E=16 != D=32)
         "opt_post_ln": (_opt(do_layer_norm_before=False, word_embed_proj_dim=16), None),
+        # LLaMA: rotary, RMSNorm, SwiGLU, GQA 6 heads / 2 kv heads, head_dim 6, untied head
+        "llama": (_llama(), None),
+        # multi-query (5 heads of 6 over 1 kv head), tied head (no lm_head.weight in the file), 2 layers
+        "llama_mqa_tied": (_llama(num_attention_heads=5, num_key_value_heads=1, head_dim=None,
+                                  num_hidden_layers=2, tie_word_embeddings=True), None),
         "bert": (transformers.BertModel(transformers.BertConfig(
             vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=32)), None),
@@ -134,25 +156,31 @@ def test_relative_position_bucket_matches_hf(bidirectional, num_buckets, max_dis
 
 
 # --------------------------------------------------------------------- forward parity
-@pytest.mark.parametrize("name", ["gpt2", "opt", "opt_post_ln"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "opt_post_ln", "llama", "llama_mqa_tied"])
 def test_decoder_lm_forward_matches_hf(hf_models, name):
     ref_model, module, variables = hf_models[name]
     for seed in (1, 2):
         ids, mask = _inputs(seed)
-        # OPT derives positions from the mask in forward; GPT-2 only in generate (pass them)
-        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0) * mask} if name == "gpt2" else {}
+        # OPT derives positions from the mask in forward; GPT-2 and LLaMA only in generate (pass them)
+        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0) * mask} if name != "opt" else {}
         with torch.no_grad():
             ref = ref_model(ids, attention_mask=mask, output_hidden_states=True, **extra)
+            if name.startswith("llama"):
+                # HF's forward without position_ids uses 0..T-1 in every row; rotary attention sees
+                # only position differences, so the real tokens' logits agree with ours all the same
+                plain = ref_model(ids, attention_mask=mask).logits.numpy()
         out = module.apply(variables, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()),
                            output_hidden_states=True)
         valid = mask.numpy().astype(bool)
         np.testing.assert_allclose(_np(out.logits)[valid], ref.logits.numpy()[valid], atol=ATOL, rtol=0)
+        if name.startswith("llama"):
+            np.testing.assert_allclose(_np(out.logits)[valid], plain[valid], atol=ATOL, rtol=0)
         # HF: (embeddings, block 1 .. block L-1 outputs, final normed [projected] output)
         assert len(out.hidden_states) == len(ref.hidden_states)
         for ours, theirs in zip(out.hidden_states[:-1], ref.hidden_states[:-1]):
             np.testing.assert_allclose(_np(ours)[valid], theirs.numpy()[valid], atol=ATOL, rtol=0)
         np.testing.assert_allclose(_np(out.hidden)[valid], ref.hidden_states[-1].numpy()[valid], atol=ATOL, rtol=0)
-        if name == "gpt2" and seed == 1:   # bf16 compute (f32 params) stays close; logits come back f32
+        if name in ("gpt2", "llama") and seed == 1:   # bf16 compute (f32 params) stays close; logits come back f32
             low = module.clone(dtype=jnp.bfloat16).apply(variables, jnp.asarray(ids.numpy()),
                                                          attention_mask=jnp.asarray(mask.numpy())).logits
             assert low.dtype == jnp.float32
@@ -198,7 +226,8 @@ def test_t5_forward_matches_hf(hf_models, name):
 
 
 # ------------------------------------------------------------------- KV-cache decoding
-@pytest.mark.parametrize("name,scan", [("gpt2", False), ("opt_post_ln", False), ("gpt2", True)])
+@pytest.mark.parametrize("name,scan", [("gpt2", False), ("opt_post_ln", False), ("gpt2", True), ("llama", False),
+                                       ("llama", True), ("llama_mqa_tied", False)])
 def test_kv_cache_decoding_equals_full_forward(hf_models, name, scan):
     """Prefill a left-padded prompt, then feed the rest one token at a time (scan: through the
     stacked cache of load_hf(scan_layers=True))."""
@@ -214,6 +243,9 @@ def test_kv_cache_decoding_equals_full_forward(hf_models, name, scan):
     index = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"])
              if path[-1].key == "cache_index"]
     assert index[0].shape == ((B, module.config.num_layers) if scan else (B,))   # scanned: stacked on axis 1
+    keys = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["cache"]) if path[-1].key == "cached_key"]
+    c = module.config
+    assert keys[0].shape[-2:] == (c.num_kv_heads or c.num_heads, c.attn_head_dim)   # GQA: only the kv heads
     step = jax.jit(gen.decoder_lm_step_fn(module, variables["params"]))
     tok = first
     for pos in range(k - 1, T):
@@ -222,6 +254,47 @@ def test_kv_cache_decoding_equals_full_forward(hf_models, name, scan):
         np.testing.assert_allclose(_np(logits)[valid], full[valid, pos], atol=ATOL, rtol=0)
         if pos + 1 < T:
             tok = ids[:, pos + 1]
+
+
+def test_rotary_decoding_without_position_ids_uses_the_cache_index(hf_models):
+    """decode=True calls without position_ids rotate the new tokens at the cache index: prefill 4
+    tokens, then 3 single steps == the full forward (unpadded rows)."""
+    _, module, variables = hf_models["llama"]
+    ids = jnp.asarray(_inputs(11)[0].numpy())[:1].repeat(2, 0).at[1].add(1)
+    full = _np(jax.jit(module.apply)(variables, ids).logits)
+    cache = attention_lib.init_cache(module, variables["params"], ids)
+    run = jax.jit(functools.partial(module.apply, decode=True, mutable=["cache"]))
+    out, new = run({**variables, "cache": cache}, ids[:, :4])
+    np.testing.assert_allclose(_np(out.logits), full[:, :4], atol=ATOL, rtol=0)
+    for pos in range(4, T):
+        out, new = run({**variables, **new}, ids[:, pos:pos + 1])
+        np.testing.assert_allclose(_np(out.logits[:, 0]), full[:, pos], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["xla", "dot_product_attention"])
+def test_grouped_query_attention_equals_repeated_kv_heads(kernel, monkeypatch):
+    """GQA (H=6 over Hkv=2) == full multi-head attention whose key/value kernels repeat each kv
+    head G=3 times (query head h reads kv head h // G, HF's repeat_kv), through our XLA path and
+    through jax.nn.dot_product_attention (the GPU path, taking the Hkv heads directly); rotary
+    logits depend only on position differences."""
+    monkeypatch.setattr(attention_lib, "attention_kernel", lambda *a, **k: kernel)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    mask = jnp.ones((2, 1, 1, 5), bool).at[1, ..., :2].set(False)
+    gqa = attention_lib.MultiHeadAttention(num_heads=6, head_dim=4, num_kv_heads=2, use_bias=False,
+                                           rope_theta=100.0)
+    p = nn.unbox(jax.eval_shape(gqa.init, jax.random.key(1), x)["params"])
+    p = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size), a.shape) * 0.5, p)
+    assert p["key"]["kernel"].shape == (12, 2, 4) and p["query"]["kernel"].shape == (12, 6, 4)
+    full = {**p, "key": {"kernel": jnp.repeat(p["key"]["kernel"], 3, axis=1)},
+            "value": {"kernel": jnp.repeat(p["value"]["kernel"], 3, axis=1)}}
+    mha = attention_lib.MultiHeadAttention(num_heads=6, head_dim=4, use_bias=False, rope_theta=100.0)
+    run_gqa = jax.jit(lambda p, pos: gqa.apply({"params": p}, x, mask=mask, is_causal=True, positions=pos))
+    run_mha = jax.jit(lambda p, pos: mha.apply({"params": p}, x, mask=mask, is_causal=True, positions=pos))
+    pos = jnp.arange(5)[None]
+    want = _np(run_mha(full, pos))
+    np.testing.assert_allclose(_np(run_gqa(p, pos)), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_np(run_gqa(p, pos + jnp.array([[3], [11]]))), want, atol=1e-5, rtol=0)
+    assert np.abs(_np(run_mha(full, jnp.zeros((1, 5), jnp.int32))) - want).max() > 1e-3   # the positions matter
 
 
 def test_t5_kv_cache_decoding_equals_full_forward(hf_models):
@@ -302,7 +375,7 @@ def _hf_new_tokens(out, prompt_len, n, pad):
     return np.pad(out, ((0, 0), (0, n - out.shape[1])), constant_values=pad)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt"])
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama"])
 def test_greedy_generation_matches_hf(hf_models, name):
     ref_model, module, variables = hf_models[name]
     ids, mask = _inputs(5)
@@ -395,13 +468,13 @@ def _grads(module, variables, *args, **kw):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "t5"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "llama"])
 def test_scanned_import_matches_hf_and_unrolled(hf_models, name):
     """load_hf(scan_layers=True): stacked 'layers' params, same outputs as HF, same gradients."""
     ref_model, module_u, vars_u = hf_models[name]
     module_s, vars_s, _ = load_hf(PATHS[name], scan_layers=True, remat_policy="full")
     assert module_s.config.scan_layers and not module_u.config.scan_layers
-    ids, mask = _inputs(5, left_pad=name == "gpt2")
+    ids, mask = _inputs(5, left_pad=name in ("gpt2", "llama"))
     j_ids, j_mask = jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())
     if name == "t5":
         dec = torch.randint(2, 64, (B, 5), generator=torch.Generator().manual_seed(15))
@@ -414,7 +487,12 @@ def test_scanned_import_matches_hf_and_unrolled(hf_models, name):
         got = module_s.apply(vars_s, *args, **kw).logits
         np.testing.assert_allclose(_np(got), want, atol=ATOL, rtol=0)
     else:
-        assert vars_s["params"]["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
+        c = module_u.config
+        attn = vars_s["params"]["layers"]["attn"]
+        assert attn["query"]["kernel"].shape == (c.num_layers, c.width, c.num_heads, c.width // c.num_heads
+                                                 if name == "bert" else c.attn_head_dim)
+        if name == "llama":
+            assert attn["key"]["kernel"].shape == (3, 30, 2, 6)
         args, kw = (j_ids,), dict(attention_mask=j_mask, output_hidden_states=True)
         out_s, out_u = module_s.apply(vars_s, *args, **kw), module_u.apply(vars_u, *args, **kw)
         valid = mask.numpy().astype(bool)
@@ -593,6 +671,30 @@ def test_converter_errors_name_the_key(hf_models, tmp_path):
         load_hf(_gpt2_dir(hf_models, tmp_path / "x"), architecture="Nope")
 
 
+def test_llama_converter_checks(hf_models, tmp_path):
+    path = _save(hf_models["llama"][0], tmp_path)
+    config, tensors = common.read_hf_dir(path)
+    conv = CONVERTERS["LlamaForCausalLM"]
+    cfg = conv(config, set(tensors)).module.config
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.attn_head_dim, cfg.norm_type, cfg.activation, cfg.use_bias,
+            cfg.tie_embeddings, cfg.position_embedding) == (6, 2, 6, "rmsnorm", "gated_silu", False, False, "rotary")
+    assert "position_embed" not in jax.eval_shape(lambda: conv(config, set(tensors)).module.init(
+        jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    llama3 = dict(config, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
+    with pytest.raises(common.ConversionError, match="rope_type='llama3'"):
+        conv(llama3, set(tensors))
+    with pytest.raises(common.ConversionError, match="attention_bias"):
+        conv(dict(config, attention_bias=True), set(tensors))
+    with pytest.raises(common.ConversionError, match="hidden_act"):
+        conv(dict(config, hidden_act="gelu"), set(tensors))
+    missing = dict(tensors)
+    del missing["model.layers.2.mlp.up_proj.weight"]
+    with pytest.raises(common.ConversionError, match=r"missing key 'model\.layers\.2\.mlp\.up_proj\.weight'"):
+        common.convert(conv(config, set(missing)), missing)
+    with pytest.raises(common.ConversionError, match=r"shape mismatch for key 'model\.layers\.0\.self_attn\.k_proj"):
+        common.convert(conv(dict(config, num_key_value_heads=3), set(tensors)), tensors)
+
+
 def test_load_onto_a_mesh(hf_models, tmp_path):
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices (conftest forces 8 CPU devices)")
@@ -668,6 +770,11 @@ def test_paper_size_parameter_counts():
                      transformers.OPTConfig(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
                                             num_attention_heads=32, max_position_embeddings=2048, vocab_size=50272,
                                             word_embed_proj_dim=2560), 0),
+        # TinyLlama/TinyLlama-1.1B (GQA 32 / 4 heads, untied head)
+        "tinyllama-1.1b": (DecoderLM(DecoderLMConfig.llama("tinyllama-1.1b")), (tok,), transformers.LlamaForCausalLM,
+                           transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                                    num_hidden_layers=22, num_attention_heads=32,
+                                                    num_key_value_heads=4), 0),
         # google/flan-t5-xl. transformers 5.x always ties T5's lm_head to the shared embedding in
         # memory (the checkpoint's separate lm_head.weight unties it only at load time), so the
         # meta-device count lacks the untied head: add V*D for it.
@@ -682,3 +789,4 @@ def test_paper_size_parameter_counts():
         assert abs(ours - ref) / ref < 0.01, (name, ours, ref)
         assert ours == ref, (name, ours, ref)                # in fact they agree exactly
     assert _our_param_count(T5(T5Config.flan_t5("xl")), tok, tok) == 2_849_757_184
+    assert _our_param_count(DecoderLM(DecoderLMConfig.llama("7b")), tok) == 6_738_415_616     # Llama-2-7b

@@ -5,6 +5,11 @@ Architectures (the ``architectures[0]`` of config.json):
   GPT2LMHeadModel / GPT2Model             -> DecoderLM (keys with or without ``transformer.``)
   OPTForCausalLM / OPTModel               -> DecoderLM (keys under ``model.decoder.`` or ``decoder.``;
                                              ``project_in/out`` when word_embed_proj_dim != hidden_size)
+  LlamaForCausalLM                        -> DecoderLM with rotary positions, RMSNorm, SwiGLU, no biases
+                                             (or attention_bias == mlp_bias == True), grouped-query
+                                             attention (num_key_value_heads), explicit head_dim, tied or
+                                             untied head; rope_type 'default' only (no rope scaling:
+                                             LLaMA-3.1 'llama3', 'linear', 'dynamic', 'yarn' raise)
   BertModel (also BertForPreTraining files) -> BertEncoder (keys with or without ``bert.``;
                                              ``LayerNorm.weight/bias`` or legacy ``gamma/beta``;
                                              pretraining heads ``cls.*`` skipped)
@@ -55,6 +60,11 @@ _DEFAULTS = {
                 do_layer_norm_before=True, _remove_final_layer_norm=False, word_embed_proj_dim=None,
                 num_attention_heads=12, activation_function="relu", enable_bias=True,
                 layer_norm_elementwise_affine=True, tie_word_embeddings=True),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  attention_bias=False, mlp_bias=False, rope_theta=10000.0, rope_scaling=None,
+                  rope_parameters=None),
     "bert": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
                  layer_norm_eps=1e-12, position_embedding_type="absolute", add_cross_attention=False),
@@ -249,6 +259,83 @@ def opt(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any 
                       rules=opt_rules(cfg, keys, prefix), stack=(((), cfg.num_layers),))
 
 
+# ------------------------------------------------------------------------------- LLaMA
+def _rope(h: dict) -> float:
+    """rope_theta of a LLaMA config (transformers >= 5: ``rope_parameters``; 4.x: ``rope_theta`` +
+    ``rope_scaling``); raises for any rope type but 'default'."""
+    params = h["rope_parameters"] or {}
+    scaling = h["rope_scaling"] or {}
+    rope_type = params.get("rope_type", params.get("type", scaling.get("rope_type", scaling.get("type", "default"))))
+    if rope_type != "default":
+        key = "rope_parameters" if h["rope_parameters"] else "rope_scaling"
+        raise ConversionError(f"LLaMA {key} rope_type={rope_type!r} is not supported (DecoderLM implements plain "
+                              "rotary positions, rope_type 'default').")
+    if params.get("partial_rotary_factor", h.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConversionError("LLaMA partial_rotary_factor != 1.0 is not supported.")
+    return float(params.get("rope_theta", h["rope_theta"]))
+
+
+def llama_config_from_hf(hf: dict, **overrides) -> DecoderLMConfig:
+    h = _with_defaults(hf, "llama")
+    if h["hidden_act"] not in ("silu", "swish"):
+        raise ConversionError(f"LLaMA hidden_act={h['hidden_act']!r}: only 'silu' (SwiGLU) is supported.")
+    if bool(h["attention_bias"]) != bool(h["mlp_bias"]):
+        raise ConversionError(f"LLaMA attention_bias={h['attention_bias']} with mlp_bias={h['mlp_bias']}: "
+                              "DecoderLMConfig.use_bias covers both; they must be equal.")
+    heads = h["num_attention_heads"]
+    head_dim = h["head_dim"] or h["hidden_size"] // heads
+    cfg = DecoderLMConfig(
+        vocab_size=h["vocab_size"], width=h["hidden_size"], num_layers=h["num_hidden_layers"], num_heads=heads,
+        mlp_dim=h["intermediate_size"], max_positions=h["max_position_embeddings"], activation="gated_silu",
+        norm_type="rmsnorm", norm_eps=h["rms_norm_eps"], tie_embeddings=bool(h["tie_word_embeddings"]),
+        use_bias=bool(h["attention_bias"]), position_embedding="rotary", rope_theta=_rope(h),
+        num_kv_heads=h["num_key_value_heads"] or heads,
+        head_dim=None if head_dim * heads == h["hidden_size"] else head_dim)
+    return _replace(cfg, overrides)
+
+
+def llama_rules(cfg: DecoderLMConfig, keys: set[str], prefix: str = "model.",
+                module_prefix: tuple[str, ...] = ()) -> list:
+    """Rules for LLaMA keys ``{prefix}embed_tokens.weight``, ``{prefix}layers.{i}...``,
+    ``{prefix}norm.weight`` (+ ``lm_head.weight``, absent or an identical copy when tied)."""
+    mp, h, hkv, bias = module_prefix, cfg.num_heads, cfg.num_kv_heads or cfg.num_heads, cfg.use_bias
+    embed, lm_head = prefix + "embed_tokens.weight", "lm_head.weight"
+    if cfg.tie_embeddings and lm_head in keys:
+        rs = [rule(_p(mp, "token_embed/embedding"), (embed, lm_head), _same_as(lm_head))]
+    else:
+        rs = [rule(_p(mp, "token_embed/embedding"), embed)]
+    if not cfg.tie_embeddings:
+        rs.append(rule(_p(mp, "lm_head/kernel"), lm_head, linear))
+    for i in range(cfg.num_layers):
+        t, o = f"{prefix}layers.{i}.", f"layers_{i}"
+        a = t + "self_attn."
+        for name, stem, heads in (("query", "q_proj", h), ("key", "k_proj", hkv), ("value", "v_proj", hkv)):
+            rs.append(rule(_p(mp, f"{o}/attn/{name}/kernel"), a + stem + ".weight", linear_to_heads(heads)))
+            if bias:
+                rs.append(rule(_p(mp, f"{o}/attn/{name}/bias"), a + stem + ".bias", bias_to_heads(heads)))
+        rs.append(rule(_p(mp, f"{o}/attn/out/kernel"), a + "o_proj.weight", linear_from_heads(h)))
+        if bias:
+            rs.append(rule(_p(mp, f"{o}/attn/out/bias"), a + "o_proj.bias"))
+        rs.append(rule(_p(mp, f"{o}/attn_norm/scale"), t + "input_layernorm.weight"))
+        rs += _dense(mp, f"{o}/mlp/wi_0", t + "mlp.gate_proj", bias)
+        rs += _dense(mp, f"{o}/mlp/wi_1", t + "mlp.up_proj", bias)
+        rs += _dense(mp, f"{o}/mlp/wo", t + "mlp.down_proj", bias)
+        rs.append(rule(_p(mp, f"{o}/mlp_norm/scale"), t + "post_attention_layernorm.weight"))
+    rs.append(rule(_p(mp, "final_norm/scale"), prefix + "norm.weight"))
+    return rs
+
+
+def llama(hf: dict, keys: set[str], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+          **overrides) -> Conversion:
+    """LlamaForCausalLM checkpoint -> DecoderLM (rotary, RMSNorm, SwiGLU, grouped-query attention)."""
+    cfg = llama_config_from_hf(hf, **overrides)
+    prefix = "model." if any(k.startswith("model.") for k in keys) else ""
+    # the rotary frequency buffer some old checkpoints carry is not a weight
+    ignore = (rf"{prefix}layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    return Conversion(module=DecoderLM(cfg, dtype=dtype, param_dtype=param_dtype), init_args=(_tokens(),),
+                      rules=llama_rules(cfg, keys, prefix), ignore=ignore, stack=(((), cfg.num_layers),))
+
+
 # -------------------------------------------------------------------------------- BERT
 def bert_config_from_hf(hf: dict, keys: set[str] = frozenset(), prefix: str = "", **overrides) -> BertConfig:
     h = _with_defaults(hf, "bert")
@@ -376,6 +463,7 @@ CONVERTERS = {
     "GPT2Model": gpt2,
     "OPTForCausalLM": opt,
     "OPTModel": opt,
+    "LlamaForCausalLM": llama,
     "BertModel": bert,
     "BertForPreTraining": bert,
     "BertForMaskedLM": bert,

@@ -2,11 +2,28 @@
 
 Dimension letters: B batch (N = batch*beam while decoding), T query length, S key length
 (the cache length while decoding), D query-input width, Dkv key/value-input width,
-H heads, K head dim.
+H heads, Hkv key/value heads (grouped-query attention; = H unless ``num_kv_heads``), G = H / Hkv,
+K head dim.
 
 Parameters (logical axes in brackets):
-  query/key/value: kernel ``[D|Dkv, H, K]`` ('embed', 'heads', 'kv'), bias ``[H, K]`` ('heads', 'kv')
+  query:           kernel ``[D, H, K]`` ('embed', 'heads', 'kv'), bias ``[H, K]`` ('heads', 'kv')
+  key/value:       kernel ``[D|Dkv, Hkv, K]``, bias ``[Hkv, K]``; axes as the query's when Hkv = H,
+                   else ('embed', 'kv_heads', 'kv') / ('kv_heads', 'kv') (a logical name of their
+                   own: Hkv need not divide the mesh axis that shards 'heads'; a rule for
+                   'kv_heads' may be added, without one they are replicated)
   out:             kernel ``[H, K, Dout]`` ('heads', 'kv', 'embed'), bias ``[Dout]`` ('embed',)
+
+Grouped-query attention (``num_kv_heads`` = Hkv < H, LLaMA-2-70B / TinyLlama / Mistral): the
+key/value projections have Hkv heads, query head h reads key/value head ``h // G`` (HF's
+``repeat_kv``); the KV cache stores only the Hkv heads. `jax.nn.dot_product_attention` takes
+the Hkv heads directly; the XLA path repeats them.
+
+Rotary position embeddings (``rope_theta`` not None; self-attention only): q and k are
+rotated by ``positions`` before the logits and before the keys enter the KV cache, in HF's
+LLaMA "rotate-half" layout (`apply_rotary`): for pair i of the K/2 frequencies
+``theta ** (-2i / K)``, dims i and i + K/2 form the rotated pair. Positions come from the
+``positions [B|1, T]`` argument; without it, ``0..T-1``, or while decoding each row's
+``cache_index + 0..T-1``. K must be even.
 Activations: q/k/v ``('activation_batch', 'activation_length', 'activation_heads',
 'activation_kv')``, output ``('activation_batch', 'activation_length', 'activation_embed')``;
 for remat policies they are named (`jax.ad_checkpoint.checkpoint_name`) ``query_proj``,
@@ -39,7 +56,8 @@ KV cache, in the Flax ``'cache'`` collection. Every leaf has a leading batch dim
 search can reorder rows by a gather on axis 0 of every leaf (docs/interfaces.md, Decoding).
 
 Self-attention (``inputs_kv`` None):
-  cached_key, cached_value  ``[B, S, H, K]`` (S = the maximum length)
+  cached_key, cached_value  ``[B, S, Hkv, K]`` (S = the maximum length; Hkv = H without GQA;
+                            keys stored after the rotary rotation)
   cache_index               ``[B]`` int32 — the next slot of each row.
 Create an empty cache by running the module once with ``decode=True`` on an input of the
 full length S and ``mutable=['cache']`` (the first call only shapes the cache and computes
@@ -73,6 +91,7 @@ from vlm_jax.layers.mlp import DEFAULT_KERNEL_INIT, Dense
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 QKV_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+GQA_KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 OUT_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
@@ -119,6 +138,27 @@ def _check_mask(mask, name, b, t, s):
     return mask
 
 
+def rotary_angles(positions, head_dim: int, theta: float):
+    """``positions`` int ``[B|1, T]`` -> ``(cos, sin)`` float32 ``[B|1, T, 1, K]`` (HF LLaMA layout:
+    frequencies ``theta ** (-2i / K)``, i < K/2, repeated for both halves)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary position embeddings need an even head dim; got K={head_dim}.")
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))    # [K/2]
+    freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq                  # [B, T, K/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]                              # [B, T, 1, K]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, positions, theta: float):
+    """Rotate ``x [B, T, H, K]`` by ``positions [B|1, T]`` ("rotate-half": dims i and i + K/2
+    are a pair); computed in float32, returned in ``x.dtype``."""
+    cos, sin = rotary_angles(positions, x.shape[-1], theta)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
 def attention_logits(q, k, scale: float, bias=None):
     """``(q k^T) * scale + bias`` in float32: q ``[B, T, H, K]``, k ``[B, S, H, K]`` ->
     ``[B, H, T, S]``. The product accumulates and comes out in float32
@@ -143,6 +183,9 @@ class MultiHeadAttention(nn.Module):
         included (Flamingo text before the first image), instead of the softmax's uniform
         average. With a per-head mask, a head whose row is empty contributes 0 to the
         output projection.
+      num_kv_heads: Hkv key/value heads (grouped-query attention; must divide H); None = H.
+      rope_theta: rotary position embeddings on q and k with this base (LLaMA: 10000.0);
+        None = none. Self-attention only.
     """
     num_heads: int
     head_dim: int
@@ -153,18 +196,43 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     implementation: str | None = None
     zero_empty_rows: bool = False
+    num_kv_heads: int | None = None
+    rope_theta: float | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable = DEFAULT_KERNEL_INIT
 
-    def _proj(self, name, x):
-        return Dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), use_bias=self.use_bias,
+    @property
+    def kv_heads(self) -> int:
+        """Hkv, the number of key/value heads."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def grouped(self) -> bool:
+        return self.kv_heads != self.num_heads
+
+    def _proj(self, name, x, heads: int | None = None):
+        heads = heads or self.num_heads
+        head_axis = "kv_heads" if heads != self.num_heads else "heads"
+        return Dense((heads, self.head_dim), ("embed", head_axis, "kv"), use_bias=self.use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)(x)
+
+    def _positions(self, positions, b: int, t: int, decode: bool):
+        """Rotary positions ``[B|1, T]``: given, else the cache index + 0..T-1 while decoding, else 0..T-1."""
+        if positions is not None:
+            positions = jnp.asarray(positions)
+            if positions.ndim != 2 or positions.shape[0] not in (1, b) or positions.shape[1] != t:
+                raise ValueError(f"positions must be int [B|1, T] = [{b}|1, {t}]; got shape {positions.shape}.")
+            return positions
+        steps = jnp.arange(t, dtype=jnp.int32)[None, :]
+        if decode and self.has_variable("cache", "cache_index"):
+            return self.get_variable("cache", "cache_index")[:, None] + steps
+        return steps
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, mask=None, bias=None, *,
                  deterministic: bool = True, decode: bool = False, is_causal: bool = False,
-                 key_value_lengths=None, kv_from_cache: bool = False):
+                 key_value_lengths=None, kv_from_cache: bool = False, positions=None):
         """Attention.
 
         Args:
@@ -185,6 +253,8 @@ class MultiHeadAttention(nn.Module):
           kv_from_cache: cross-attention while decoding with the keys/values stored by an
             earlier ``decode=True`` call that passed ``inputs_kv`` (needs ``decode=True``;
             ``inputs_kv`` is then optional and ignored).
+          positions: int ``[B|1, T]`` rotary positions of the queries/new keys (only with
+            ``rope_theta``; default ``0..T-1``, or the cache index onwards while decoding).
         Returns:
           ``[B, T, Dout]``.
         """
@@ -202,16 +272,28 @@ class MultiHeadAttention(nn.Module):
         elif inputs_kv is not None and (inputs_kv.ndim != 3 or inputs_kv.shape[0] != inputs_q.shape[0]):
             raise ValueError(f"inputs_kv must be [B, S, Dkv] with B={inputs_q.shape[0]}; got {inputs_kv.shape}.")
 
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"MultiHeadAttention.num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads}.")
+        if self.rope_theta is not None and not self_attention:
+            raise ValueError("MultiHeadAttention.rope_theta (rotary positions) is for self-attention only; "
+                             "build the cross-attention layer with rope_theta=None.")
         out_dim = self.out_features or inputs_q.shape[-1]
+        kv_axes = GQA_KV_AXES if self.grouped else QKV_AXES
         q = self._proj("query", inputs_q)            # [B, T, H, K]
-        q = checkpoint_name(nn.with_logical_constraint(q, QKV_AXES), "query_proj")
         if kv_from_cache:
-            k, v = self._cached_cross_kv(q.shape[0])  # [B, S, H, K] each, no projection
+            k, v = self._cached_cross_kv(q.shape[0])  # [B, S, Hkv, K] each, no projection
         else:
-            k = self._proj("key", inputs_kv)             # [B, S, H, K]
-            v = self._proj("value", inputs_kv)           # [B, S, H, K]
-            k = checkpoint_name(nn.with_logical_constraint(k, QKV_AXES), "key_proj")
-            v = checkpoint_name(nn.with_logical_constraint(v, QKV_AXES), "value_proj")
+            k = self._proj("key", inputs_kv, self.kv_heads)       # [B, S, Hkv, K]
+            v = self._proj("value", inputs_kv, self.kv_heads)     # [B, S, Hkv, K]
+        if self.rope_theta is not None:
+            pos = self._positions(positions, q.shape[0], q.shape[1], decode)
+            q = apply_rotary(q, pos, self.rope_theta)
+            k = apply_rotary(k, pos, self.rope_theta)
+        q = checkpoint_name(nn.with_logical_constraint(q, QKV_AXES), "query_proj")
+        if not kv_from_cache:
+            k = checkpoint_name(nn.with_logical_constraint(k, kv_axes), "key_proj")
+            v = checkpoint_name(nn.with_logical_constraint(v, kv_axes), "value_proj")
 
         if decode and self_attention:
             k, v, cache_mask = self._update_cache(k, v)
@@ -268,9 +350,12 @@ class MultiHeadAttention(nn.Module):
 
     def _xla_attention(self, q, k, v, mask, bias, dropout: bool):
         """The XLA path: ``softmax(q k^T * scale + bias, masked)`` (float32 logits, dropout
-        on the probabilities when ``dropout``) times v; q ``[B,T,H,K]``, k/v ``[B,S,H,K]``
-        -> ``[B,T,H,K]``."""
+        on the probabilities when ``dropout``) times v; q ``[B,T,H,K]``, k/v ``[B,S,Hkv,K]``
+        (repeated to H heads: head h reads kv head h // G) -> ``[B,T,H,K]``."""
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        if k.shape[2] != q.shape[2]:
+            groups = q.shape[2] // k.shape[2]
+            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         logits = attention_logits(q, k, scale, bias)                                # [B, H, T, S] f32
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -303,8 +388,9 @@ class MultiHeadAttention(nn.Module):
         if k.shape[0] != b:
             raise ValueError(f"the cross-attention KV cache holds batch {k.shape[0]} but the input has batch {b}; "
                              "re-create the cache for this batch (beam search must repeat it to batch*beam).")
-        k = nn.with_logical_constraint(k, QKV_AXES)
-        v = nn.with_logical_constraint(v, QKV_AXES)
+        axes = GQA_KV_AXES if self.grouped else QKV_AXES
+        k = nn.with_logical_constraint(k, axes)
+        v = nn.with_logical_constraint(v, axes)
         return k, v
 
     def _update_cache(self, k, v):

@@ -1,16 +1,24 @@
-"""Decoder-only language model (GPT-2, OPT) on the shared `TransformerStack`.
+"""Decoder-only language model (GPT-2, OPT, LLaMA) on the shared `TransformerStack`.
 
 Dimension letters: B batch (N = batch*beam while decoding), T text length, S key length
 (the KV-cache length while decoding), D width, E word-embedding width (OPT's
-``word_embed_proj_dim``; = D elsewhere), Dm media width (inserted blocks), H heads, K head
-dim, F FFN width, V vocabulary, P position-table rows, L layers.
+``word_embed_proj_dim``; = D elsewhere), Dm media width (inserted blocks), H heads, Hkv
+key/value heads (grouped-query attention), K head dim, F FFN width, V vocabulary, P
+position-table rows, L layers.
 
-`DecoderLM` (`DecoderLMConfig`): GPT-2 (learned positions, pre-LN, GELU-tanh, tied head)
-and OPT (learned positions read at ``position + 2``, pre- or post-LN, ReLU, optional
-``project_in``/``project_out`` when E != D, tied head). Position ids come from the attention
-mask (``cumsum(mask) - 1``, pads at 0), as HF does for left-padded batches. Incremental
-decoding through the blocks' KV cache (``decode=True``; see `vlm_jax.generate`). Causality
-goes to the attention kernel (``is_causal``), not a [T, T] mask array.
+`DecoderLM` (`DecoderLMConfig`): GPT-2 (learned positions, pre-LN, GELU-tanh, tied head),
+OPT (learned positions read at ``position + 2``, pre- or post-LN, ReLU, optional
+``project_in``/``project_out`` when E != D, tied head) and the LLaMA family
+(``position_embedding='rotary'``: no position table, rotary q/k in every self-attention;
+pre-RMSNorm; SwiGLU MLP ``wo(silu(wi_0 x) * wi_1 x)``; no biases; grouped-query attention
+with ``num_kv_heads``; untied or tied head; `DecoderLMConfig.llama`). Position ids come from
+the attention mask (``cumsum(mask) - 1``, pads at 0), as HF does for left-padded batches
+(for rotary models HF's forward uses 0..T-1 without ``position_ids``; rotary attention
+depends on position differences only, so both give the same logits at real tokens).
+Incremental decoding through the blocks' KV cache (``decode=True``; see
+`vlm_jax.generate`); a rotary model decoding without ``position_ids`` rotates the new tokens
+at the cache index. Causality goes to the attention kernel (``is_causal``), not a [T, T]
+mask array.
 
 Flamingo's insertion point is declarative: ``DecoderLMConfig.insert = InsertSpec(module,
 kwargs, every=N, offset=k)`` puts ``module`` before every layer i with ``i % N == k``, in its
@@ -28,7 +36,7 @@ import jax.numpy as jnp
 
 from vlm_jax.layers import masks as masks_lib
 from vlm_jax.layers.mlp import Dense
-from vlm_jax.layers.norms import LayerNorm
+from vlm_jax.layers.norms import NORM_TYPES, make_norm
 from vlm_jax.layers.text_common import (TextOutput, check_config_positive, check_tokens, embed_table,
                                         positions_from_mask)
 from vlm_jax.layers.transformer import (BlockConfig, InsertSpec, TransformerStack, check_remat_policy,
@@ -36,17 +44,22 @@ from vlm_jax.layers.transformer import (BlockConfig, InsertSpec, TransformerStac
 
 __all__ = ["DecoderLM", "DecoderLMConfig", "InsertSpec", "TextOutput", "positions_from_mask"]
 
+POSITION_EMBEDDINGS = ("learned", "rotary")
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderLMConfig:
-    """Decoder-only LM (GPT-2 / OPT family).
+    """Decoder-only LM (GPT-2 / OPT / LLaMA family).
 
-    vocab_size: V. width: D. num_layers: L. num_heads: H (K = D / H). mlp_dim: F.
-    max_positions: P, rows of the learned position table are ``P + position_offset``.
+    vocab_size: V. width: D. num_layers: L. num_heads: H (K = D / H unless ``head_dim``). mlp_dim: F.
+    max_positions: P, rows of the learned position table are ``P + position_offset``
+      (rotary models: the trained context, not enforced).
     position_offset: OPT reads row ``position + 2`` (2); GPT-2 0.
-    activation: 'gelu_tanh' (GPT-2) | 'relu' (OPT) | any `vlm_jax.layers.mlp.ACTIVATIONS`.
-    norm_position: 'pre' (GPT-2, OPT >= 1.3B) | 'post' (OPT-350m).
-    final_norm: LayerNorm after the last block (pre-LN models).
+    activation: 'gelu_tanh' (GPT-2) | 'relu' (OPT) | 'gated_silu' (LLaMA's SwiGLU) | any
+      `vlm_jax.layers.mlp.ACTIVATIONS`.
+    norm_position: 'pre' (GPT-2, OPT >= 1.3B, LLaMA) | 'post' (OPT-350m).
+    norm_eps: epsilon of every norm (LLaMA: HF ``rms_norm_eps``).
+    final_norm: a norm after the last block (pre-LN models).
     embed_dim: E, word-embedding width when it differs from D (OPT-350m: E=512, D=1024 ->
       ``project_in [E, D]`` and ``project_out [D, E]``); None = D.
     tie_embeddings: LM head = word embedding transposed; else a separate ``lm_head [E, V]``.
@@ -58,6 +71,12 @@ class DecoderLMConfig:
       `vlm_jax.layers.transformer`). remat_policy: one of `REMAT_POLICIES`.
     insert: optional `InsertSpec`: a block inserted before every ``insert.every``-th layer
       (Flamingo's GATED XATTN-DENSE), called with the ``inserted_inputs`` of `DecoderLM.__call__`.
+    position_embedding: 'learned' (GPT-2 / OPT: a ``position_embed`` table added to the
+      embeddings) | 'rotary' (LLaMA: no table; q/k rotated in every self-attention).
+    rope_theta: rotary base (HF ``rope_theta``), used with 'rotary'.
+    num_kv_heads: Hkv key/value heads (grouped-query attention; divides H); None = H.
+    head_dim: K when it is not D / H (HF LLaMA ``head_dim``); None = D / H.
+    norm_type: 'layernorm' (GPT-2 / OPT) | 'rmsnorm' (LLaMA), for the blocks and the final norm.
     """
     vocab_size: int
     width: int
@@ -79,12 +98,31 @@ class DecoderLMConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     insert: InsertSpec | None = None
+    position_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    norm_type: str = "layernorm"
 
     def __post_init__(self):
         check_config_positive(self, ("vocab_size", "width", "num_layers", "num_heads", "mlp_dim",
                                       "max_positions"))
-        if self.width % self.num_heads:
-            raise ValueError(f"DecoderLMConfig.width={self.width} must be divisible by num_heads={self.num_heads}.")
+        if self.head_dim is None and self.width % self.num_heads:
+            raise ValueError(f"DecoderLMConfig.width={self.width} must be divisible by num_heads={self.num_heads} "
+                             "(or set head_dim).")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"DecoderLMConfig.position_embedding={self.position_embedding!r}; use one of "
+                             f"{POSITION_EMBEDDINGS}.")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"DecoderLMConfig.norm_type={self.norm_type!r}; use one of {NORM_TYPES}.")
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(f"DecoderLMConfig.head_dim must be positive or None; got {self.head_dim}.")
+        if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"DecoderLMConfig.num_kv_heads={self.num_kv_heads} must be a positive divisor of "
+                             f"num_heads={self.num_heads}, or None.")
+        if self.rotary and (self.rope_theta <= 0 or self.attn_head_dim % 2):
+            raise ValueError(f"DecoderLMConfig.position_embedding='rotary' needs rope_theta > 0 (got "
+                             f"{self.rope_theta}) and an even head dim (got {self.attn_head_dim}).")
         self.block_config()          # validates activation / norm_position / implementation
         check_remat_policy(self.remat_policy, field="DecoderLMConfig.remat_policy")
         if self.insert is not None and not isinstance(self.insert, InsertSpec):
@@ -98,13 +136,24 @@ class DecoderLMConfig:
     def word_dim(self) -> int:
         return self.embed_dim or self.width
 
+    @property
+    def rotary(self) -> bool:
+        return self.position_embedding == "rotary"
+
+    @property
+    def attn_head_dim(self) -> int:
+        """K, the attention head dim."""
+        return self.head_dim or self.width // self.num_heads
+
     def block_config(self) -> BlockConfig:
         return BlockConfig(
-            num_heads=self.num_heads, head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
-            activation=self.activation, norm_position=self.norm_position, norm_type="layernorm",
+            num_heads=self.num_heads, head_dim=self.attn_head_dim, mlp_dim=self.mlp_dim,
+            activation=self.activation, norm_position=self.norm_position, norm_type=self.norm_type,
             norm_eps=self.norm_eps, attn_bias=self.use_bias, attn_out_bias=self.use_bias,
             mlp_bias=self.use_bias, dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate, implementation=self.implementation, causal=True)
+            attention_dropout_rate=self.attention_dropout_rate, implementation=self.implementation, causal=True,
+            num_kv_heads=self.num_kv_heads if self.num_kv_heads != self.num_heads else None,
+            rope_theta=self.rope_theta if self.rotary else None)
 
     # Paper-size presets (HF hub configs of the same names).
     @classmethod
@@ -125,12 +174,30 @@ class DecoderLMConfig:
         return cls(**{**dict(vocab_size=50272, width=d, num_layers=n, num_heads=h, mlp_dim=4 * d,
                              max_positions=2048, position_offset=2, activation="relu", **extra), **kw})
 
+    @classmethod
+    def llama(cls, size: str = "7b", **kw) -> "DecoderLMConfig":
+        """LLaMA-family presets: '7b' (meta-llama/Llama-2-7b-hf: 32 x 4096, 32 heads, F 11008,
+        6.74B) and 'tinyllama-1.1b' (TinyLlama/TinyLlama-1.1B: 22 x 2048, 32 heads, 4 kv heads,
+        F 5632, 1.10B); vocab 32000, rms_norm_eps 1e-5, untied head."""
+        shapes = {"7b": (4096, 32, 32, None, 11008, 4096), "tinyllama-1.1b": (2048, 22, 32, 4, 5632, 2048)}
+        if size not in shapes:
+            raise ValueError(f"DecoderLMConfig.llama(size={size!r}); choose one of {sorted(shapes)}.")
+        d, n, h, hkv, f, p = shapes[size]
+        return cls(**{**dict(vocab_size=32000, width=d, num_layers=n, num_heads=h, num_kv_heads=hkv, mlp_dim=f,
+                             max_positions=p, **cls.llama_layout()), **kw})
+
+    @staticmethod
+    def llama_layout() -> dict:
+        """The fields that make a LLaMA-family block: rotary, pre-RMSNorm, SwiGLU, no biases, untied head."""
+        return dict(position_embedding="rotary", rope_theta=10000.0, norm_type="rmsnorm", norm_eps=1e-5,
+                    activation="gated_silu", use_bias=False, tie_embeddings=False)
+
 
 class DecoderLM(nn.Module):
     """Decoder-only LM: ``tokens [B, T]`` -> `TextOutput` (logits ``[B, T, V]``).
 
     Parameters: ``token_embed/embedding [V, E]`` ('vocab', 'embed'),
-    ``position_embed/embedding [P + offset, D]`` ('positions', 'embed'),
+    ``position_embed/embedding [P + offset, D]`` ('positions', 'embed'; learned positions only),
     ``project_in/kernel [E, D]``, ``project_out/kernel [D, E]`` (only when E != D),
     ``layers_i/...`` (`TransformerBlock`; scanned: ``layers/...``), ``inserted_m/...`` (only
     with ``config.insert``), ``final_norm``, ``lm_head/kernel [E, V]`` (untied only).
@@ -143,13 +210,14 @@ class DecoderLM(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.token_embed = embed_table(c.vocab_size, c.word_dim, ("vocab", "embed"), name="token_embed", **kw)
-        self.position_embed = embed_table(c.max_positions + c.position_offset, c.width, ("positions", "embed"),
-                                          name="position_embed", **kw)
+        if not c.rotary:
+            self.position_embed = embed_table(c.max_positions + c.position_offset, c.width,
+                                              ("positions", "embed"), name="position_embed", **kw)
         if c.word_dim != c.width:
             self.project_in = Dense(c.width, (None, "embed"), use_bias=False, name="project_in", **kw)
             self.project_out = Dense(c.word_dim, ("embed", None), use_bias=False, name="project_out", **kw)
         if c.final_norm:
-            self.final_norm = LayerNorm(c.norm_eps, name="final_norm", **kw)
+            self.final_norm = make_norm(c.norm_type, c.norm_eps, name="final_norm", **kw)
         if not c.tie_embeddings:
             self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head", **kw)
         self.drop = nn.Dropout(c.dropout_rate)
@@ -181,7 +249,8 @@ class DecoderLM(nn.Module):
             e.g. `embed_tokens` output with a soft prefix; positions are still added).
           attention_mask: ``[B, T]`` 1 = real token, 0 = padding (left padding for prompts).
             Masks padded keys and sets the default position ids. Not used with ``decode``.
-          position_ids: int ``[B, T]`` (default: from ``attention_mask``, else ``arange(T)``).
+          position_ids: int ``[B, T]`` (default: from ``attention_mask``, else ``arange(T)``; rotary
+            models decoding without them: the KV-cache index onwards).
           inserted_inputs: tuple of extra inputs of the inserted blocks (``config.insert``),
             e.g. ``(media [B, S, Dm], media_mask [B|1, 1, T, S])``; passed on every call, also
             while decoding.
@@ -209,22 +278,23 @@ class DecoderLM(nn.Module):
         if decode and key_valid is not None and position_ids is None:
             raise ValueError("DecoderLM(decode=True): pass position_ids [B, T] of the new tokens (they cannot be "
                              "inferred from the cache); vlm_jax.generate does this for you.")
-        if position_ids is None:
+        if position_ids is None and not (decode and c.rotary):
             position_ids = (positions_from_mask(attention_mask) if attention_mask is not None
                             else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-        if position_ids.shape != (b, t) and position_ids.shape != (1, t):
+        if position_ids is not None and position_ids.shape != (b, t) and position_ids.shape != (1, t):
             raise ValueError(f"position_ids must be [B, T] = [{b}, {t}]; got {position_ids.shape}.")
-        if not decode and t > c.max_positions:
+        if not decode and not c.rotary and t > c.max_positions:
             raise ValueError(f"sequence length {t} exceeds DecoderLMConfig.max_positions={c.max_positions} "
                              "(the learned position table); truncate the input.")
         if c.word_dim != c.width:
             x = self.project_in(x)
-        x = x + self.position_embed(position_ids + c.position_offset)
+        if not c.rotary:
+            x = x + self.position_embed(position_ids + c.position_offset)
         x = self.drop(x, deterministic=deterministic)
 
         if decode:
-            kv = jnp.ones((b, t), bool) if key_valid is None else key_valid
-            mask = masks_lib.padding_mask(kv)                     # [B, 1, 1, S] (+ causal cache mask)
+            # [B, 1, 1, S] (+ the causal cache mask); without key_valid only the cache mask
+            mask = None if key_valid is None else masks_lib.padding_mask(key_valid)
         else:
             # Causality goes to the attention kernel (`is_causal`), not a [T, T] mask array: on GPU
             # the cuDNN kernel then skips masked blocks instead of adding a dense bias.
@@ -234,8 +304,9 @@ class DecoderLM(nn.Module):
                     raise ValueError(f"attention_mask must be [B, T] = [{b}, {t}]; got {attention_mask.shape}.")
                 mask = masks_lib.padding_mask(attention_mask)
 
+        rotary = {"positions": position_ids} if c.rotary else {}      # None while decoding: the cache index
         x, hidden = self.stack(x, mask, inserted_inputs=inserted_inputs, deterministic=deterministic,
-                               decode=decode, output_hidden_states=output_hidden_states)
+                               decode=decode, output_hidden_states=output_hidden_states, **rotary)
         if c.final_norm:
             x = self.final_norm(x)
         if c.word_dim != c.width:

@@ -1,5 +1,5 @@
 """The transformer block and the one layer stack shared by every tower (ViT, CLIP, EVA,
-GPT-2, OPT, BERT / Q-Former, T5 encoder and decoder).
+GPT-2, OPT, LLaMA, BERT / Q-Former, T5 encoder and decoder).
 
 Dimension letters: B batch, T length, S encoder/media length, D width, Dc encoder width,
 Dm media width, H heads, K head dim, F FFN width, L layers, P pattern length, N group size,
@@ -9,7 +9,7 @@ Block
 -----
 `BlockConfig` describes one block; `TransformerBlock(config)` is the block:
 
-  pre-norm  (GPT-2, OPT, ViT, CLIP, EVA, T5)      post-norm (BERT)
+  pre-norm  (GPT-2, OPT, LLaMA, ViT, CLIP, EVA, T5) post-norm (BERT)
     x = x + Drop(SelfAttn(N1(x)))                   x = N1(x + Drop(SelfAttn(x)))
     x = x + Drop(CrossAttn(N2(x), enc))  [opt]      x = N2(x + Drop(CrossAttn(x, enc)))  [opt]
     x = x + Drop(MLP(N3(x)))                        x = N3(x + Drop(MLP(x)))
@@ -128,6 +128,10 @@ class BlockConfig:
     implementation: attention kernel, None | 'xla' | 'cudnn'.
     causal: self-attention is causal (decoder LMs), applied by the kernel (``is_causal``)
       on top of any ``mask`` passed; no causal mask array needed.
+    num_kv_heads: key/value heads of the self-attention (grouped-query attention, must
+      divide num_heads); None = num_heads. Cross-attention always uses num_heads.
+    rope_theta: rotary position embeddings (base theta) on the self-attention q/k, at the
+      ``positions`` given to the block (LLaMA); None = none.
     """
     num_heads: int
     head_dim: int
@@ -146,6 +150,8 @@ class BlockConfig:
     mlp_dropout_rate: float = 0.0
     implementation: str | None = None
     causal: bool = False
+    num_kv_heads: int | None = None
+    rope_theta: float | None = None
 
     def __post_init__(self):
         if self.norm_position not in ("pre", "post"):
@@ -159,6 +165,12 @@ class BlockConfig:
         for f in ("num_heads", "head_dim", "mlp_dim"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"BlockConfig.{f} must be positive; got {getattr(self, f)}.")
+        if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"BlockConfig.num_kv_heads={self.num_kv_heads} must be a positive divisor of "
+                             f"num_heads={self.num_heads} (grouped-query attention), or None.")
+        if self.rope_theta is not None and (self.rope_theta <= 0 or self.head_dim % 2):
+            raise ValueError(f"BlockConfig.rope_theta={self.rope_theta} needs rope_theta > 0 and an even "
+                             f"head_dim (got {self.head_dim}).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,12 +224,12 @@ class TransformerBlock(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda: MultiHeadAttention(  # noqa: E731
+        attn = lambda **extra: MultiHeadAttention(  # noqa: E731
             num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.attn_bias, out_bias=c.attn_out_bias,
             scale=c.attention_scale, dropout_rate=c.attention_dropout_rate,
-            implementation=c.implementation, **kw)
+            implementation=c.implementation, **extra, **kw)
         self.attn_norm = make_norm(c.norm_type, c.norm_eps, **kw)
-        self.attn = attn()
+        self.attn = attn(num_kv_heads=c.num_kv_heads, rope_theta=c.rope_theta)
         if c.cross_attention:
             self.cross_norm = make_norm(c.norm_type, c.norm_eps, **kw)
             self.cross_attn = attn()
@@ -227,9 +239,10 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(c.dropout_rate)
 
     def __call__(self, x, mask=None, *, encoded=None, cross_mask=None, attn_bias=None, cross_bias=None,
-                 deterministic: bool = True, decode: bool = False):
+                 deterministic: bool = True, decode: bool = False, positions=None):
         """Args:
           x: ``[B, T, D]``; mask: bool ``[B|1, 1|H, T, T(or cache S)]``; attn_bias: ``[B|1, H, T, S]``.
+          positions: int ``[B|1, T]`` rotary positions (only read with ``config.rope_theta``).
           encoded: ``[B, S, Dc]`` for cross-attention (required iff ``config.cross_attention``,
             except while decoding: with ``decode=True`` a given ``encoded`` is projected and
             stored in the cross-attention cache, and None reuses the stored keys/values);
@@ -240,7 +253,11 @@ class TransformerBlock(nn.Module):
         c = self.config
         self.check_encoded(encoded, decode)
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)   # residual stream in compute dtype
-        x = self.attention_sublayer(x, mask, attn_bias, deterministic=deterministic, decode=decode)
+        if positions is None:
+            x = self.attention_sublayer(x, mask, attn_bias, deterministic=deterministic, decode=decode)
+        else:       # only passed when given, so block variants with the older signature keep working
+            x = self.attention_sublayer(x, mask, attn_bias, deterministic=deterministic, decode=decode,
+                                        positions=positions)
         if c.cross_attention:
             x = self.cross_attention_sublayer(x, encoded, cross_mask, cross_bias, deterministic=deterministic,
                                               decode=decode)
@@ -263,11 +280,11 @@ class TransformerBlock(nn.Module):
             return x + self.drop(fn(norm(x)), deterministic=deterministic)
         return norm(x + self.drop(fn(x), deterministic=deterministic))
 
-    def attention_sublayer(self, x, mask, bias, *, deterministic: bool, decode: bool):
-        """Self-attention residual step: ``[B, T, D] -> [B, T, D]``."""
+    def attention_sublayer(self, x, mask, bias, *, deterministic: bool, decode: bool, positions=None):
+        """Self-attention residual step: ``[B, T, D] -> [B, T, D]`` (``positions [B|1, T]``: rotary)."""
         return self.residual(x, self.attn_norm, lambda h: self.attn(
             h, mask=mask, bias=bias, deterministic=deterministic, decode=decode,
-            is_causal=self.config.causal), deterministic)
+            is_causal=self.config.causal, positions=positions), deterministic)
 
     def cross_attention_sublayer(self, x, encoded, mask, bias, *, deterministic: bool, decode: bool):
         """Cross-attention residual step: ``x [B, T, D]``, ``encoded [B, S, Dc]`` -> ``[B, T, D]``."""
@@ -290,9 +307,11 @@ def _static_block(cls: type) -> type:
         deterministic: bool = True
         decode: bool = False
 
-        def __call__(self, x, mask, encoded, cross_mask, attn_bias, cross_bias):
+        def __call__(self, x, mask, encoded, cross_mask, attn_bias, cross_bias, positions=None):
+            extra = {} if positions is None else {"positions": positions}
             return cls.__call__(self, x, mask, encoded=encoded, cross_mask=cross_mask, attn_bias=attn_bias,
-                                cross_bias=cross_bias, deterministic=self.deterministic, decode=self.decode)
+                                cross_bias=cross_bias, deterministic=self.deterministic, decode=self.decode,
+                                **extra)
     StaticBlock.__name__ = StaticBlock.__qualname__ = f"Static{cls.__name__}"
     return StaticBlock
 
@@ -342,10 +361,10 @@ class _Plan:
         return cls(**kw, deterministic=self.deterministic, name=name)
 
     def run_block(self, blk, i, x, args):
-        mask, encoded, cross_mask, attn_bias, cross_bias = args
+        mask, encoded, cross_mask, attn_bias, cross_bias, positions = args
         if self.pattern[i % len(self.pattern)].cross_attention:
-            return blk(x, mask, encoded, cross_mask, attn_bias, cross_bias)
-        return blk(x, mask, None, None, attn_bias, None)
+            return blk(x, mask, encoded, cross_mask, attn_bias, cross_bias, positions)
+        return blk(x, mask, None, None, attn_bias, None, positions)
 
 
 class _Group(nn.Module):
@@ -367,10 +386,10 @@ class _Group(nn.Module):
             if self.size == 1:        # plain repeated block: its params sit directly under `layers`
                 nn.share_scope(self, self.blocks[0])
 
-    def __call__(self, carry, mask, encoded, cross_mask, attn_bias, cross_bias, inserted_inputs):
+    def __call__(self, carry, mask, encoded, cross_mask, attn_bias, cross_bias, positions, inserted_inputs):
         x, selected, i = carry
         p, outs, m = self.plan, [], 0
-        args = (mask, encoded, cross_mask, attn_bias, cross_bias)
+        args = (mask, encoded, cross_mask, attn_bias, cross_bias, positions)
         for j in range(self.size):
             if p.insert is not None and p.insert.before(j):
                 x = self.inserts[m](x, *inserted_inputs)
@@ -426,9 +445,11 @@ class TransformerStack(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None, *, encoded=None, cross_mask=None, attn_bias=None, cross_bias=None,
                  inserted_inputs: tuple = (), deterministic: bool = True, decode: bool = False,
-                 output_layer: int = -1, output_hidden_states: bool = False, block_kwargs=None):
+                 output_layer: int = -1, output_hidden_states: bool = False, block_kwargs=None, positions=None):
         """Args:
           x ``[B, T, D]``; mask bool ``[B|1, 1|H, T, S]``; attn_bias ``[B|1, H, T, S]``;
+          positions: int ``[B|1, T]`` rotary positions for blocks with ``rope_theta`` (None:
+            0..T-1, or the KV-cache index onwards while decoding);
           encoded ``[B, S, Dc]``, cross_mask, cross_bias: for the cross-attention blocks;
           inserted_inputs: tuple of extra arrays for the inserted blocks (``insert``);
           deterministic, decode, output_layer, output_hidden_states: see the class docstring.
@@ -450,7 +471,7 @@ class TransformerStack(nn.Module):
                              f"(hidden states are indexed 0..{n}, or -{n + 1}..-1).")
         target = output_layer % (n + 1)
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)
-        args = (mask, encoded, cross_mask, attn_bias, cross_bias)
+        args = (mask, encoded, cross_mask, attn_bias, cross_bias, positions)
         plan = _Plan(pattern=pattern, block_cls=self.block_cls, insert=self.insert, remat_policy=self.remat_policy,
                      scanned=self.scan_layers, deterministic=deterministic, decode=decode, dtype=self.dtype,
                      param_dtype=self.param_dtype, block_kwargs=tuple(sorted((block_kwargs or {}).items())))
@@ -475,7 +496,7 @@ class TransformerStack(nn.Module):
                 "period, or use scan_layers=False.")
         scanned = nn.scan(_Group, variable_axes={"params": 0, "cache": 1},
                           split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast,) * 6, length=n // size,
+                          in_axes=(nn.broadcast,) * 7, length=n // size,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         carry0 = (x, x, jnp.zeros((), jnp.int32))
         (_, selected, _), ys = scanned(plan=plan, size=size, target=target, collect=output_hidden_states,
