@@ -65,6 +65,7 @@ def get_config(arg=None):
     m.init_temperature = 0.07          # ITC tau, clamped to [0.001, 0.5]
     m.itc_label_smoothing = 0.1
     m.itg_label_smoothing = 0.1
+    m.itm_negatives = "hard"           # 'hard' (the paper: from the ITC softmax) | 'random' (a diagnostic)
     m.freeze_vision = True             # the paper: frozen image encoder
     m.vision_dtype = "float32"         # compute dtype of the image tower ('bfloat16' / 'float16' on accelerators)
     m.vision_param_dtype = ""          # storage dtype of the frozen tower ('' = train.param_dtype)

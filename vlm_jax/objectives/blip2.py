@@ -27,8 +27,12 @@ from vlm_jax.objectives.contrastive import itc_loss, same_image_pairs, sample_ha
 
 
 def stage1_loss(model: Blip2QFormerModel, params, batch, rng, *, dec_id: int, pad_id: int,
-                itc_smoothing: float = 0.1, itg_smoothing: float = 0.1, train: bool = True):
+                itc_smoothing: float = 0.1, itg_smoothing: float = 0.1, itm_negatives: str = "hard",
+                train: bool = True):
     """batch: image f32 ``[B, S, S, 3]``, tokens int ``[B, T]`` ([CLS] first), image_id int ``[B]``.
+
+    itm_negatives: 'hard' (the paper: drawn from the ITC softmax) or 'random' (uniform over the
+    same allowed columns; a diagnostic, not the paper).
 
     -> (loss, metrics) with every term logged on its own.
     """
@@ -55,9 +59,12 @@ def stage1_loss(model: Blip2QFormerModel, params, batch, rng, *, dec_id: int, pa
     loss_itc, itc_m = itc_loss(sim, image_ids, smoothing=itc_smoothing)
 
     # ITM with hard negatives over the global batch
+    if itm_negatives not in ("hard", "random"):
+        raise ValueError(f"itm_negatives={itm_negatives!r}: use 'hard' (the paper) or 'random'.")
     same = same_image_pairs(image_ids)                                        # includes the diagonal
-    neg_img, found_img = sample_hard_negatives(r_img, sim.T, same.T)          # per text: an image
-    neg_txt, found_txt = sample_hard_negatives(r_txt, sim, same)              # per image: a text
+    neg_logits = sim if itm_negatives == "hard" else jnp.zeros_like(sim)     # 'random': uniform
+    neg_img, found_img = sample_hard_negatives(r_img, neg_logits.T, same.T)   # per text: an image
+    neg_txt, found_txt = sample_hard_negatives(r_txt, neg_logits, same)       # per image: a text
     feats_all = jnp.concatenate([feats, feats[neg_img], feats], axis=0)       # [3B, Nv, Dv]
     tokens_all = jnp.concatenate([tokens, tokens, tokens[neg_txt]], axis=0)   # [3B, T]
     valid_all = jnp.concatenate([valid, valid, valid[neg_txt]], axis=0)

@@ -177,7 +177,8 @@ class Blip2Task(ImageCaptionTask):
         m = self.config.model
         loss, metrics = stage1_loss(self.model, params, batch, rng, dec_id=self.dec_id,
                                     pad_id=int(self.tokenizer.pad_id), itc_smoothing=float(m.itc_label_smoothing),
-                                    itg_smoothing=float(m.itg_label_smoothing), train=train)
+                                    itg_smoothing=float(m.itg_label_smoothing), itm_negatives=m.itm_negatives,
+                                    train=train)
         return loss, (metrics, model_state)
 
     def param_groups(self):
@@ -237,6 +238,7 @@ def validate(config) -> None:
     """BLIP-2-specific config checks (run by the trainer before anything compiles)."""
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
     check_choice(config, "model.stage", STAGES)
+    check_choice(config, "model.itm_negatives", ("hard", "random"))
     check_positive(config, "model.embed_dim", "model.qformer.num_queries", "model.qformer.width",
                    "model.qformer.num_layers", "model.qformer.num_heads", "model.qformer.mlp_dim",
                    "model.qformer.cross_attention_every", "evals.retrieval.k_test", "data.image_size",
