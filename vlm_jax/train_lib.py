@@ -490,7 +490,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
 
-    rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))   # on every device of the mesh
+    # the step's rng, replicated on every device of the mesh (made by a jitted program, so each process
+    # creates its own shards: a device_put of a host value cannot target another process's devices)
+    rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
     num_steps = config.train.num_steps
     start = int(jax.device_get(state.step))
     meta = checkpoint_meta(config, task)
