@@ -6,7 +6,8 @@
 The architecture is chosen by ``config.json["architectures"][0]`` through `CONVERTERS`
 (architecture name -> converter). Registration points: `vlm_jax.convert.vision.CONVERTERS`
 (vision towers, here), `vlm_jax.convert.text.CONVERTERS` (text towers, owned by the text
-converter) and `vlm_jax.convert.blip2.CONVERTERS` (BLIP-2 composites); the dicts are merged below,
+converter), `vlm_jax.convert.blip2.CONVERTERS` (BLIP-2 composites) and `vlm_jax.convert.idefics.CONVERTERS`
+(IDEFICS -> Flamingo); the dicts are merged below,
 so adding an entry to any of them registers it.
 ``text`` is imported if present, so this package works before/without it.
 
@@ -34,6 +35,7 @@ except ModuleNotFoundError as e:   # text converters not written yet
 if _text is not None and hasattr(_text, "CONVERTERS"):
     CONVERTERS.update(_text.CONVERTERS)
 CONVERTERS.update(importlib.import_module("vlm_jax.convert.blip2").CONVERTERS)   # BLIP-2 composites
+CONVERTERS.update(importlib.import_module("vlm_jax.convert.idefics").CONVERTERS)   # IDEFICS (Flamingo)
 
 
 def architecture_of(hf_config: dict, path: str = "") -> str:

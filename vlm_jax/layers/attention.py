@@ -184,6 +184,9 @@ class MultiHeadAttention(nn.Module):
         average. With a per-head mask, a head whose row is empty contributes 0 to the
         output projection.
       num_kv_heads: Hkv key/value heads (grouped-query attention; must divide H); None = H.
+      qk_norm: None | 'layernorm' | 'rmsnorm': a norm (``qk_norm_eps``) over every head's K dims of
+        the queries and keys, after the projections (params ``query_norm``, ``key_norm``; IDEFICS'
+        ``qk_layer_norms``); the cross cache stores the normed keys.
       rope_theta: rotary position embeddings on q and k with this base (LLaMA: 10000.0);
         None = none. Self-attention only.
     """
@@ -198,6 +201,8 @@ class MultiHeadAttention(nn.Module):
     zero_empty_rows: bool = False
     num_kv_heads: int | None = None
     rope_theta: float | None = None
+    qk_norm: str | None = None
+    qk_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable = DEFAULT_KERNEL_INIT
@@ -286,6 +291,12 @@ class MultiHeadAttention(nn.Module):
         else:
             k = self._proj("key", inputs_kv, self.kv_heads)       # [B, S, Hkv, K]
             v = self._proj("value", inputs_kv, self.kv_heads)     # [B, S, Hkv, K]
+        if self.qk_norm is not None:       # a norm over each head's K dims of q and of the new k (IDEFICS)
+            from vlm_jax.layers.norms import make_norm
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            q = make_norm(self.qk_norm, self.qk_norm_eps, name="query_norm", **kw)(q).astype(self.dtype)
+            if not kv_from_cache:
+                k = make_norm(self.qk_norm, self.qk_norm_eps, name="key_norm", **kw)(k).astype(self.dtype)
         if self.rope_theta is not None:
             pos = self._positions(positions, q.shape[0], q.shape[1], decode)
             q = apply_rotary(q, pos, self.rope_theta)

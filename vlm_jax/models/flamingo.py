@@ -61,7 +61,7 @@ from vlm_jax.layers.transformer import ACT_AXES, InsertSpec
 
 __all__ = ["PerceiverResamplerConfig", "PerceiverResampler", "PerceiverLayer", "GatedXAttnConfig",
            "GatedCrossAttentionBlock", "gated_xattn_insert", "media_text_time", "cross_attention_inputs",
-           "PAPER_XATTN_EVERY"]
+           "PAPER_XATTN_EVERY", "GATE_TYPES"]
 
 # Flamingo's GATED XATTN-DENSE frequency (insert every N LM layers), by model size (the paper's
 # architecture hyper-parameter table in the appendix).
@@ -76,6 +76,9 @@ def _check_common(cls_name: str, c, mlp_dim: int) -> None:
         raise ValueError(f"{cls_name}.activation={c.activation!r}; use one of {ACTIVATIONS}.")
     if c.implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{cls_name}.implementation={c.implementation!r}; use one of {IMPLEMENTATIONS}.")
+
+
+GATE_TYPES = ("scalar", "vector")
 
 
 # ---------------------------------------------------------------------- Perceiver Resampler
@@ -93,6 +96,8 @@ class PerceiverResamplerConfig:
     max_frames: rows of the learned time-embedding table (frames per media, F <= this;
       flamingo-pytorch's ``num_media_embeds``).
     norm_eps: LayerNorm epsilon. implementation: attention kernel (None | 'xla' | 'cudnn').
+    qk_norm: a LayerNorm (scale + bias, ``norm_eps``) on every head's queries and keys
+      (IDEFICS ``qk_layer_norms_perceiver``; `MultiHeadAttention(qk_norm=...)`).
     """
     width: int
     depth: int = 6
@@ -104,6 +109,7 @@ class PerceiverResamplerConfig:
     max_frames: int = 8
     norm_eps: float = 1e-5
     implementation: str | None = None
+    qk_norm: bool = False
 
     def __post_init__(self):
         for f in ("width", "depth", "num_latents", "max_frames"):
@@ -142,9 +148,10 @@ class PerceiverLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(c.norm_eps, name="latents_norm", **kw)(latents)
         kv = jnp.concatenate([LayerNorm(c.norm_eps, name="media_norm", **kw)(media), h], axis=1)   # [N, S+R, D]
-        latents = latents + MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=False,
-                                               out_bias=False, implementation=c.implementation, name="attn",
-                                               **kw)(h, kv, deterministic=deterministic)
+        attn = MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=False, out_bias=False,
+                                  implementation=c.implementation, qk_norm="layernorm" if c.qk_norm else None,
+                                  qk_norm_eps=c.norm_eps, name="attn", **kw)
+        latents = latents + attn(h, kv, deterministic=deterministic)
         mlp = MLP(hidden_dim=c.ffn_dim, activation=c.activation, use_bias=False, name="mlp", **kw)
         latents = latents + mlp(LayerNorm(c.norm_eps, name="mlp_norm", **kw)(latents), deterministic=deterministic)
         return nn.with_logical_constraint(latents, ACT_AXES)
@@ -206,6 +213,10 @@ class GatedXAttnConfig:
       one (IDEFICS' LLaMA MLP: 'gated_silu'). norm_type / norm_eps: the two pre-norms
       ('layernorm' | 'rmsnorm'). use_bias: biases of the attention and FFW dense layers (none in
       the paper's reproductions). implementation: attention kernel (None | 'xla' | 'cudnn').
+    qk_norm: a ``norm_type`` norm (``norm_eps``) on every head's queries and keys (IDEFICS
+      ``qk_layer_norms``: RMSNorm; `MultiHeadAttention(qk_norm=...)`).
+    gate: 'scalar' (the paper: one ``alpha`` per gate) | 'vector' (IDEFICS ``alpha_type='vector'``:
+      one ``alpha [Dt]`` per channel).
     """
     num_heads: int
     head_dim: int
@@ -215,11 +226,15 @@ class GatedXAttnConfig:
     norm_eps: float = 1e-5
     use_bias: bool = False
     implementation: str | None = None
+    qk_norm: bool = False
+    gate: str = "scalar"
 
     def __post_init__(self):
         _check_common("GatedXAttnConfig", self, self.mlp_dim)
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"GatedXAttnConfig.norm_type={self.norm_type!r}; use one of {NORM_TYPES}.")
+        if self.gate not in GATE_TYPES:
+            raise ValueError(f"GatedXAttnConfig.gate={self.gate!r}; use one of {GATE_TYPES}.")
 
     @classmethod
     def paper(cls, size: str = "3b", **kw) -> "GatedXAttnConfig":
@@ -242,7 +257,9 @@ class GatedCrossAttentionBlock(nn.Module):
 
     Parameters: ``cross_norm``, ``cross_attn`` (`MultiHeadAttention`: ``query [Dt, H, K]``,
     ``key/value [Dm, H, K]``, ``out [H, K, Dt]``), ``mlp_norm``, ``mlp`` (``wi [Dt, Fh]``,
-    ``wo [Fh, Dt]``), ``alpha_xattn`` and ``alpha_dense`` (scalars, 0 at init).
+    ``wo [Fh, Dt]``), ``alpha_xattn`` and ``alpha_dense`` (scalars; ``[Dt]`` with ``gate='vector'``;
+    0 at init). With ``qk_norm`` the cross-attention also has
+    ``query_norm`` / ``key_norm`` (`MultiHeadAttention(qk_norm=...)`).
 
     Built by `TransformerStack` from ``InsertSpec(module=GatedCrossAttentionBlock,
     kwargs={'config': cfg}, ...)`` (`gated_xattn_insert`); ``media_mask`` None lets every
@@ -260,11 +277,14 @@ class GatedCrossAttentionBlock(nn.Module):
             raise ValueError(f"GatedCrossAttentionBlock: x must be [B, T, Dt] and media [B, M*R, Dm] with the same B; "
                              f"got {x.shape} and {media.shape} (flatten resampler latents [B, M, R, D] with "
                              "cross_attention_inputs).")
+        shape, axes = ((), ()) if c.gate == "scalar" else ((x.shape[-1],), ("norm",))
         gate = lambda name: jnp.tanh(self.param(  # noqa: E731
-            name, nn.with_logical_partitioning(nn.initializers.zeros, ()), (), self.param_dtype)).astype(self.dtype)
+            name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape,
+            self.param_dtype)).astype(self.dtype)
         x = nn.with_logical_constraint(x.astype(self.dtype), ACT_AXES)
         attn = MultiHeadAttention(num_heads=c.num_heads, head_dim=c.head_dim, use_bias=c.use_bias,
                                   out_bias=c.use_bias, implementation=c.implementation, zero_empty_rows=True,
+                                  qk_norm=c.norm_type if c.qk_norm else None, qk_norm_eps=c.norm_eps,
                                   name="cross_attn", **kw)
         h = make_norm(c.norm_type, c.norm_eps, name="cross_norm", **kw)(x)
         y = x + gate("alpha_xattn") * attn(h, media.astype(self.dtype), mask=media_mask, deterministic=deterministic)
@@ -334,7 +354,8 @@ from vlm_jax.layers.mlp import Dense  # noqa: E402
 from vlm_jax.layers.text_common import TextOutput, check_tokens, embed_table  # noqa: E402
 from vlm_jax.layers.vit import ViTConfig, VisionTransformer  # noqa: E402
 
-__all__ += ["FlamingoConfig", "Flamingo", "interleaved_label_mask", "interleaved_loss_mask", "param_groups",
+__all__ += ["FlamingoConfig", "Flamingo", "MediaCounter", "interleaved_label_mask", "interleaved_loss_mask",
+            "param_groups",
             "FROZEN_VISION_PATTERN", "FROZEN_LM_PATTERN", "VISION_TOKENS"]
 
 VISION_TOKENS = ("patches", "all")
@@ -421,6 +442,29 @@ class FlamingoConfig:
                                                                       self.xattn_offset))
 
 
+class MediaCounter(nn.Module):
+    """Decode-time count of the ``<image>`` markers already written to the KV cache.
+
+    ``is_marker bool [B, T]`` (this call's new tokens) -> ``i32 [B]``, the markers seen by the
+    earlier calls. The count lives in the 'cache' collection as ``count i32[B]`` (leading dim B,
+    so beam search reorders it with the keys/values). Like the attention layers' cache, the first
+    call (the one `init_cache` makes, when the variable does not exist yet) only creates it at 0;
+    every later call adds its markers."""
+
+    @nn.compact
+    def __call__(self, is_marker):
+        b = is_marker.shape[0]
+        initialized = self.has_variable("cache", "count")
+        count = self.variable("cache", "count", lambda: jnp.zeros((b,), jnp.int32))
+        seen = count.value
+        if seen.shape != (b,):
+            raise ValueError(f"Flamingo: the cache's media count holds batch {seen.shape} but the input has batch "
+                             f"{b}; re-create the cache (init_cache) for this batch.")
+        if initialized:
+            count.value = seen + jnp.sum(is_marker.astype(jnp.int32), axis=1)
+        return seen
+
+
 class Flamingo(nn.Module):
     """Interleaved images and text -> next-token logits ``[B, T, V + X]``.
 
@@ -447,6 +491,7 @@ class Flamingo(nn.Module):
             self.media_proj = Dense(c.resampler.width, (None, "embed"), name="media_proj", **kw)
         self.resampler = PerceiverResampler(c.resampler, name="resampler", **kw)
         self.lm = DecoderLM(c.lm_config, name="lm", **kw)
+        self.media_count = MediaCounter(name="media_count")
         if c.num_extra_tokens:
             self.extra_embed = embed_table(c.num_extra_tokens, c.lm.word_dim, (None, "embed"), name="extra_embed",
                                            **kw)
@@ -501,8 +546,11 @@ class Flamingo(nn.Module):
           media_valid: bool ``[B, M]`` which media slots hold an image (default all).
           latents: ``[B, M, R, D]`` precomputed `encode_images` output instead of ``images`` (decoding).
             With neither, no token sees an image (the cross-attention output is 0 everywhere).
-          text_time: int ``[B, T]`` override of ``media_text_time(tokens == image_id)`` (decoding: the
-            new tokens' count must include the markers already in the cache).
+          text_time: int ``[B, T]`` override of ``media_text_time(tokens == image_id)``. While decoding
+            (``decode=True``) the default counts the markers already in the KV cache too: the cache
+            holds ``media_count/count i32[B]`` (`MediaCounter`), advanced by every decode call
+            after the one that creates the cache (`vlm_jax.layers.attention.init_cache`); an
+            explicit ``text_time`` wins (the counter still advances).
           position_ids, decode, key_valid: as `DecoderLM`.
         Returns `TextOutput`: ``logits`` f32 ``[B, T, V + X]``, ``hidden [B, T, E]``.
         """
@@ -515,7 +563,12 @@ class Flamingo(nn.Module):
                 media_valid = jnp.zeros((tokens.shape[0], 1), bool)
         elif images is not None:
             raise ValueError("Flamingo: pass images or latents, not both.")
-        if text_time is None:
+        if decode:
+            # markers already in the KV cache: a per-row counter in the 'cache' collection
+            count = self.media_count(tokens == c.image_id)                                  # i32[B]
+            if text_time is None:
+                text_time = media_text_time(tokens == c.image_id) + count[:, None]
+        elif text_time is None:
             text_time = media_text_time(tokens == c.image_id)
         inserted = cross_attention_inputs(latents, text_time, media_valid)
         out = self.lm(inputs_embeds=self.embed_tokens(tokens), attention_mask=attention_mask,

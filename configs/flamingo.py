@@ -1,0 +1,151 @@
+"""Flamingo (Alayrac et al. 2022) configs: a frozen image encoder, a Perceiver Resampler and
+GATED XATTN-DENSE blocks inserted into a frozen decoder LM, trained on a mixture of image-text
+pairs and interleaved documents.
+
+Variants (`--config configs/flamingo.py:VARIANT[,key=value,...]`):
+  tiny          seconds; what the tests use (both stages: ``model.stage=lm`` / ``flamingo``).
+  lm_synthetic  stage 0 (``model.stage='lm'``): no pretrained LM exists offline, so the small
+                decoder LM that Flamingo keeps frozen is first trained text-only on the
+                synthetic set's captions and on the text form of the nonce episodes ("red this
+                is a dax ..."), which teaches it in-context copying from text.
+  synthetic     Flamingo on the synthetic set from that LM (``lm=<stage-0 workdir>``): the LM
+                (and the random ViT, frozen as the paper's NFNet) stay frozen; the resampler,
+                the gated blocks and the ``<image>`` / ``<|endofchunk|>`` rows train on the
+                mixture pairs (lambda 1) + synthetic interleaved documents (1) + nonce-word
+                episodes (1). Evaluators: few-shot nonce classification (0/4/8/16 shots,
+                random and RICES selection, 3 trials) and captioning.
+
+Shortcuts inside the arg: ``lm=<workdir>`` seeds ``lm`` (and the frozen ``vision``, so both
+stages share one random image tower) from that stage-0 run's final checkpoint.
+
+Commands:
+  python train.py --config configs/flamingo.py:lm_synthetic --workdir runs/flamingo_lm
+  python train.py --config configs/flamingo.py:synthetic,lm=runs/flamingo_lm --workdir runs/flamingo
+  python eval.py  --config configs/flamingo.py:synthetic,lm=runs/flamingo_lm --workdir runs/flamingo
+"""
+import ml_collections
+
+from vlm_jax import config_lib
+
+VARIANTS = ("tiny", "lm_synthetic", "synthetic")
+
+
+def get_config(arg=None):
+    variant, overrides = config_lib.parse_arg(arg, VARIANTS, default="synthetic")
+    c = ml_collections.ConfigDict()
+    c.task = "flamingo"
+    c.variant = variant
+    c.seed = 0
+
+    # ---------------------------------------------------------------- data
+    c.data = d = config_lib.caption_data(image_size=32, max_caption_len=24)
+    # The mixture: one batch of every source per step, loss = sum_s weight_s * loss_s (the paper's lambda).
+    c.data.mixture = mix = ml_collections.ConfigDict()
+    mix.pairs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # <image> caption <eoc>
+    mix.docs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=16))        # 1..M images with captions
+    mix.nonce = ml_collections.ConfigDict(dict(weight=1.0, batch_size=16))       # nonce-word episodes
+    d.max_images = 4                   # M: images per interleaved document
+    d.max_tokens = 96                  # T: tokens per interleaved document (pairs: max_caption_len + 4)
+    d.num_docs = 20000                 # synthetic documents / episodes per epoch (indices; drawn per index)
+    d.nonce_way = 3                    # colours bound to nonce words per episode (chance 1/3)
+    d.nonce_words = 40                 # size of the nonce-word pool
+    d.nonce_shots = 8                  # chunks per training episode (their own media slots)
+
+    # ---------------------------------------------------------------- model
+    c.model = m = ml_collections.ConfigDict()
+    m.stage = "flamingo"               # 'lm' (stage 0: text-only LM) | 'flamingo'
+    m.vision = ml_collections.ConfigDict(dict(patch_size=4, width=64, num_layers=2, num_heads=4, mlp_dim=128))
+    m.feature_layer = -1
+    m.vision_tokens = "patches"
+    m.resampler = ml_collections.ConfigDict(dict(depth=2, num_latents=8, num_heads=4, head_dim=16, mlp_dim=256,
+                                                 activation="squared_relu"))
+    m.xattn = ml_collections.ConfigDict(dict(num_heads=4, head_dim=16, mlp_dim=256, activation="squared_relu"))
+    m.xattn_every = 1                  # Flamingo-3B: before every LM layer
+    m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=4, num_heads=4, mlp_dim=384))
+    m.freeze_vision = True
+    m.freeze_lm = True
+
+    # ---------------------------------------------------------------- optimisation
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3
+    o.end_lr_fraction = 0.05
+    o.warmup_steps = 100
+    o.weight_decay = 0.1
+    o.grad_clip = 1.0
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.grad_accum_steps = 1
+    o.groups = ml_collections.ConfigDict()
+
+    c.init = ml_collections.ConfigDict()
+    for name in ("vision", "lm"):
+        c.init[name] = ml_collections.ConfigDict(dict(target=name, source="", path="", step=-1, source_target=""))
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 32                  # GLOBAL; the mixture's per-source batch sizes are what a step reads
+    t.num_steps = 1500
+    t.log_every = 50
+    t.checkpoint_every = 500
+    t.max_to_keep = 2
+    t.dtype = "float32"
+    t.param_dtype = "float32"
+    t.peak_tflops = 0.0
+    t.max_param_norm = 0.0
+    t.max_update_norm = 0.0
+    t.on_divergence = "stop"
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # ---------------------------------------------------------------- evaluation
+    c.evals = ml_collections.ConfigDict()
+    c.evals.fewshot = f = ml_collections.ConfigDict()
+    f.every = 0
+    f.split = "test"
+    f.shots = (0, 4, 8, 16)
+    f.trials = 3
+    f.selection = ("random", "rices")
+    f.num_episodes = 100               # queries per trial
+    f.support_size = 24                # labelled images per episode (>= the largest shot count)
+    f.use_cache = True
+    f.batch_size = 8
+    c.evals.caption = ec = ml_collections.ConfigDict()
+    ec.every = 0
+    ec.split = "test"
+    ec.batch_size = 64
+    ec.beam_size = 3
+    ec.length_penalty = 0.0
+    ec.max_len = 28
+    ec.max_examples = 200
+
+    if variant == "lm_synthetic":
+        m.stage = "lm"
+        t.num_steps = 1500
+        c.evals.fewshot.every = 0
+    if variant == "tiny":
+        d.image_size = 16
+        d.num_train, d.num_val, d.num_test = 96, 48, 48
+        d.max_caption_len = 12
+        d.max_images, d.max_tokens, d.num_docs = 2, 40, 64
+        d.nonce_way, d.nonce_words, d.nonce_shots = 2, 6, 3
+        mix.pairs.batch_size = mix.docs.batch_size = mix.nonce.batch_size = 8
+        m.vision.update(dict(patch_size=8, width=20, num_layers=1, num_heads=2, mlp_dim=24))
+        m.resampler.update(dict(depth=1, num_latents=3, num_heads=2, head_dim=6, mlp_dim=28))
+        m.xattn.update(dict(num_heads=3, head_dim=5, mlp_dim=26))
+        m.xattn_every = 2
+        m.lm.update(dict(width=30, num_layers=2, num_heads=3, mlp_dim=44))
+        o.warmup_steps = 2
+        t.batch_size = 8
+        t.num_steps = 4
+        t.log_every = 2
+        t.checkpoint_every = 2
+        f.shots, f.trials, f.num_episodes, f.support_size, f.batch_size = (0, 2), 2, 8, 4, 8
+        f.selection = ("random", "rices")
+        ec.batch_size, ec.max_examples, ec.max_len, ec.beam_size = 8, 8, 8, 2
+    lm = overrides.pop("lm", "")
+    if lm:
+        for name in ("vision", "lm"):
+            c.init[name].source, c.init[name].path = "checkpoint", lm
+    config_lib.apply_overrides(c, overrides)
+    c.lock()
+    return c

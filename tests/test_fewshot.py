@@ -1,0 +1,248 @@
+"""Few-shot classification by class log-likelihood (vlm_jax/evaluation/fewshot.py) and the
+decode-aware ``<image>`` count of `Flamingo` (vlm_jax/models/flamingo.py), on a tiny random
+Flamingo (ViT 12 wide, resampler 24, LM 36 wide with 3 heads, GATED XATTN-DENSE every 2 layers,
+gates nonzero so the images matter) and a WordTokenizer over a few nonce words:
+
+  - KV-cache decoding through `vlm_jax.generate` with no ``text_time``: the cache's media counter
+    gives the logits of the full forward (left-padded row included, a marker inside the decoded
+    tokens too); an explicit ``text_time`` still wins;
+  - `score_classes_cached` == `score_classes_full` (C = 3 candidates of 1-3 tokens, ragged prefixes,
+    k-shot and 0-shot prompts, a batch that does not divide the episodes);
+  - RICES: nearest by cosine (not dot product), most similar last; random: distinct, seeded;
+  - prompt layout: k-shot markers/images in order; 0-shot = 2 text-only demos + the query image;
+  - `accuracy_from_scores` on a hand matrix;
+  - the evaluator end to end (2 shot settings x 2 trials x both selections): metrics, JSON, PNG,
+    and the clear error for more shots than support images.
+"""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax import generate
+from vlm_jax.data.interleaved import ClassificationEpisode
+from vlm_jax.data.tokenizer import WordTokenizer
+from vlm_jax.evaluation import fewshot
+from vlm_jax.layers.decoder_lm import DecoderLMConfig
+from vlm_jax.layers.vit import ViTConfig
+from vlm_jax.models import flamingo
+
+WORDS = ["this", "is", "a", "dax", "wug", "fep", "zib", "kog", "blue", "lem", "mup", "red"]
+TOK = WordTokenizer(WORDS)
+V = TOK.vocab_size
+IMG, EOC, PAD = V, V + 1, TOK.pad_id
+SIDE = 8
+CFG = flamingo.FlamingoConfig(
+    vision=ViTConfig(image_size=SIDE, patch_size=4, hidden_size=12, num_layers=1, num_heads=3, mlp_dim=20),
+    resampler=flamingo.PerceiverResamplerConfig(width=24, depth=1, num_heads=3, head_dim=8, num_latents=2,
+                                                mlp_dim=32, activation="gelu"),
+    lm=DecoderLMConfig(vocab_size=V, width=36, num_layers=2, num_heads=3, mlp_dim=52, max_positions=64),
+    xattn=flamingo.GatedXAttnConfig(num_heads=3, head_dim=6, mlp_dim=40, activation="gelu"),
+    xattn_every=2)
+CLASSES = ("dax", "wug fep", "zib kog lem")          # 1, 2 and 3 tokens
+
+
+def _random_params(abstract, seed):
+    """Numpy fill of the abstract tree (no jitted init): gates nonzero, norms near 1 / 0, kernels
+    N(0, 1/fan_in), tables N(0, 1)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name, shape = path[-1].key, x.shape
+        if name.startswith("alpha_"):
+            return jnp.asarray(rng.choice([-1, 1]) * rng.uniform(0.5, 1.0), x.dtype)
+        if name in ("scale", "bias"):
+            return jnp.asarray((name == "scale") + 0.1 * rng.normal(size=shape), x.dtype)
+        fan_in = 1
+        if name == "kernel":
+            fan_in = shape[0] if path[-2].key in ("query", "key", "value") else int(np.prod(shape[:-1]))
+        return jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), x.dtype)
+    return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = flamingo.Flamingo(CFG)
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    images = jnp.zeros((1, 1, SIDE, SIDE, 3))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens, images)["params"]
+    return dict(model=model, params=_random_params(abstract, seed=1))
+
+
+def _episodes(seed, num, *, support=6, names=CLASSES):
+    """Random images; class names permuted per episode (so candidates differ in length and order)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        perm = tuple(names[i] for i in rng.permutation(len(names)))
+        out.append(ClassificationEpisode(
+            support_images=rng.normal(size=(support, SIDE, SIDE, 3)).astype(np.float32),
+            support_labels=rng.integers(0, len(names), size=support).astype(np.int32),
+            query_image=rng.normal(size=(SIDE, SIDE, 3)).astype(np.float32),
+            label=int(rng.integers(len(names))), class_names=perm))
+    return out
+
+
+# --------------------------------------------------------------------- task 1: media count
+def test_decode_counts_media_in_the_cache(setup):
+    """Prefill a prompt with 2 images (row 1 left padded), then step token by token with no
+    text_time (a 3rd <image> among the decoded tokens): every step's logits equal the full
+    forward's; the counter reads 2 after the prefill, 3 at the end."""
+    model, params = setup["model"], setup["params"]
+    w = {x: TOK.word_to_id(x) for x in WORDS}
+    seq0 = [1, IMG, w["this"], w["is"], EOC, IMG, w["a"], w["dax"], w["wug"], EOC, IMG, w["zib"], w["kog"]]
+    seq1 = [PAD, PAD, 1, IMG, w["red"], EOC, IMG, w["blue"], w["lem"], EOC, IMG, w["mup"], w["fep"]]
+    tokens = jnp.asarray([seq0, seq1], jnp.int32)
+    mask = tokens != PAD
+    t0 = 9                                              # the prompt: 2 images; the rest is decoded
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, SIDE, SIDE, 3)), jnp.float32)
+    mv = jnp.ones((2, 3), bool)
+    full = np.asarray(jax.jit(lambda p: model.apply({"params": p}, tokens, images, attention_mask=mask).logits)(params))
+    latents = jax.jit(lambda p, im: model.apply({"params": p}, im, method="encode_images"))(params, images)
+    prefill = jax.jit(lambda p, prompt, pm, lat: generate.prefill_decoder_lm(
+        model, p, prompt, prompt_mask=pm, max_new_tokens=tokens.shape[1] - t0 + 1,
+        row_inputs={"latents": lat, "media_valid": mv}))
+    first, state = prefill(params, tokens[:, :t0], mask[:, :t0], latents)
+    np.testing.assert_array_equal(np.asarray(state["cache"]["media_count"]["count"]), [2, 2])
+    step = jax.jit(generate.decoder_lm_step_fn(model, params))
+    feed = jnp.concatenate([first[:, None], tokens[:, t0:]], axis=1)
+    got = []
+    for i in range(feed.shape[1] - 1):
+        logits, state, _ = step(feed[:, i], state, jnp.int32(i))
+        got.append(np.asarray(logits))
+    got = np.stack(got, axis=1)                         # logits after tokens t0-1 .. T-2
+    np.testing.assert_allclose(got, full[:, t0 - 1:-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(state["cache"]["media_count"]["count"]), [3, 3])
+    # an explicit text_time wins: 0 = no image for the new token -> other logits
+    @jax.jit
+    def last_step(p, st, text_time):
+        slot = generate._cache_index(st["cache"])
+        kv = st["key_valid"] | (jnp.arange(st["key_valid"].shape[1])[None] == slot[:, None])
+        out, _ = model.apply({"params": p, "cache": st["cache"]}, feed[:, -1:], latents=latents, media_valid=mv,
+                             text_time=text_time, position_ids=st["position"][:, None], key_valid=kv, decode=True,
+                             mutable=["cache"])
+        return out.logits
+    auto, explicit = last_step(params, state, None), last_step(params, state, jnp.zeros((2, 1), jnp.int32))
+    np.testing.assert_allclose(auto, last_step(params, state, jnp.full((2, 1), 3, jnp.int32)), rtol=1e-6)
+    assert np.abs(np.asarray(explicit) - np.asarray(auto)).max() > 1e-4
+
+
+# -------------------------------------------------------------------------- scoring
+def test_cached_scores_equal_full_scores(setup):
+    model, params = setup["model"], setup["params"]
+    episodes = _episodes(5, 5, names=("dax", "wug fep", "zib kog lem"))
+    rng = np.random.default_rng(0)
+    # ragged prefixes: class names of 1-3 tokens in the demonstrations
+    prompts = [fewshot.episode_prompt(ep, 2, TOK, image_id=IMG, eoc_id=EOC, method="random", rng=rng)
+               for ep in episodes]
+    prompts += [fewshot.episode_prompt(ep, 0, TOK, image_id=IMG, eoc_id=EOC, method="random", rng=rng)
+                for ep in episodes[:2]]
+    assert len({len(p.tokens) for p in prompts}) > 1
+    assert {len(c) for c in prompts[0].candidates} == {1, 2, 3}
+    full = fewshot.score_classes_full(model, params, prompts, batch_size=3, pad_id=PAD)
+    cached = fewshot.score_classes_cached(model, params, prompts, batch_size=3, pad_id=PAD)
+    assert full.shape == (7, 3) and np.all(np.isfinite(full)) and np.all(full < 0)
+    np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-4)
+    longest = max(len(p.tokens) for p in prompts)
+    padded = fewshot.score_classes_full(model, params, prompts, batch_size=4, pad_id=PAD, prefix_len=longest + 9,
+                                        cand_len=5)                # more padding, another batch: the same scores
+    np.testing.assert_allclose(padded, full, rtol=1e-5, atol=1e-5)
+    normed = fewshot.score_classes_cached(model, params, prompts, batch_size=3, length_normalize=True, pad_id=PAD)
+    lengths = np.asarray([[len(c) for c in p.candidates] for p in prompts])
+    np.testing.assert_allclose(normed, cached / lengths, rtol=1e-5)
+    # the images matter: other images change the scores (the same shapes: no recompilation)
+    other = [fewshot.FewShotPrompt(p.tokens, -p.images[::-1], p.candidates, p.label) for p in prompts]
+    moved = np.abs(fewshot.score_classes_cached(model, params, other, batch_size=3, pad_id=PAD) - cached)
+    assert moved.min(axis=1).max() > 1e-4 and moved.max() > 1e-3
+
+
+def test_rices_nearest_by_cosine_most_similar_last():
+    q = np.array([1.0, 0.0, 0.0])
+    support = np.array([[0.0, 1.0, 0.0],       # cos 0
+                        [0.9, 0.1, 0.0],       # cos 0.994  (most similar)
+                        [50.0, 40.0, 0.0],     # cos 0.781, but the largest dot product
+                        [0.7, 0.3, 0.1],       # cos 0.913
+                        [-1.0, 0.0, 0.0]])     # cos -1
+    got = fewshot.select_demonstrations(support, q, 3, method="rices")
+    np.testing.assert_array_equal(got, [2, 3, 1])
+    assert got.dtype == np.int32
+    assert fewshot.select_demonstrations(support, q, 0, method="rices").shape == (0,)
+    r = fewshot.select_demonstrations(support, q, 4, method="random", rng=np.random.default_rng(7))
+    assert len(set(r.tolist())) == 4 and r.min() >= 0 and r.max() < 5
+    np.testing.assert_array_equal(r, fewshot.select_demonstrations(support, q, 4, method="random",
+                                                                   rng=np.random.default_rng(7)))
+    with pytest.raises(ValueError, match="k=6"):
+        fewshot.select_demonstrations(support, q, 6, method="rices")
+
+
+def test_prompt_layout_k_shot_and_zero_shot():
+    ep = _episodes(2, 1)[0]
+    w = TOK.word_to_id
+    p = fewshot.build_prompt(ep, [4, 1], TOK, image_id=IMG, eoc_id=EOC)
+    names = [ep.class_names[ep.support_labels[i]] for i in (4, 1)]
+    want = [1]
+    for n in names:
+        want += [IMG, w("this"), w("is"), w("a")] + [w(x) for x in n.split()] + [EOC]
+    want += [IMG, w("this"), w("is"), w("a")]
+    assert list(p.tokens) == want
+    np.testing.assert_array_equal(p.images, np.stack([ep.support_images[4], ep.support_images[1], ep.query_image]))
+    assert p.candidates == tuple(tuple(w(x) for x in n.split()) for n in ep.class_names) and p.label == ep.label
+
+    z = fewshot.episode_prompt(ep, 0, TOK, image_id=IMG, eoc_id=EOC, method="rices", rng=np.random.default_rng(1))
+    toks = list(z.tokens)
+    assert toks.count(IMG) == 1 and toks.count(EOC) == 2
+    assert toks[-4:] == [IMG, w("this"), w("is"), w("a")]          # the query keeps its image
+    assert toks[1:4] == [w("this"), w("is"), w("a")]               # demos: text only
+    np.testing.assert_array_equal(z.images, ep.query_image[None])
+
+
+def test_accuracy_from_scores_by_hand():
+    scores = np.array([[-1.0, -2.0, -3.0],
+                       [-5.0, -0.5, -4.0],
+                       [-2.0, -2.0, -9.0],      # tie: the first wins
+                       [-3.0, -1.0, -0.1]])
+    assert fewshot.accuracy_from_scores(scores, [0, 1, 1, 0]) == 0.5
+    assert fewshot.accuracy_from_scores(scores, [0, 1, 0, 2]) == 1.0
+
+
+# -------------------------------------------------------------------------- evaluator
+def test_evaluator_end_to_end(setup, tmp_path):
+    model, params = setup["model"], setup["params"]
+    calls = []
+
+    def make_episodes(seed, num):
+        calls.append((seed, num))
+        return _episodes(100 + seed, num, names=("dax", "wug", "zib kog"))
+
+    ev = fewshot.FewShotClassificationEvaluator(
+        name="nonce", every=0, model=model, tokenizer=TOK, image_id=IMG, eoc_id=EOC, make_episodes=make_episodes,
+        shots=(0, 2), trials=2, selection=("random", "rices"), num_episodes=3, batch_size=2)
+    metrics = ev.run(params, {}, step=7, workdir=str(tmp_path), final=True)
+    assert calls == [(0, 3), (1, 3)]                     # one set of episodes per trial, shared
+    assert metrics["chance"] == pytest.approx(1 / 3)
+    for sel in ("random", "rices"):
+        for k in (0, 2):
+            key = f"{sel}/shots_{k}"
+            assert 0.0 <= metrics[f"{key}/accuracy_mean"] <= 1.0
+            assert 0.0 <= metrics[f"{key}/accuracy_std"] <= 0.5
+            assert metrics[f"{key}/examples_per_s"] > 0
+    # 0 shots does not depend on the selection method
+    assert metrics["random/shots_0/accuracy_mean"] == metrics["rices/shots_0/accuracy_mean"]
+    out = tmp_path / "eval" / "step_7" / "nonce"
+    data = json.loads((out / "fewshot_metrics.json").read_text())
+    per_trial = data["results"]["rices"]["2"]["accuracy"]
+    assert len(per_trial) == 2 and all(min(abs(a - v) for v in (0, 1 / 3, 2 / 3, 1)) < 1e-9 for a in per_trial)
+    assert data["results"]["rices"]["2"]["accuracy_mean"] == pytest.approx(np.mean(per_trial))
+    png = out / "shot_curve.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    too_many = fewshot.FewShotClassificationEvaluator(
+        name="nonce_big", every=0, model=model, tokenizer=TOK, image_id=IMG, eoc_id=EOC,
+        make_episodes=make_episodes, shots=(0, 8), trials=1, num_episodes=1)
+    with pytest.raises(ValueError, match=r"nonce_big: 8 shots .* only 6 support"):
+        too_many.run(params, {}, step=0, workdir=str(tmp_path), final=True)
+    assert not os.path.exists(tmp_path / "eval" / "step_0" / "nonce_big")

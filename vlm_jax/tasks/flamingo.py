@@ -1,0 +1,385 @@
+"""Flamingo as a trainer task: frozen ViT -> Perceiver Resampler -> GATED XATTN-DENSE blocks in a
+frozen decoder LM, trained on a weighted mixture of image-text pairs and interleaved documents.
+
+Dimension letters: b per-source batch, M media slots, S image side, T tokens.
+
+Pieces (each in its one place):
+  model       `vlm_jax.models.flamingo.Flamingo` (resampler, gated blocks, extra token rows)
+  data        `vlm_jax.data.interleaved` sources, one batch of each per step
+              (`make_mixture_iterator(nested=True)`): ``pairs`` (<image> caption <eoc>),
+              ``docs`` (1..M images with captions and unattached text), ``nonce`` (in-context
+              nonce-word episodes); batch = {source: dict(tokens i32[b, T], images
+              f32[b, M, S, S, 3], media_valid bool[b, M])}
+  loss        sum over sources of lambda_s * (masked next-token cross-entropy), the mask being
+              open_flamingo's interleaved masking (`interleaved_loss_mask`); each source's loss
+              and accuracy logged
+  tokenizer   the word vocabulary of the training captions + the episode and filler words +
+              the nonce words (``<workdir>/vocab.json``); ``<image>`` / ``<|endofchunk|>`` are the
+              model's extra ids V and V + 1
+  freezing    ``vision/..`` and the LM's own parameters (``model.freeze_vision`` /
+              ``freeze_lm``); trainable: resampler, gated blocks, extra token rows
+  evaluators  ``fewshot`` (nonce classification by class log-likelihood, shots x selection x
+              trials, shot-curve PNG) and ``caption`` (<image> prompt, beam search until <eoc>)
+
+``model.stage='lm'`` is stage 0 for the synthetic set, where no pretrained LM exists: the same
+model trained text-only (images and their markers dropped) with everything but the LM's own
+parameters frozen, so its ``lm`` subtree (gated blocks untouched at their init) seeds the
+Flamingo stage through ``config.init.lm`` (source='checkpoint').
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.models import flamingo as fl
+from vlm_jax.tasks.base import Task
+
+STAGES = ("flamingo", "lm")
+SOURCES = ("pairs", "docs", "nonce")
+
+
+class FlamingoTask(Task):
+    name = "flamingo"
+
+    def __init__(self, config, *, workdir=None, mesh=None):
+        super().__init__(config, workdir=workdir, mesh=mesh)
+        self._tokenizer = None
+        self._model = None
+        self._evaluators = None
+        self.text_only = config.model.stage == "lm"
+
+    # ------------------------------------------------------------------ tokenizer
+    def _caption_words(self):
+        from vlm_jax.data.datasets import get_dataset
+        return get_dataset(self.config.data).meta("train").captions
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from vlm_jax.data.tokenizer import WordTokenizer
+            paths = [os.path.join(self.workdir, "vocab.json")] if self.workdir else []
+            lm = self.config.init.lm
+            if lm.source == "checkpoint" and lm.path:    # the frozen LM's own vocabulary
+                paths.insert(0, os.path.join(lm.path, "vocab.json"))
+            for p in paths:
+                if os.path.exists(p):
+                    self._tokenizer = WordTokenizer.load(p)
+                    break
+            else:
+                texts = self._base_texts() + [" ".join(self.nonce_pool())]
+                self._tokenizer = WordTokenizer.build(texts, min_count=1, max_size=int(self.config.data.vocab_max_size))
+            if self.workdir and not os.path.exists(os.path.join(self.workdir, "vocab.json")) and \
+                    jax.process_index() == 0:
+                os.makedirs(self.workdir, exist_ok=True)
+                self._tokenizer.save(os.path.join(self.workdir, "vocab.json"))
+        return self._tokenizer
+
+    def _base_texts(self) -> list[str]:
+        """Every text of the synthetic sources but the nonce words: captions, fillers, the template."""
+        from vlm_jax.data import interleaved
+        texts = [c for caps in self._caption_words() for c in caps]
+        return texts + list(interleaved.FILLER) + [interleaved.NONCE_TEMPLATE.format("")]
+
+    def nonce_pool(self) -> list[str]:
+        """The nonce words: ``data.nonce_words`` CVC words absent from every other training text."""
+        if getattr(self, "_nonce", None) is None:
+            from vlm_jax.data import interleaved
+            from vlm_jax.data.tokenizer import normalize
+            seen = {w for t in self._base_texts() for w in normalize(t)}
+            self._nonce = interleaved.nonce_words(int(self.config.data.nonce_words), exclude=seen)
+        return self._nonce
+
+    @property
+    def lm_vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    # ------------------------------------------------------------------ model
+    @property
+    def model(self) -> fl.Flamingo:
+        if self._model is None:
+            from vlm_jax.layers.decoder_lm import DecoderLMConfig
+            from vlm_jax.layers.vit import ViTConfig
+            c, m = self.config, self.config.model
+            v = m.vision
+            vis = ViTConfig(image_size=int(c.data.image_size), patch_size=int(v.patch_size), hidden_size=int(v.width),
+                            num_layers=int(v.num_layers), num_heads=int(v.num_heads), mlp_dim=int(v.mlp_dim),
+                            norm_eps=1e-6, pool="none")
+            r = m.resampler
+            res = fl.PerceiverResamplerConfig(width=int(v.width), depth=int(r.depth), num_heads=int(r.num_heads),
+                                              head_dim=int(r.head_dim), num_latents=int(r.num_latents),
+                                              mlp_dim=int(r.mlp_dim), activation=str(r.activation), max_frames=1)
+            x = m.xattn
+            xattn = fl.GatedXAttnConfig(num_heads=int(x.num_heads), head_dim=int(x.head_dim), mlp_dim=int(x.mlp_dim),
+                                        activation=str(x.activation))
+            lmc = m.lm
+            lm = DecoderLMConfig(vocab_size=self.lm_vocab_size, width=int(lmc.width), num_layers=int(lmc.num_layers),
+                                 num_heads=int(lmc.num_heads), mlp_dim=int(lmc.mlp_dim),
+                                 max_positions=max(self.token_len("docs"), self.token_len("nonce"),
+                                                   self.token_len("pairs")) + 8)
+            cfg = fl.FlamingoConfig(vision=vis, resampler=res, lm=lm, xattn=xattn, xattn_every=int(m.xattn_every),
+                                    feature_layer=int(m.feature_layer), vision_tokens=str(m.vision_tokens))
+            self._model = fl.Flamingo(cfg, dtype=jnp.dtype(c.train.dtype))
+        return self._model
+
+    @property
+    def image_id(self) -> int:
+        return self.model.config.image_id
+
+    @property
+    def eoc_id(self) -> int:
+        return self.model.config.eoc_id
+
+    def prepare(self) -> None:
+        _ = self.model
+        if self.mesh is not None:
+            from vlm_jax.config_lib import ConfigError
+            dp = int(self.mesh.shape.get("data", 1)) * int(self.mesh.shape.get("fsdp", 1))
+            for name in self.active_sources():
+                b = self.source_batch(name)
+                if b % dp:
+                    raise ConfigError(f"config.data.mixture.{name}.batch_size={b} is not divisible by the data-parallel "
+                                      f"size {dp} (mesh data x fsdp); use a multiple of {dp}.")
+
+    def checkpoint_meta(self) -> dict:
+        return {"vocab_size": self.lm_vocab_size, "stage": self.config.model.stage}
+
+    # ------------------------------------------------------------------ data
+    def token_len(self, source: str) -> int:
+        d = self.config.data
+        if source == "pairs":
+            return int(d.max_caption_len) + 4          # <bos> <image> words <eoc> <eos>
+        return int(d.max_tokens)
+
+    def max_images(self, source: str) -> int:
+        d = self.config.data
+        return {"pairs": 1, "docs": int(d.max_images), "nonce": int(d.nonce_shots)}[source]
+
+    def source_batch(self, source: str) -> int:
+        return int(self.config.data.mixture[source].batch_size)
+
+    def _sources(self, split: str = "train"):
+        from vlm_jax.data import interleaved
+        from vlm_jax.data.datasets import get_dataset
+        from vlm_jax.data.preprocess import preprocessor_for
+        c, d = self.config, self.config.data
+        ds = get_dataset(d)
+        meta, images = ds.meta(split), ds.images(split)
+        common = dict(images=images, preprocess=preprocessor_for(d), tokenizer=self.tokenizer, image_id=self.image_id,
+                      eoc_id=self.eoc_id, image_size=int(d.image_size), seed=int(c.seed), text_only=self.text_only)
+        out = {}
+        out["pairs"] = interleaved.CaptionDocSource(meta.captions, max_images=1, max_tokens=self.token_len("pairs"),
+                                                    **common)
+        out["docs"] = interleaved.SyntheticDocSource(meta.captions, int(d.num_docs), max_images=int(d.max_images),
+                                                     max_tokens=self.token_len("docs"), **common)
+        out["nonce"] = interleaved.NonceEpisodeSource(interleaved.single_object_records(meta.objects), self.nonce_pool(),
+                                                      int(d.nonce_way), int(d.num_docs),
+                                                      max_images=int(d.nonce_shots),
+                                                      max_tokens=self.token_len("nonce"), **common)
+        return out
+
+    def train_iterator(self, *, process_index=None, process_count=None):
+        from vlm_jax.data.mixture import MixtureSource, make_mixture_iterator
+        srcs = self._sources("train")
+        mix = [MixtureSource(name, srcs[name], weight=float(self.config.data.mixture[name].weight),
+                             batch_size=self.source_batch(name))
+               for name in SOURCES if float(self.config.data.mixture[name].weight) > 0]
+        return make_mixture_iterator(mix, global_batch_size=int(self.config.train.batch_size),
+                                     seed=int(self.config.seed), process_index=process_index,
+                                     process_count=process_count, worker_count=int(self.config.data.worker_count),
+                                     nested=True)
+
+    def active_sources(self) -> tuple[str, ...]:
+        return tuple(s for s in SOURCES if float(self.config.data.mixture[s].weight) > 0)
+
+    def example_batch(self, batch_size: int):
+        s = int(self.config.data.image_size)
+        full = batch_size == int(self.config.train.batch_size)
+        out = {}
+        for name in self.active_sources():
+            b = self.source_batch(name) if full else batch_size
+            ex = {"tokens": np.zeros((b, self.token_len(name)), np.int32)}
+            if not self.text_only:
+                m = self.max_images(name)
+                ex["images"] = np.zeros((b, m, s, s, 3), np.float32)
+                ex["media_valid"] = np.zeros((b, m), bool)
+            out[name] = ex
+        return out
+
+    # ------------------------------------------------------------------ variables
+    def init(self, rng, batch):
+        first = batch[self.active_sources()[0]]
+        tokens = jnp.asarray(first["tokens"])
+        s = int(self.config.data.image_size)
+        images = jnp.zeros((tokens.shape[0], 1, s, s, 3), jnp.float32)
+        return {"params": self.model.init({"params": rng}, tokens, images)["params"], "model_state": {}}
+
+    # ------------------------------------------------------------------ loss
+    def source_loss(self, params, ex, *, train: bool, rng):
+        """-> (mean next-token cross-entropy, accuracy, target count) of one source's batch."""
+        from vlm_jax.objectives.captioning import masked_cross_entropy
+        tokens = ex["tokens"]
+        pad = int(self.tokenizer.pad_id)
+        valid = tokens != pad
+        if self.text_only:
+            out = self.model.apply({"params": params}, tokens, attention_mask=valid, deterministic=not train)
+            mask = (valid[:, 1:])
+        else:
+            out = self.model.apply({"params": params}, tokens, ex["images"], attention_mask=valid,
+                                   media_valid=ex["media_valid"], deterministic=not train)
+            mask = fl.interleaved_loss_mask(tokens, self.image_id, self.eoc_id, pad)[:, :-1]
+        return masked_cross_entropy(out.logits[:, :-1], tokens[:, 1:], mask)
+
+    def loss_fn(self, params, model_state, batch, rng, *, train):
+        total, metrics, ntok = 0.0, {}, 0.0
+        for name in self.active_sources():
+            x = self.source_loss(params, batch[name], train=train, rng=rng)
+            lam = float(self.config.data.mixture[name].weight)
+            total = total + lam * x.loss
+            metrics[f"{name}/loss"] = x.loss
+            metrics[f"{name}/accuracy"] = x.accuracy
+            ntok = ntok + x.num_tokens
+        metrics["loss"] = total
+        metrics["num_tokens"] = ntok
+        return total, (metrics, model_state)
+
+    def param_groups(self):
+        from vlm_jax.optim import ParamGroup
+        m = self.config.model
+        if self.text_only:
+            # stage 0: only the LM's own parameters learn; the gated blocks, resampler, ViT and the
+            # extra rows keep their init (they are not part of the text-only model)
+            return (ParamGroup("not_the_lm", pattern=r"(?!lm/).*|lm/(?:.*/)?inserted_\d+/.*", trainable=False),)
+        return fl.param_groups(freeze_vision=bool(m.freeze_vision), freeze_lm=bool(m.freeze_lm))
+
+    # ------------------------------------------------------------------ evaluation
+    def predict_caption(self, params, model_state, batch, *, beam_size: int, max_len: int, length_penalty: float):
+        """``<bos> <image>`` -> beam search until ``<|endofchunk|>`` -> {tokens i32[B, max_len] (the
+        word tokenizer's eos in place of <eoc>), scores f32[B]}."""
+        from vlm_jax import generate as gen
+        tok = self.tokenizer
+        images = batch["image"][:, None]                                    # [B, 1, S, S, 3]
+        b = images.shape[0]
+        latents = self.model.apply({"params": params}, images, method=fl.Flamingo.encode_images)
+        prompt = jnp.asarray(np.tile(np.asarray([[tok.bos_id, self.image_id]], np.int32), (b, 1)))
+        res = gen.generate(self.model, params, prompt, max_new_tokens=max_len, eos_id=self.eoc_id, pad_id=tok.pad_id,
+                           strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
+                           length_penalty=length_penalty, row_inputs={"latents": latents})
+        tokens = res.tokens[:, 0]
+        tokens = jnp.where(tokens == self.eoc_id, tok.eos_id, tokens)
+        return {"tokens": tokens, "scores": res.scores[:, 0]}
+
+    def make_episodes(self, trial_seed: int, num: int, *, split: str | None = None):
+        """``num`` nonce classification episodes of the eval split (`ClassificationEpisode`): per
+        episode ``data.nonce_way`` colours with fresh nonce names, ``evals.fewshot.support_size``
+        labelled single-object images and one query image of one of those colours (never in the
+        support set)."""
+        from vlm_jax.data import interleaved
+        from vlm_jax.data.datasets import get_dataset
+        from vlm_jax.data.preprocess import preprocessor_for
+        c, e = self.config, self.config.evals.fewshot
+        ds = get_dataset(c.data)
+        split = split or e.split
+        by = {col: r for col, r in interleaved.single_object_records(ds.meta(split).objects).items() if len(r) >= 2}
+        images, prep = ds.images(split), preprocessor_for(c.data)
+        colors, words = sorted(by), self.nonce_pool()
+        k, n_sup = int(c.data.nonce_way), int(e.support_size)
+        if len(colors) < k:
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError(f"evals.fewshot: the {split!r} split has single-object images (>= 2 each) of only "
+                              f"{len(colors)} colours {colors}, fewer than data.nonce_way={k}; use a larger split "
+                              f"(data.num_{split}) or a smaller nonce_way.")
+        rng = np.random.default_rng([int(c.seed), 7, int(trial_seed)])
+        cache: dict[int, np.ndarray] = {}
+
+        def img(r):
+            if r not in cache:
+                cache[r] = prep(images[int(r)])
+            return cache[r]
+
+        out = []
+        for _ in range(num):
+            cls = [colors[int(i)] for i in rng.choice(len(colors), size=k, replace=False)]
+            names = tuple(words[int(i)] for i in rng.choice(len(words), size=k, replace=False))
+            label = int(rng.integers(k))
+            q = int(rng.choice(by[cls[label]]))
+            labels = rng.integers(k, size=n_sup)
+            recs = []
+            for lab in labels:
+                pool = by[cls[int(lab)]]
+                pool = pool[pool != q]
+                recs.append(int(rng.choice(pool)))
+            out.append(interleaved.ClassificationEpisode(
+                support_images=np.stack([img(r) for r in recs]), support_labels=labels.astype(np.int32),
+                query_image=img(q), label=label, class_names=names))
+        return out
+
+    def evaluators(self):
+        if self._evaluators is None:
+            import functools
+
+            c = self.config
+            tok = self.tokenizer
+            evs = []
+            if not self.text_only:
+                from vlm_jax.evaluation.caption_eval import CaptionEvaluator
+                from vlm_jax.evaluation.fewshot import FewShotClassificationEvaluator
+                f = c.evals.fewshot
+                evs.append(FewShotClassificationEvaluator(
+                    name="fewshot", every=int(f.every), model=self.model, tokenizer=tok, image_id=self.image_id,
+                    eoc_id=self.eoc_id, make_episodes=self.make_episodes, shots=tuple(int(s) for s in f.shots),
+                    trials=int(f.trials), selection=tuple(f.selection), num_episodes=int(f.num_episodes),
+                    use_cache=bool(f.use_cache), batch_size=int(f.batch_size), mesh=self.mesh, seed=int(c.seed)))
+                e = c.evals.caption
+
+                def load_split():
+                    from vlm_jax.data import pipeline
+                    return pipeline.load_eval_split(c, tok, e.split)
+
+                predict = functools.partial(self.predict_caption, beam_size=int(e.beam_size), max_len=int(e.max_len),
+                                            length_penalty=float(e.length_penalty))
+                evs.append(CaptionEvaluator(
+                    name="caption", every=int(e.every), predict=predict, input_keys=("image",), load_split=load_split,
+                    tokenizer=tok, batch_size=int(e.batch_size), max_examples=int(e.max_examples), num_figures=0,
+                    grid=1, mesh=self.mesh))
+            self._evaluators = evs
+        return self._evaluators
+
+
+def validate(config) -> None:
+    from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
+    check_choice(config, "model.stage", STAGES)
+    check_positive(config, "data.image_size", "data.max_caption_len", "data.max_images", "data.max_tokens",
+                   "data.num_docs", "data.nonce_way", "data.nonce_words", "data.nonce_shots", "model.xattn_every",
+                   "model.lm.width", "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim",
+                   "evals.fewshot.trials", "evals.fewshot.num_episodes", "evals.fewshot.support_size")
+    for name in SOURCES:
+        w = float(config.data.mixture[name].weight)
+        if w < 0:
+            raise ConfigError(f"config.data.mixture.{name}.weight={w} must be >= 0 (0 drops the source).")
+        check_positive(config, f"data.mixture.{name}.batch_size")
+    if not any(float(config.data.mixture[n].weight) > 0 for n in SOURCES):
+        raise ConfigError(f"config.data.mixture: every source weight is 0; give one of {SOURCES} a weight > 0.")
+    if config.model.lm.width % config.model.lm.num_heads:
+        raise ConfigError(f"config.model.lm.width={config.model.lm.width} is not divisible by "
+                          f"num_heads={config.model.lm.num_heads}.")
+    if max(config.evals.fewshot.shots) > config.evals.fewshot.support_size:
+        raise ConfigError(f"config.evals.fewshot.shots={tuple(config.evals.fewshot.shots)} asks for more "
+                          f"demonstrations than support_size={config.evals.fewshot.support_size}.")
+    if config.data.nonce_words < config.data.nonce_way:
+        raise ConfigError(f"config.data.nonce_words={config.data.nonce_words} < nonce_way={config.data.nonce_way}.")
+    if config.model.stage == "flamingo" and config.model.freeze_lm:
+        lm = config.init.lm
+        if not (lm.source in ("checkpoint", "hf") and lm.path):
+            raise ConfigError("Flamingo keeps its LM frozen (model.freeze_lm=True) but config.init.lm seeds nothing, so "
+                              "it would read a frozen random LM: train the stage-0 LM first and pass it, e.g. "
+                              "--config configs/flamingo.py:synthetic,lm=runs/flamingo_lm (after "
+                              "train.py --config configs/flamingo.py:lm_synthetic --workdir runs/flamingo_lm), or set "
+                              "--config.model.freeze_lm=false.")
+    validate_data_section(config)
+
+
+def make_task(config, *, workdir=None, mesh=None) -> FlamingoTask:
+    return FlamingoTask(config, workdir=workdir, mesh=mesh)
