@@ -210,7 +210,7 @@ def build_jax(cfg_dict, state, dtype_name):
         updates, opt_state = tx.update(grads, opt_state, tr)
         return optax.apply_updates(tr, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1)), trainable, opt_state, frozen, model
+    return jax.jit(step, donate_argnums=(0, 1)), trainable, opt_state, frozen, model, step
 
 
 def count(tree) -> int:
@@ -261,7 +261,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     model, state = build_torch(cfg, device, bf16)
-    step, trainable, opt_state, frozen, _ = build_jax(cfg.to_dict(), state, preset["dtype"])
+    step, trainable, opt_state, frozen, _, raw_step = build_jax(cfg.to_dict(), state, preset["dtype"])
     del state
     print(f"# built both in {time.perf_counter() - t0:.1f}s")
     jt, ji = jnp.asarray(tokens, jnp.int32), jnp.asarray(pixels)
@@ -307,6 +307,10 @@ def main(argv=None):
             fn()
             times[name].append(1e3 * (time.perf_counter() - t))
 
+    from vlm_jax import flops as flops_lib     # dot/conv FLOPs of the traced step (not run) -> TFLOP/s, MFU
+    step_flops = flops_lib.count(raw_step, state["tr"], state["opt"], frozen, jt, ji).flops
+    peak = flops_lib.peak_tflops(jax.devices()[0])
+    tflops = step_flops / (statistics.median(times["vlm_jax (JAX, jit)"]) / 1e3) / 1e12
     jax_total = count(state["tr"]) + count(frozen)
     counts = {"vlm_jax (JAX, jit)": (jax_total, count(state["tr"])),
               "HF IDEFICS (torch)": (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in tparams))}
@@ -317,7 +321,12 @@ def main(argv=None):
         t = times[name]
         tot, tr = counts[name]
         print(f"| {name} | {med[name]:.1f} | {min(t):.1f} | {max(t):.1f} | {tot:,} | {tr:,} | {first[name]:.5f} |")
-    out = dict(preset=args.preset, hardware=hw, ms=med, first_loss=first)
+    mfu = tflops / peak if peak else None
+    print(f"\nvlm_jax step: {step_flops:.3e} FLOPs (dot/conv, traced), {tflops:.2f} TFLOP/s, "
+          f"MFU {f'{100 * mfu:.1f}%' if mfu is not None else '- (no known peak for this device)'}"
+          f"{f' of {peak} TFLOP/s' if peak else ''}")
+    out = dict(preset=args.preset, hardware=hw, ms=med, first_loss=first, step_flops=step_flops, tflops=tflops,
+               mfu=mfu, peak_tflops=peak)
     if not args.no_torch:
         ratio = med["HF IDEFICS (torch)"] / med["vlm_jax (JAX, jit)"]
         print(f"\nratio torch/JAX = {ratio:.2f} (> 1: vlm_jax faster); |first loss diff| = "
@@ -327,4 +336,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import json
+    result = main()
+    if os.environ.get("FLAMINGO_STEP_JSON"):
+        with open(os.environ["FLAMINGO_STEP_JSON"], "a") as f:
+            f.write(json.dumps(result, default=str) + "\n")

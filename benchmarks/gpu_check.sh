@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU benchmark check for issue 3 (tower throughput / MFU) and the SAT coco train step.
+# GPU benchmark check for issue 3 (tower throughput / MFU), the SAT coco train step and the
+# Flamingo ~1B step (issue 9).
 #
 # Run from the repository root on an H100/H200 machine (jax CUDA, flax, torch, transformers
 # installed; nothing is installed from the network):
@@ -22,6 +23,7 @@
 #        project's XLA path: einsum + softmax with saved-probabilities VJP, vlm_jax/layers/attention.py)
 #   3-4. OPT-1.3B-shaped decoder LM (random weights), batch 16 x 512 tokens, bf16: cudnn, xla
 #   5.   python benchmarks/train_throughput.py --config configs/sat.py:coco --vocab_size 10000
+#   6.   python benchmarks/flamingo_step.py --preset gpu1b (beside HF IDEFICS on the same weights)
 # Optional: COMPARE_TORCH=1 adds the transformers/PyTorch model beside each tower run
 # (same shapes, bf16 autocast, eager, sdpa attention; built directly on the GPU; adds ~1 min).
 # MFU denominators: 683 TFLOP/s on H100, 652 on H200 (this project's measured bf16 matmul
@@ -88,6 +90,16 @@ timeout 150 python3 benchmarks/train_throughput.py $TRAIN > "$OUT/train.log" 2>&
 echo "    exit code $?"
 tail -n 3 "$OUT/train.log"
 
+# 6. Flamingo (issue 9): ~1B frozen LLaMA-shaped LM (16 layers, width 2048) + frozen CLIP ViT-L/14,
+#    resampler 6 x 1024, gated cross-attention every 4th layer, batch 8 x 2 images x 512 tokens, bf16,
+#    beside HF IdeficsForVisionText2Text on the same weights (goal: >= 50% MFU of the card's ceiling).
+#    Imports vlm_jax.optim -> config_lib -> ml_collections: needs the .whl/ carried as above.
+FLAMINGO="${FLAMINGO_ARGS:---preset gpu1b --steps 10 --warmup 2}"
+echo "=== flamingo_step.py $FLAMINGO ($(( $(date +%s) - T0 )) s)"
+FLAMINGO_STEP_JSON="$OUT/flamingo.jsonl" timeout 200 python3 benchmarks/flamingo_step.py $FLAMINGO > "$OUT/flamingo.log" 2>&1
+echo "    exit code $?"
+tail -n 6 "$OUT/flamingo.log"
+
 
 python3 - "$OUT" "$TRAIN" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, sys
@@ -122,5 +134,17 @@ if js:
           f"MFU {t.get('mfu')}")
 else:
     print(f"\ntrain_throughput.py {sys.argv[2]}: no result; last lines of train.log:\n" + "".join(lines[-5:]))
+fj = os.path.join(out, "flamingo.jsonl")
+fl = [json.loads(l) for l in open(fj)] if os.path.exists(fj) else []
+if fl:
+    f = fl[-1]
+    mfu = f"{100 * f['mfu']:.1f}%" if f.get("mfu") is not None else "-"
+    print(f"\nflamingo_step.py {f['preset']}: vlm_jax {f['ms'].get('vlm_jax (JAX, jit)', 0):.1f} ms, "
+          f"IDEFICS {f['ms'].get('HF IDEFICS (torch)', float('nan')):.1f} ms, ratio {f.get('ratio', '-')}, "
+          f"{f['tflops']:.1f} TFLOP/s, MFU {mfu} (peak {f.get('peak_tflops')}) on {f['hardware']}")
+else:
+    fl_log = os.path.join(out, "flamingo.log")
+    tail = open(fl_log).readlines()[-5:] if os.path.exists(fl_log) else []
+    print("\nflamingo_step.py: no result; last lines of flamingo.log:\n" + "".join(tail))
 EOF
 echo "total $(( $(date +%s) - T0 )) s"

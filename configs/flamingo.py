@@ -6,8 +6,8 @@ Variants (`--config configs/flamingo.py:VARIANT[,key=value,...]`):
   tiny          seconds; what the tests use (both stages: ``model.stage=lm`` / ``flamingo``).
   lm_synthetic  stage 0 (``model.stage='lm'``): no pretrained LM exists offline, so the small
                 decoder LM that Flamingo keeps frozen is first trained text-only on the
-                synthetic set's captions and on the text form of the nonce episodes ("red this
-                is a dax ..."), which teaches it in-context copying from text.
+                synthetic set's captions and on the text form of the nonce episodes ("this is a
+                red dax ... this is a red" -> dax), which teaches it in-context copying.
   synthetic     Flamingo on the synthetic set from that LM (``lm=<stage-0 workdir>``): the LM
                 (and the random ViT, frozen as the paper's NFNet) stay frozen; the resampler,
                 the gated blocks and the ``<image>`` / ``<|endofchunk|>`` rows train on the
@@ -43,11 +43,11 @@ def get_config(arg=None):
     c.data.mixture = mix = ml_collections.ConfigDict()
     mix.pairs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # <image> caption <eoc>
     mix.docs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=16))        # 1..M images with captions
-    mix.nonce = ml_collections.ConfigDict(dict(weight=1.0, batch_size=16))       # nonce-word episodes
+    mix.nonce = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # nonce-word episodes
     d.max_images = 4                   # M: images per interleaved document
     d.max_tokens = 96                  # T: tokens per interleaved document (pairs: max_caption_len + 4)
     d.num_docs = 20000                 # synthetic documents / episodes per epoch (indices; drawn per index)
-    d.nonce_way = 3                    # colours bound to nonce words per episode (chance 1/3)
+    d.nonce_way = 4                    # colours bound to nonce words per episode (chance 1/4)
     d.nonce_words = 40                 # size of the nonce-word pool
     d.nonce_shots = 8                  # chunks per training episode (their own media slots)
 
@@ -117,10 +117,14 @@ def get_config(arg=None):
     ec.length_penalty = 0.0
     ec.max_len = 28
     ec.max_examples = 200
+    ec.blind_baseline = True           # also evaluate 'caption_blind': the same model, no token sees the image
 
+    if variant == "synthetic":
+        mix.nonce.batch_size = 16          # 16 episodes x 8 images a step (the LM stage reads 32 text episodes)
+        t.num_steps = 1200
     if variant == "lm_synthetic":
         m.stage = "lm"
-        t.num_steps = 1500
+        t.num_steps = 2500                 # in-context copying appears between steps 2000 and 2500 (README)
         c.evals.fewshot.every = 0
     if variant == "tiny":
         d.image_size = 16

@@ -1,8 +1,12 @@
-"""Test setup: 8 forced CPU devices (sharding tests), CPU only, one torch thread per worker,
+"""Test setup: 8 forced CPU devices (sharding tests), XLA:CPU optimisation level 0 (compile time), CPU only, one torch thread per worker,
 the project's malloc setting (vlm_jax/host.py) as the entry points apply it."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 host devices for the sharding tests; XLA:CPU backend optimisation level 0 because the tests' tiny
+# models spend most of their time compiling (a Flamingo init compiles 3x faster; the programs
+# themselves run a little slower, numerics are IEEE either way). Subprocess tests pass FAST_COMPILE.
+FAST_COMPILE = "--xla_backend_optimization_level=0"    # XLA_FLAGS of the tests' subprocesses
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,3 +48,29 @@ def sat_config(data_dir, arg="tiny", **overrides):
     ov = {"data.data_dir": data_dir}
     ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
     return config_lib.load_config(f"{SAT_CONFIG}:{arg}", ov)
+
+
+def random_params(abstract, seed, *, random_gates: bool = False):
+    """Fill an abstract (`jax.eval_shape`) param tree from numpy: norms near 1 / 0, kernels
+    N(0, 1/fan_in), tables N(0, 1); Flamingo's tanh gates ``alpha_*`` 0 (as the module inits them)
+    or, with ``random_gates``, +-U(0.5, 1) so the cross-attention matters. (A jitted `init` of a
+    Flamingo composition takes ~30 s of XLA:CPU compile for its RNG; this takes milliseconds.)"""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name, shape = path[-1].key, x.shape
+        if name.startswith("alpha_"):
+            if random_gates:
+                return jnp.asarray(rng.choice([-1, 1]) * rng.uniform(0.5, 1.0), x.dtype)
+            return jnp.zeros(shape, x.dtype)
+        if name in ("scale", "bias"):
+            return jnp.asarray((name == "scale") + 0.1 * rng.normal(size=shape), x.dtype)
+        fan_in = 1                                      # tables: latents, time / token / position embeddings
+        if name == "kernel":                            # q/k/v [Din, H, K]; out [H, K, D]; dense [Din, Dout]
+            fan_in = shape[0] if path[-2].key in ("query", "key", "value") else int(np.prod(shape[:-1]))
+        return jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), x.dtype)
+    return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))

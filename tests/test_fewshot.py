@@ -17,11 +17,12 @@ gates nonzero so the images matter) and a WordTokenizer over a few nonce words:
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import random_params  # noqa: E402
 
 from vlm_jax import generate
 from vlm_jax.data.interleaved import ClassificationEpisode
@@ -47,21 +48,7 @@ CLASSES = ("dax", "wug fep", "zib kog lem")          # 1, 2 and 3 tokens
 
 
 def _random_params(abstract, seed):
-    """Numpy fill of the abstract tree (no jitted init): gates nonzero, norms near 1 / 0, kernels
-    N(0, 1/fan_in), tables N(0, 1)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name, shape = path[-1].key, x.shape
-        if name.startswith("alpha_"):
-            return jnp.asarray(rng.choice([-1, 1]) * rng.uniform(0.5, 1.0), x.dtype)
-        if name in ("scale", "bias"):
-            return jnp.asarray((name == "scale") + 0.1 * rng.normal(size=shape), x.dtype)
-        fan_in = 1
-        if name == "kernel":
-            fan_in = shape[0] if path[-2].key in ("query", "key", "value") else int(np.prod(shape[:-1]))
-        return jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), x.dtype)
-    return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
+    return random_params(abstract, seed, random_gates=True)
 
 
 @pytest.fixture(scope="module")

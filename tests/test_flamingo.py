@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_params  # noqa: E402
+
 from vlm_jax.convert.common import stack_params
 from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig
 from vlm_jax.models import flamingo
@@ -67,23 +69,6 @@ def _same_structure(ours, init_params):
     assert got == want
 
 
-def _random_params(abstract, seed):
-    """Fill an abstract (`jax.eval_shape`) param tree from numpy: LayerNorms near 1 / 0, gates 0
-    (as the module inits them), kernels N(0, 1/fan_in), tables N(0, 1). (A jitted `init` of the
-    composition takes ~30 s of XLA:CPU compile for its RNG; this takes milliseconds.)"""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name, shape = path[-1].key, x.shape
-        if name.startswith("alpha_"):
-            return jnp.zeros(shape, x.dtype)
-        if name in ("scale", "bias"):
-            return jnp.asarray((name == "scale") + 0.1 * rng.normal(size=shape), x.dtype)
-        fan_in = 1                                      # tables: latents, time / token / position embeddings
-        if name == "kernel":                            # q/k/v [Din, H, K]; out [H, K, D]; dense [Din, Dout]
-            fan_in = shape[0] if path[-2].key in ("query", "key", "value") else int(np.prod(shape[:-1]))
-        return jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), x.dtype)
-    return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
 
 
 # ------------------------------------------------------------------- flamingo-pytorch parity
@@ -171,7 +156,7 @@ def test_resampler_frames_are_one_key_set_with_time_embeddings():
                                             max_frames=4)
     model = flamingo.PerceiverResampler(cfg)
     media = jnp.asarray(np.random.default_rng(2).normal(size=(1, 2, 3, 4, 12)), jnp.float32)   # [B, M, F, P, D]
-    params = _random_params(jax.eval_shape(model.init, jax.random.key(0), media)["params"], seed=3)
+    params = random_params(jax.eval_shape(model.init, jax.random.key(0), media)["params"], seed=3)
     swapped = media[:, :, ::-1]
     run = jax.jit(lambda p, x: model.apply({"params": p}, x))
     assert run(params, media).shape == (1, 2, 3, 12)
@@ -228,8 +213,8 @@ def composed():
     tokens, media, valid = _batch()
     model = _TinyFlamingo()
     plain = DecoderLM(DecoderLMConfig(**LM_KW))
-    lm_params = _random_params(jax.eval_shape(plain.init, jax.random.key(1), tokens)["params"], seed=1)
-    params = _random_params(jax.eval_shape(model.init, jax.random.key(0), tokens, media, valid)["params"], seed=0)
+    lm_params = random_params(jax.eval_shape(plain.init, jax.random.key(1), tokens)["params"], seed=1)
+    params = random_params(jax.eval_shape(model.init, jax.random.key(0), tokens, media, valid)["params"], seed=0)
     # the frozen LM's own weights, copied in; the resampler and inserted blocks are new
     assert set(params["lm"]) - set(lm_params) == {"inserted_0", "inserted_1"}
     params = {**params, "lm": {**params["lm"], **lm_params}}

@@ -19,6 +19,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import random_params  # noqa: E402
+
 from vlm_jax import optim
 from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig
 from vlm_jax.layers.vit import ViTConfig
@@ -37,22 +39,6 @@ CFG = flamingo.FlamingoConfig(vision=VISION, resampler=RESAMPLER, lm=LM, xattn=X
                               feature_layer=-2)
 
 
-def _random_params(abstract, seed):
-    """Fill an abstract param tree from numpy (fast; a jitted init compiles for ~30 s on CPU):
-    gates 0 as the module inits them, norms near 1 / 0, kernels N(0, 1/fan_in), tables N(0, 1)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, x):
-        name, shape = path[-1].key, x.shape
-        if name.startswith("alpha_"):
-            return jnp.zeros(shape, x.dtype)
-        if name in ("scale", "bias"):
-            return jnp.asarray((name == "scale") + 0.1 * rng.normal(size=shape), x.dtype)
-        fan_in = 1
-        if name == "kernel":
-            fan_in = shape[0] if path[-2].key in ("query", "key", "value") else int(np.prod(shape[:-1]))
-        return jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), x.dtype)
-    return jax.tree_util.tree_map_with_path(fill, nn.unbox(abstract))
 
 
 def _batch():
@@ -80,7 +66,7 @@ def setup():
     tokens, images, mask = _batch()
     model = flamingo.Flamingo(CFG)
     abstract = jax.eval_shape(model.init, jax.random.key(0), tokens, images, attention_mask=mask)["params"]
-    params = _random_params(abstract, seed=0)
+    params = random_params(abstract, seed=0)
     lm_params = {k: v for k, v in params["lm"].items() if not k.startswith("inserted_")}
     plain = DecoderLM(LM)
     want = jax.tree.map(lambda x: x.shape, nn.unbox(jax.eval_shape(plain.init, jax.random.key(0), tokens)["params"]))

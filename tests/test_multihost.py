@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from conftest import FAST_COMPILE  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
@@ -51,7 +53,7 @@ def test_two_process_training(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     addr = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE)
     workdir = str(tmp_path / "run")
     procs = [subprocess.Popen([sys.executable, str(script), addr, str(i), os.path.join(ROOT, "configs", "sat.py"),
                                data_dir, workdir], env=env, cwd=ROOT, stdout=subprocess.PIPE,

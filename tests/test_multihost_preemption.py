@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+from conftest import FAST_COMPILE  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAT = os.path.join(ROOT, "configs", "sat.py")
 NUM_STEPS = 1_000_000      # far more than the run can reach: only the signal stops it
@@ -127,7 +129,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     pipeline.get_dataset(config_lib.load_config(f"{SAT}:tiny", {"data.data_dir": data_dir}).data)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE, PYTHONUNBUFFERED="1")
     workdir = str(tmp_path / "run")
 
     workers = []

@@ -21,7 +21,7 @@ from collections import namedtuple
 
 import pytest
 
-from conftest import ROOT, SAT_CONFIG, sat_config
+from conftest import FAST_COMPILE, ROOT, SAT_CONFIG, sat_config
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import errors, train_lib
 
@@ -311,7 +311,7 @@ def test_eval_step_that_does_not_exist(trained, data_dir, capsys):
 
 def test_eval_py_process_on_an_empty_workdir(data_dir, tmp_path):
     """The real process: exit code 6, one message, no traceback."""
-    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=FAST_COMPILE, JAX_PLATFORMS="cpu")
     env.pop(errors.DEBUG_ENV, None)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *_argv(tmp_path / "none", data_dir)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import sat_config
+from conftest import FAST_COMPILE, sat_config
 from vlm_jax import checkpoint as ckpt_lib
 from vlm_jax import config_lib, sharding, train_lib
 
@@ -118,7 +118,7 @@ def test_grain_worker_processes_train_and_resume_exactly(data_dir, tmp_path):
     train_lib.make_task_and_mesh(tiny(data_dir), str(tmp_path / "prep"))[0].tokenizer   # dataset built once, here
     script = tmp_path / "workers.py"
     script.write_text(WORKERS_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
     out = subprocess.run([sys.executable, str(script), SAT, data_dir, str(tmp_path)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -232,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", f"{SAT}:tiny", "--workdir", workdir,
            f"--config.data.data_dir={data_dir}", "--config.train.num_steps=1000000",
            "--config.train.checkpoint_every=1000000", "--config.train.log_every=1000000"]
-    env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.time() + 400

@@ -94,6 +94,9 @@ class CaptionEvaluator(ev_lib.Evaluator):
         metrics["generation_seconds"] = gen_time
 
         out_dir = ev_lib.eval_dir(workdir, step)
+        if self.name != "caption":     # a second caption evaluator (e.g. a blind baseline) gets its own folder
+            out_dir = os.path.join(out_dir, self.name)
+            os.makedirs(out_dir, exist_ok=True)
         captioning.write_coco_results(os.path.join(out_dir, "results.json"), predictions)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump({"step": step, "split": split.split, "evaluator": self.name, **metrics}, f, indent=2)

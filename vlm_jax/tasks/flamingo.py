@@ -19,7 +19,8 @@ Pieces (each in its one place):
   freezing    ``vision/..`` and the LM's own parameters (``model.freeze_vision`` /
               ``freeze_lm``); trainable: resampler, gated blocks, extra token rows
   evaluators  ``fewshot`` (nonce classification by class log-likelihood, shots x selection x
-              trials, shot-curve PNG) and ``caption`` (<image> prompt, beam search until <eoc>)
+              trials, shot-curve PNG), ``caption`` (<image> prompt, beam search until <eoc>) and
+              ``caption_blind`` (the same with no token seeing the image; ``evals.caption.blind_baseline``)
 
 ``model.stage='lm'`` is stage 0 for the synthetic set, where no pretrained LM exists: the same
 model trained text-only (images and their markers dropped) with everything but the LM's own
@@ -255,9 +256,12 @@ class FlamingoTask(Task):
         return fl.param_groups(freeze_vision=bool(m.freeze_vision), freeze_lm=bool(m.freeze_lm))
 
     # ------------------------------------------------------------------ evaluation
-    def predict_caption(self, params, model_state, batch, *, beam_size: int, max_len: int, length_penalty: float):
+    def predict_caption(self, params, model_state, batch, *, beam_size: int, max_len: int, length_penalty: float,
+                        blind: bool = False):
         """``<bos> <image>`` -> beam search until ``<|endofchunk|>`` -> {tokens i32[B, max_len] (the
-        word tokenizer's eos in place of <eoc>), scores f32[B]}."""
+        word tokenizer's eos in place of <eoc>), scores f32[B]}. ``blind``: the same model and prompt
+        with every media slot marked empty (no token sees the image: the cross-attention output is 0,
+        the gated FFW still runs), the blind baseline."""
         from vlm_jax import generate as gen
         tok = self.tokenizer
         images = batch["image"][:, None]                                    # [B, 1, S, S, 3]
@@ -266,7 +270,8 @@ class FlamingoTask(Task):
         prompt = jnp.asarray(np.tile(np.asarray([[tok.bos_id, self.image_id]], np.int32), (b, 1)))
         res = gen.generate(self.model, params, prompt, max_new_tokens=max_len, eos_id=self.eoc_id, pad_id=tok.pad_id,
                            strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
-                           length_penalty=length_penalty, row_inputs={"latents": latents})
+                           length_penalty=length_penalty,
+                           row_inputs={"latents": latents, "media_valid": jnp.full(latents.shape[:2], not blind)})
         tokens = res.tokens[:, 0]
         tokens = jnp.where(tokens == self.eoc_id, tok.eos_id, tokens)
         return {"tokens": tokens, "scores": res.scores[:, 0]}
@@ -340,10 +345,11 @@ class FlamingoTask(Task):
 
                 predict = functools.partial(self.predict_caption, beam_size=int(e.beam_size), max_len=int(e.max_len),
                                             length_penalty=float(e.length_penalty))
-                evs.append(CaptionEvaluator(
-                    name="caption", every=int(e.every), predict=predict, input_keys=("image",), load_split=load_split,
-                    tokenizer=tok, batch_size=int(e.batch_size), max_examples=int(e.max_examples), num_figures=0,
-                    grid=1, mesh=self.mesh))
+                for name, blind in (("caption", False), ("caption_blind", True))[:1 + bool(e.blind_baseline)]:
+                    evs.append(CaptionEvaluator(
+                        name=name, every=int(e.every), predict=functools.partial(predict, blind=blind),
+                        input_keys=("image",), load_split=load_split, tokenizer=tok, batch_size=int(e.batch_size),
+                        max_examples=int(e.max_examples), num_figures=0, grid=1, mesh=self.mesh))
             self._evaluators = evs
         return self._evaluators
 
