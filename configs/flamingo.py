@@ -117,6 +117,7 @@ def get_config(arg=None):
     ec.length_penalty = 0.0
     ec.max_len = 28
     ec.max_examples = 200
+    ec.shots = 2                       # fixed caption demonstrations before the query image (Flamingo's few-shot captioning)
     ec.blind_baseline = True           # also evaluate 'caption_blind': the same model, no token sees the image
 
     if variant == "synthetic":
@@ -145,7 +146,7 @@ def get_config(arg=None):
         t.checkpoint_every = 2
         f.shots, f.trials, f.num_episodes, f.support_size, f.batch_size = (0, 2), 2, 8, 4, 8
         f.selection = ("random", "rices")
-        ec.batch_size, ec.max_examples, ec.max_len, ec.beam_size = 8, 8, 8, 2
+        ec.batch_size, ec.max_examples, ec.max_len, ec.beam_size, ec.shots = 8, 8, 8, 2, 1
     lm = overrides.pop("lm", "")
     if lm:
         for name in ("vision", "lm"):

@@ -42,12 +42,17 @@ def data_dir(tmp_path_factory):
 SAT_CONFIG = os.path.join(ROOT, "configs", "sat.py")
 
 
-def sat_config(data_dir, arg="tiny", **overrides):
-    """configs/sat.py:<arg> reading data from ``data_dir``; ``a__b=v`` overrides ``a.b``."""
+def family_config(family, data_dir, arg="tiny", **overrides):
+    """configs/<family>.py:<arg> reading data from ``data_dir``; ``a__b=v`` overrides ``a.b``."""
     from vlm_jax import config_lib
     ov = {"data.data_dir": data_dir}
     ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return config_lib.load_config(f"{SAT_CONFIG}:{arg}", ov)
+    return config_lib.load_config(f"{os.path.join(ROOT, 'configs', family + '.py')}:{arg}", ov)
+
+
+def sat_config(data_dir, arg="tiny", **overrides):
+    """configs/sat.py:<arg> (`family_config`)."""
+    return family_config("sat", data_dir, arg, **overrides)
 
 
 def random_params(abstract, seed, *, random_gates: bool = False):

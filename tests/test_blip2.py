@@ -10,20 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import family_config
 from vlm_jax import config_lib, optim, sharding, train_lib
 from vlm_jax.layers import masks
 from vlm_jax.layers.vit import ViTConfig, VisionTransformer
 from vlm_jax.models import blip2
 from vlm_jax.objectives import contrastive
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLIP2_CONFIG = os.path.join(ROOT, "configs", "blip2.py")
 
 
 def blip2_config(data_dir, arg="tiny", **overrides):
-    ov = {"data.data_dir": data_dir}
-    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return config_lib.load_config(f"{BLIP2_CONFIG}:{arg}", ov)
+    return family_config("blip2", data_dir, arg, **overrides)
 
 
 def _tiny_model(**q):
@@ -341,7 +338,8 @@ def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir, tmp_path
     """Stage 2 (decoder-only OPT-shaped / encoder-decoder T5 LM) seeded from the stage-1 run: the
     image tower, ln_vision and the Q-Former start equal to stage 1's final weights bit for bit; after
     training steps the image tower is unchanged (frozen) while the projection moved; the caption
-    evaluator decodes through the shared generation."""
+    evaluator decodes through the shared generation (OPT; T5's generation is compared with HF in
+    tests/test_blip2_stage2.py)."""
     from vlm_jax import checkpoint as ckpt_lib
     stage1_dir, _ = stage1_run
     config = blip2_config(data_dir, f"tiny,stage1={stage1_dir}", model__stage=stage, model__freeze_lm=False,
@@ -364,8 +362,11 @@ def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir, tmp_path
         for a, b in zip(jax.tree.leaves(first[name]), jax.tree.leaves(s2[name])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     workdir = str(tmp_path / "stage2")
-    metrics = train_lib.train_and_evaluate(config, workdir)
-    assert {"CIDEr", "Bleu_4", "grounded_object_recall"} <= set(metrics["caption"])
+    if stage == "opt":
+        metrics = train_lib.train_and_evaluate(config, workdir)
+        assert {"CIDEr", "Bleu_4", "grounded_object_recall"} <= set(metrics["caption"])
+    else:   # suite time: T5 generation is checked against HF in test_blip2_stage2.py; train only here
+        train_lib.train(config, workdir)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)
     _, final, _ = train_lib.restore_state(prog, ck, config, task, data_state=False)
     ck.close()

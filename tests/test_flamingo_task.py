@@ -6,19 +6,14 @@ import os
 import numpy as np
 import pytest
 
+from conftest import family_config
 from vlm_jax import config_lib
 from vlm_jax.data import interleaved
 from vlm_jax.data.tokenizer import WordTokenizer
 from vlm_jax.models import flamingo as fl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "flamingo.py")
-
-
 def flamingo_config(data_dir, arg="tiny", **overrides):
-    ov = {"data.data_dir": data_dir}
-    ov.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return config_lib.load_config(f"{CONFIG}:{arg}", ov)
+    return family_config("flamingo", data_dir, arg, **overrides)
 
 
 def test_encode_interleaved_layout():

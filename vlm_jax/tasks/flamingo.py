@@ -19,7 +19,7 @@ Pieces (each in its one place):
   freezing    ``vision/..`` and the LM's own parameters (``model.freeze_vision`` /
               ``freeze_lm``); trainable: resampler, gated blocks, extra token rows
   evaluators  ``fewshot`` (nonce classification by class log-likelihood, shots x selection x
-              trials, shot-curve PNG), ``caption`` (<image> prompt, beam search until <eoc>) and
+              trials, shot-curve PNG), ``caption`` (``evals.caption.shots`` fixed demonstrations + <image>, beam search until <eoc>) and
               ``caption_blind`` (the same with no token seeing the image; ``evals.caption.blind_baseline``)
 
 ``model.stage='lm'`` is stage 0 for the synthetic set, where no pretrained LM exists: the same
@@ -256,18 +256,39 @@ class FlamingoTask(Task):
         return fl.param_groups(freeze_vision=bool(m.freeze_vision), freeze_lm=bool(m.freeze_lm))
 
     # ------------------------------------------------------------------ evaluation
+    def caption_demonstrations(self, shots: int):
+        """The fixed demonstrations of the caption prompt: the first ``shots`` training images with
+        their first caption -> (images f32[shots, S, S, 3], prompt ids ``<bos> (<image> caption
+        <eoc>)*shots <image>``)."""
+        from vlm_jax.data import interleaved
+        from vlm_jax.data.datasets import get_dataset
+        from vlm_jax.data.preprocess import preprocessor_for
+        ds = get_dataset(self.config.data)
+        meta, images, prep = ds.meta("train"), ds.images("train"), preprocessor_for(self.config.data)
+        chunks = [interleaved.Chunk(meta.captions[r][0]) for r in range(shots)]
+        chunks.append(interleaved.Chunk("", end=False))
+        ids = interleaved.encode_interleaved(self.tokenizer, chunks, image_id=self.image_id, eoc_id=self.eoc_id)
+        s = int(self.config.data.image_size)
+        demo = np.stack([prep(images[r]) for r in range(shots)]) if shots else np.zeros((0, s, s, 3), np.float32)
+        return demo, np.asarray(ids, np.int32)
+
     def predict_caption(self, params, model_state, batch, *, beam_size: int, max_len: int, length_penalty: float,
-                        blind: bool = False):
-        """``<bos> <image>`` -> beam search until ``<|endofchunk|>`` -> {tokens i32[B, max_len] (the
-        word tokenizer's eos in place of <eoc>), scores f32[B]}. ``blind``: the same model and prompt
-        with every media slot marked empty (no token sees the image: the cross-attention output is 0,
-        the gated FFW still runs), the blind baseline."""
+                        shots: int = 0, blind: bool = False):
+        """``<bos> (<image> caption <eoc>)*shots <image>`` -> beam search until ``<|endofchunk|>`` ->
+        {tokens i32[B, max_len] (the word tokenizer's eos in place of <eoc>), scores f32[B]}: Flamingo's
+        few-shot captioning with ``shots`` fixed demonstrations (`caption_demonstrations`; the
+        mixture's nonce episodes also start with ``<image>``, so without demonstrations the prompt
+        does not say which task is asked). ``blind``: the same model and prompt with every media slot
+        marked empty (no token sees any image: the cross-attention output is 0, the gated FFW still
+        runs), the blind baseline."""
         from vlm_jax import generate as gen
         tok = self.tokenizer
-        images = batch["image"][:, None]                                    # [B, 1, S, S, 3]
-        b = images.shape[0]
+        b = batch["image"].shape[0]
+        demo, ids = self.caption_demonstrations(shots)
+        demos = jnp.broadcast_to(jnp.asarray(demo)[None], (b,) + demo.shape)               # [B, shots, S, S, 3]
+        images = jnp.concatenate([demos, batch["image"][:, None]], axis=1)                  # [B, shots + 1, S, S, 3]
         latents = self.model.apply({"params": params}, images, method=fl.Flamingo.encode_images)
-        prompt = jnp.asarray(np.tile(np.asarray([[tok.bos_id, self.image_id]], np.int32), (b, 1)))
+        prompt = jnp.asarray(np.tile(ids[None], (b, 1)))
         res = gen.generate(self.model, params, prompt, max_new_tokens=max_len, eos_id=self.eoc_id, pad_id=tok.pad_id,
                            strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
                            length_penalty=length_penalty,
@@ -344,7 +365,7 @@ class FlamingoTask(Task):
                     return pipeline.load_eval_split(c, tok, e.split)
 
                 predict = functools.partial(self.predict_caption, beam_size=int(e.beam_size), max_len=int(e.max_len),
-                                            length_penalty=float(e.length_penalty))
+                                            length_penalty=float(e.length_penalty), shots=int(e.shots))
                 for name, blind in (("caption", False), ("caption_blind", True))[:1 + bool(e.blind_baseline)]:
                     evs.append(CaptionEvaluator(
                         name=name, every=int(e.every), predict=functools.partial(predict, blind=blind),
