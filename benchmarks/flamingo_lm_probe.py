@@ -1,0 +1,54 @@
+"""In-context copying of a Flamingo stage-0 LM (``model.stage='lm'``), measured on the text form of
+the nonce episodes: accuracy of the next-token prediction of the nonce word, split by whether its
+(colour, word) pair already occurred earlier in the episode (only then is it predictable).
+
+    python benchmarks/flamingo_lm_probe.py --workdir runs/flamingo_lm [--config configs/flamingo.py:lm_synthetic]
+        [--episodes 64]
+
+Episodes are drawn from indices no training step reached (100000 + j); reads the latest checkpoint,
+writes nothing.
+"""
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default="configs/flamingo.py:lm_synthetic")
+    p.add_argument("--episodes", type=int, default=64)
+    args, rest = p.parse_known_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import numpy as np
+    from vlm_jax import checkpoint as ckpt_lib, config_lib, train_lib
+    _, overrides = config_lib.split_config_argv(rest)
+    cfg = config_lib.load_config(args.config, overrides)
+    task, mesh = train_lib.make_task_and_mesh(cfg, args.workdir)
+    prog = train_lib.build_program(cfg, task, mesh)
+    ck = ckpt_lib.Checkpointer(args.workdir, async_save=False)
+    step, state, _ = train_lib.restore_state(prog, ck, cfg, task, data_state=False)
+    ck.close()
+    params = state.full_params()
+    src = task._sources("train")["nonce"]
+    tok, words = task.tokenizer, set(task.nonce_pool())
+    toks = np.stack([src[100000 + j]["tokens"] for j in range(args.episodes)])
+    logits = jax.jit(lambda p_, t: task.model.apply({"params": p_}, t, attention_mask=t != tok.pad_id).logits)(params,
+                                                                                                           toks)
+    pred = np.asarray(logits.argmax(-1))
+    hit = {True: [], False: []}
+    for b in range(len(toks)):
+        seen = set()
+        for t in range(1, toks.shape[1]):
+            w = tok.id_to_word(int(toks[b, t])) if toks[b, t] < tok.vocab_size else ""
+            if w in words:
+                pair = (tok.id_to_word(int(toks[b, t - 1])), w)
+                hit[pair in seen].append(pred[b, t - 1] == toks[b, t])
+                seen.add(pair)
+    print(f"step {step}: nonce word accuracy, colour seen earlier in the episode: {np.mean(hit[True]):.3f} "
+          f"(n={len(hit[True])}); first occurrence: {np.mean(hit[False]):.3f} (n={len(hit[False])})")
+
+
+if __name__ == "__main__":
+    main()
