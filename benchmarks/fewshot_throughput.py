@@ -30,15 +30,11 @@ def main(argv=None):
     import jax
     import numpy as np
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from vlm_jax import checkpoint as ckpt_lib, config_lib, train_lib
+    from vlm_jax import config_lib, eval_lib
     from vlm_jax.evaluation import fewshot
     _, overrides = config_lib.split_config_argv(rest)
     config = config_lib.load_config(args.config, overrides)
-    task, mesh = train_lib.make_task_and_mesh(config, args.workdir)
-    prog = train_lib.build_program(config, task, mesh)
-    ck = ckpt_lib.Checkpointer(args.workdir, async_save=False)
-    step, state, _ = train_lib.restore_state(prog, ck, config, task, data_state=False)
-    ck.close()
+    task, step, state = eval_lib.restore(config, args.workdir)
     params = state.full_params()
     episodes = task.make_episodes(0, args.episodes)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

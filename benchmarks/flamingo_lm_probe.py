@@ -22,14 +22,10 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import numpy as np
-    from vlm_jax import checkpoint as ckpt_lib, config_lib, train_lib
+    from vlm_jax import config_lib, eval_lib
     _, overrides = config_lib.split_config_argv(rest)
     cfg = config_lib.load_config(args.config, overrides)
-    task, mesh = train_lib.make_task_and_mesh(cfg, args.workdir)
-    prog = train_lib.build_program(cfg, task, mesh)
-    ck = ckpt_lib.Checkpointer(args.workdir, async_save=False)
-    step, state, _ = train_lib.restore_state(prog, ck, cfg, task, data_state=False)
-    ck.close()
+    task, step, state = eval_lib.restore(cfg, args.workdir)
     params = state.full_params()
     src = task._sources("train")["nonce"]
     tok, words = task.tokenizer, set(task.nonce_pool())

@@ -20,6 +20,14 @@ log = logging.getLogger("vlm_jax")
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, dict[str, float]]:
     """-> {evaluator name: metrics} for checkpoint ``step`` (default: the latest readable)."""
+    task, step, state = restore(config, workdir, step)
+    log.info("evaluating step %d of %s", step, workdir)
+    return train_lib.run_evaluators(task, state, workdir=workdir, step=step, final=True)
+
+
+def restore(config, workdir: str, step: int | None = None):
+    """-> (task, step, `TrainState`) of checkpoint ``step`` of ``workdir`` (default: the latest
+    readable), without the data-iterator state; the errors name the workdir and the fix."""
     train_first = f"train first: python train.py --config ... --workdir {workdir}"
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ckpt_lib.CheckpointNotFoundError(
@@ -43,5 +51,4 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict[str, dict[st
     if restored is None:
         raise ckpt_lib.CheckpointNotFoundError(f"no checkpoint in {workdir}/checkpoints; {train_first}.")
     step, state, _ = restored
-    log.info("evaluating step %d of %s", step, workdir)
-    return train_lib.run_evaluators(task, state, workdir=workdir, step=step, final=True)
+    return task, step, state
