@@ -53,7 +53,7 @@ class FlamingoTask(Task):
         self.text_only = config.model.stage == "lm"
 
     # ------------------------------------------------------------------ tokenizer
-    def _caption_words(self):
+    def _train_captions(self):
         from vlm_jax.data.datasets import get_dataset
         return get_dataset(self.config.data).meta("train").captions
 
@@ -81,7 +81,7 @@ class FlamingoTask(Task):
     def _base_texts(self) -> list[str]:
         """Every text of the synthetic sources but the nonce words: captions, fillers, the template."""
         from vlm_jax.data import interleaved
-        texts = [c for caps in self._caption_words() for c in caps]
+        texts = [c for caps in self._train_captions() for c in caps]
         return texts + list(interleaved.FILLER) + [interleaved.NONCE_TEMPLATE.format("")]
 
     def nonce_pool(self) -> list[str]:
@@ -224,19 +224,21 @@ class FlamingoTask(Task):
         tokens = ex["tokens"]
         pad = int(self.tokenizer.pad_id)
         valid = tokens != pad
+        rngs = {"dropout": rng} if train else {}
         if self.text_only:
-            out = self.model.apply({"params": params}, tokens, attention_mask=valid, deterministic=not train)
+            out = self.model.apply({"params": params}, tokens, attention_mask=valid, deterministic=not train,
+                                   rngs=rngs)
             mask = (valid[:, 1:])
         else:
             out = self.model.apply({"params": params}, tokens, ex["images"], attention_mask=valid,
-                                   media_valid=ex["media_valid"], deterministic=not train)
+                                   media_valid=ex["media_valid"], deterministic=not train, rngs=rngs)
             mask = fl.interleaved_loss_mask(tokens, self.image_id, self.eoc_id, pad)[:, :-1]
         return masked_cross_entropy(out.logits[:, :-1], tokens[:, 1:], mask)
 
     def loss_fn(self, params, model_state, batch, rng, *, train):
         total, metrics, ntok = 0.0, {}, 0.0
-        for name in self.active_sources():
-            x = self.source_loss(params, batch[name], train=train, rng=rng)
+        for k, name in enumerate(self.active_sources()):      # one dropout stream per source
+            x = self.source_loss(params, batch[name], train=train, rng=jax.random.fold_in(rng, k))
             lam = float(self.config.data.mixture[name].weight)
             total = total + lam * x.loss
             metrics[f"{name}/loss"] = x.loss
