@@ -61,6 +61,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import cpu_model, limit_threads  # noqa: E402
 
 PRESETS = {
     "cpu": dict(
@@ -101,33 +103,6 @@ def parse_args(argv):
     if a.seq < 3 * a.images + 2:
         p.error(f"--seq {a.seq} is too short for {a.images} <fake><image><fake> groups.")
     return a
-
-
-def limit_threads(n):
-    """Before jax/torch are imported: pin to the first n allowed CPUs, size the OpenMP/MKL pools."""
-    allowed = sorted(os.sched_getaffinity(0))
-    n = len(allowed) if n is None else n
-    if not 1 <= n <= len(allowed):
-        raise SystemExit(f"--threads {n}: this process may use {len(allowed)} CPUs; choose 1..{len(allowed)}.")
-    os.sched_setaffinity(0, allowed[:n])
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(n)
-    # OpenMP threads that spin while waiting lose their CPUs to other processes on a shared host
-    # (2 threads on 2 busy cores: a 256x256 matmul 16 ms instead of 0.4 ms); passive waiting
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return n
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown"
 
 
 def hf_config(preset: dict):

@@ -24,6 +24,13 @@
 #   3-4. OPT-1.3B-shaped decoder LM (random weights), batch 16 x 512 tokens, bf16: cudnn, xla
 #   5.   python benchmarks/train_throughput.py --config configs/sat.py:coco --vocab_size 10000
 #   6.   python benchmarks/flamingo_step.py --preset gpu1b (beside HF IDEFICS on the same weights)
+#   7.   python benchmarks/blip2_step.py --preset vitl (BLIP-2 stage 1, ViT-L/14 + Q-Former-base, batch 128,
+#        bf16) beside ../shared/bench/hf_blip2_stage1.py vitl 128 in the same call. ../shared does not
+#        travel to the GPU machine: copy the script into the git-ignored .bench_ref/ and carry it,
+#            mkdir -p .bench_ref && cp ../shared/bench/hf_blip2_stage1.py .bench_ref/
+#            run(command="bash benchmarks/gpu_check.sh", timeout_s=600, carry=[".whl", ".bench_ref"])
+# SECTIONS="towers train flamingo blip2" (the default: all) picks sections, e.g. SECTIONS=blip2 for a
+# rerun of one; the whole script is ~9-10 min on an H200, so a rerun should name what it needs.
 # Optional: COMPARE_TORCH=1 adds the transformers/PyTorch model beside each tower run
 # (same shapes, bf16 autocast, eager, sdpa attention; built directly on the GPU; adds ~1 min).
 # MFU denominators: 683 TFLOP/s on H100, 652 on H200 (this project's measured bf16 matmul
@@ -80,25 +87,47 @@ tower() {   # tower TIMEOUT_S ARGS...  -> one JSON line appended to towers.jsonl
 VIT="${VIT_ARGS:---tower vit --preset clip_vit_l14 --batch 128 --dtype bfloat16 --steps 10 --warmup 2}"
 LM="${LM_ARGS:---tower lm --preset opt-1.3b --batch 16 --seq 512 --dtype bfloat16 --steps 10 --warmup 2}"
 TRAIN="${TRAIN_ARGS:---config configs/sat.py:coco --vocab_size 10000}"
+SECTIONS="${SECTIONS:-towers train flamingo blip2}"
+want() { case " $SECTIONS " in *" $1 "*) return 0;; *) return 1;; esac; }
+if want towers; then
 tower 150 $VIT --attention cudnn
 tower 150 $VIT --attention xla
 tower 150 $LM --attention cudnn
 tower 150 $LM --attention xla
+fi
 
+if want train; then
 echo "=== train_throughput.py $TRAIN ($(( $(date +%s) - T0 )) s)"
 timeout 150 python3 benchmarks/train_throughput.py $TRAIN > "$OUT/train.log" 2>&1
 echo "    exit code $?"
 tail -n 3 "$OUT/train.log"
+fi
 
 # 6. Flamingo (issue 9): ~1B frozen LLaMA-shaped LM (16 layers, width 2048) + frozen CLIP ViT-L/14,
 #    resampler 6 x 1024, gated cross-attention every 4th layer, batch 8 x 2 images x 512 tokens, bf16,
 #    beside HF IdeficsForVisionText2Text on the same weights (goal: >= 50% MFU of the card's ceiling).
 #    Imports vlm_jax.optim -> config_lib -> ml_collections: needs the .whl/ carried as above.
 FLAMINGO="${FLAMINGO_ARGS:---preset gpu1b --steps 10 --warmup 2}"
+if want flamingo; then
 echo "=== flamingo_step.py $FLAMINGO ($(( $(date +%s) - T0 )) s)"
 FLAMINGO_STEP_JSON="$OUT/flamingo.jsonl" timeout 200 python3 benchmarks/flamingo_step.py $FLAMINGO > "$OUT/flamingo.log" 2>&1
 echo "    exit code $?"
 tail -n 6 "$OUT/flamingo.log"
+fi
+
+# 7. BLIP-2 stage 1 (issue 8): frozen ViT-L/14 + Q-Former-base (32 queries), batch 128, bf16, ITC + ITM
+#    (and + ITG) beside transformers' Blip2 modules (goals: >= 60% of the card's bf16 ceiling, >= 1.5x
+#    the peer's images/s). The peer script is read from .bench_ref/ (carried) or ../shared/bench/.
+PEER=.bench_ref/hf_blip2_stage1.py
+[ -f "$PEER" ] || PEER=../shared/bench/hf_blip2_stage1.py
+BLIP2="${BLIP2_ARGS:---preset vitl --steps 10 --warmup 2}"
+if want blip2; then
+echo "=== blip2_step.py $BLIP2 --peer $PEER ($(( $(date +%s) - T0 )) s)"
+BLIP2_STEP_JSON="$OUT/blip2.jsonl" timeout 240 python3 benchmarks/blip2_step.py $BLIP2 --peer "$PEER" \
+  > "$OUT/blip2.log" 2>&1
+echo "    exit code $?"
+tail -n 8 "$OUT/blip2.log"
+fi
 
 
 python3 - "$OUT" "$TRAIN" <<'EOF' | tee "$OUT/summary.txt"
@@ -146,5 +175,20 @@ else:
     fl_log = os.path.join(out, "flamingo.log")
     tail = open(fl_log).readlines()[-5:] if os.path.exists(fl_log) else []
     print("\nflamingo_step.py: no result; last lines of flamingo.log:\n" + "".join(tail))
+bj = os.path.join(out, "blip2.jsonl")
+bl = [json.loads(l) for l in open(bj)] if os.path.exists(bj) else []
+if bl:
+    b = bl[-1]
+    for r in b["ours"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        sp = f"{r['speedup_vs_peer']:.2f}x" if r.get("speedup_vs_peer") else "-"
+        peer = f"{b['peer_ms']:.1f} ms" if b.get("peer_ms") else "-"
+        print(f"blip2_step.py {b['preset']} B={b['batch']} {r['objectives']}: vlm_jax {r['ms']:.1f} ms "
+              f"({r['img_per_s']:.0f} img/s), peer {peer}, speedup {sp}, "
+              f"{r['tflops']:.1f} TFLOP/s, MFU {mfu} (peak {b['peak_tflops']}) on {b['hardware']}")
+else:
+    bl_log = os.path.join(out, "blip2.log")
+    tail = open(bl_log).readlines()[-5:] if os.path.exists(bl_log) else []
+    print("\nblip2_step.py: no result; last lines of blip2.log:\n" + "".join(tail))
 EOF
 echo "total $(( $(date +%s) - T0 )) s"

@@ -66,6 +66,7 @@ def get_config(arg=None):
     m.itc_label_smoothing = 0.1
     m.itg_label_smoothing = 0.1
     m.itm_negatives = "hard"           # 'hard' (the paper: from the ITC softmax) | 'random' (a diagnostic)
+    m.objectives = "itc,itm,itg"       # stage-1 terms summed into the loss (a subset: the paper's ablation)
     m.freeze_vision = True             # the paper: frozen image encoder
     m.vision_dtype = "float32"         # compute dtype of the image tower ('bfloat16' / 'float16' on accelerators)
     m.vision_param_dtype = ""          # storage dtype of the frozen tower ('' = train.param_dtype)
@@ -89,6 +90,9 @@ def get_config(arg=None):
     q.dropout = 0.1
     q.scan_layers = False
     q.remat_policy = "none"
+    # N(0, init_std) for the Q-Former's projection kernels when it starts from random (BERT: 0.02,
+    # which the paper inherits from BERT-base weights); 0 = width-scaled, std 1/sqrt(fan_in).
+    q.init_std = 0.02
 
     # ---------------------------------------------------------------- optimisation
     c.optim = o = ml_collections.ConfigDict()
@@ -143,6 +147,21 @@ def get_config(arg=None):
     ec.length_penalty = 0.0
     ec.max_len = 30
     ec.max_examples = 0
+    c.evals.vqa = ev = ml_collections.ConfigDict()         # stage 2: zero-shot VQA (+ the question-only baseline)
+    ev.enabled = True
+    ev.every = 0
+    ev.dataset = ""                    # '' = config.data's questions (the synthetic set's); 'vqav2' = local VQAv2 files
+    ev.manual_dir = ""                 # vqav2: the folder of the official JSONs + train2014/ val2014/
+    ev.split = "test"                  # vqav2: 'val' (its test splits have no public answers)
+    ev.num_images = 0                  # vqav2: use only the first n images of the split (0 = all)
+    ev.prompt = "Question: {} Short answer:"   # the paper's zero-shot VQA prompt
+    ev.prompt_len = 32                 # prompt tokens (longer questions keep their end)
+    ev.batch_size = 64
+    ev.beam_size = 5                   # the paper: beam 5
+    ev.length_penalty = 0.0
+    ev.max_len = 10
+    ev.max_questions = 0               # 0 = every question of the split
+    ev.blind = True                    # also 'vqa_blind': the same LM answering without the image prefix
 
     if variant in SYNTHETIC:
         m.freeze_vision = False        # deviation: no pretrained image tower offline (see the docstring)
@@ -184,6 +203,7 @@ def get_config(arg=None):
         e.batch_size = 8
         e.k_test = 4
         e.num_figures = 1
+        ev.max_questions, ev.batch_size, ev.beam_size, ev.max_len, ev.prompt_len = 8, 8, 2, 3, 12
     elif variant == "stage1_paper":
         d.name = "karpathy_captions"
         d.builder_config = "coco"
@@ -210,6 +230,8 @@ def get_config(arg=None):
             ec.max_examples = 200
             ec.beam_size = 3
             ec.max_len = 26
+            ev.max_questions = 600
+            ev.beam_size = 3
         else:
             m.vision.preset = "eva_vit_g14"
             m.vision_dtype = m.vision_param_dtype = "float16"

@@ -175,6 +175,66 @@ def test_hard_negatives_exclude_positives_and_same_image_pairs():
     assert not np.asarray(found_all).any()
 
 
+def test_objective_subsets_sum_exactly_their_terms(tiny):
+    """model.objectives (the paper's ablation): the loss is the sum of the chosen terms only, each
+    term equals its value in the full objective (same rng: same dropout-free passes and negatives),
+    left-out terms are not logged and send no gradient to their heads."""
+    from vlm_jax.objectives.blip2 import parse_objectives, stage1_loss
+    model, params = tiny
+    images, tokens, _ = _inputs(b=4, seed=3)
+    batch = {"image": images, "tokens": tokens, "image_id": jnp.asarray([0, 1, 1, 2])}
+    loss_of = lambda p, obj: stage1_loss(model, p, batch, jax.random.key(5), dec_id=2, pad_id=0,  # noqa: E731
+                                         objectives=obj, train=False)
+    run = jax.jit(loss_of, static_argnums=1)
+    full, mf = run(params, "itc,itm,itg")
+    np.testing.assert_allclose(full, mf["loss_itc"] + mf["loss_itm"] + mf["loss_itg"], rtol=1e-6)
+    terms = {"itc": "loss_itc", "itm": "loss_itm", "itg": "loss_itg"}
+    assert parse_objectives("itm, ITC") == ("itc", "itm")
+    for obj in ("itc", "itc,itm"):
+        loss, m = run(params, obj)
+        chosen = parse_objectives(obj)
+        np.testing.assert_allclose(loss, sum(mf[terms[t]] for t in chosen), rtol=2e-5, err_msg=obj)
+        for t, key in terms.items():
+            if t in chosen:
+                np.testing.assert_allclose(m[key], mf[key], rtol=2e-5, err_msg=(obj, key))
+            else:
+                assert key not in m, (obj, key)
+    # ITM alone: its hard negatives come from ITC similarities that get no gradient
+    (loss, m), g = jax.jit(jax.value_and_grad(lambda p: loss_of(p, "itm"), has_aux=True))(params)
+    np.testing.assert_allclose(loss, mf["loss_itm"], rtol=2e-5)
+    g = flax.linen.unbox(g)
+    assert not np.any(np.asarray(g["temp"])) and not np.any(np.asarray(g["text_proj"]["kernel"]))
+    assert not np.any(np.asarray(g["qformer"]["lm_bias"]))
+    assert np.any(np.asarray(g["itm_head"]["kernel"]))
+    for bad in ("", "itc,itc", "itc,mlm"):
+        with pytest.raises(ValueError, match="objectives"):
+            parse_objectives(bad)
+
+
+def test_width_scaled_qformer_init_rescales_only_projection_kernels():
+    """model.qformer.init_std=0: every Q-Former projection kernel becomes N(0, 1/fan_in) (query/key/
+    value [D, H, K]: fan-in D; out [H, K, D]: H*K; FFN [D, F]: D); embeddings, norms and heads keep
+    BERT's N(0, 0.02)."""
+    from vlm_jax.tasks.blip2 import rescale_qformer_init
+    rng = np.random.default_rng(0)
+    n = lambda *shape: jnp.asarray(rng.normal(0, 0.02, size=shape), jnp.float32)  # noqa: E731
+    params = {"qformer": {"layers_0": {"attn": {"query": {"kernel": flax.linen.Partitioned(n(300, 3, 10),
+                                                                                           ("embed", "heads", "kv"))},
+                                                "out": {"kernel": n(3, 10, 300)}},
+                                       "mlp": {"wi": {"kernel": n(300, 340), "bias": n(340)}}},
+                          "word_embed": {"embedding": n(50, 300)}},
+              "itm_head": {"kernel": n(300, 2)}}
+    out = rescale_qformer_init(params, 0.0)
+    q = out["qformer"]["layers_0"]
+    assert isinstance(q["attn"]["query"]["kernel"], flax.linen.Partitioned)     # logical axes kept
+    for x, fan_in in ((q["attn"]["query"]["kernel"].value, 300), (q["attn"]["out"]["kernel"], 30),
+                      (q["mlp"]["wi"]["kernel"], 300)):
+        assert abs(float(jnp.std(x)) * np.sqrt(fan_in) - 1.0) < 0.05, fan_in
+    for keep in (out["qformer"]["word_embed"]["embedding"], out["itm_head"]["kernel"], q["mlp"]["wi"]["bias"]):
+        assert abs(float(jnp.std(keep)) - 0.02) < 0.003
+    assert rescale_qformer_init(params, 0.02) is params
+
+
 def test_hard_negatives_come_from_other_devices_on_a_sharded_batch():
     """8 devices, 2 rows each: every row's most similar allowed column lives on another device, and a
     peaked softmax draws exactly it, computed on the batch-sharded similarity matrix."""
@@ -365,6 +425,14 @@ def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir, tmp_path
     if stage == "opt":
         metrics = train_lib.train_and_evaluate(config, workdir)
         assert {"CIDEr", "Bleu_4", "grounded_object_recall"} <= set(metrics["caption"])
+        # zero-shot VQA and the question-only baseline (same LM, no image prefix), per question type
+        for name in ("vqa", "vqa_blind"):
+            m = metrics[name]
+            assert m["num_questions"] == 8 and 0.0 <= m["accuracy"] <= 1.0 and m["num_missing"] == 0
+            assert any(k.startswith("accuracy/") for k in m)
+            assert os.path.isfile(os.path.join(workdir, "eval", "step_2", name, "results.json"))
+        enc = task.encode_question("what color is the circle?")     # decoder-only: left padded
+        assert enc["prompt_mask"][-1] and not enc["prompt_mask"][0] and enc["prompt"].shape == (12,)
     else:   # suite time: T5 generation is checked against HF in test_blip2_stage2.py; train only here
         train_lib.train(config, workdir)
     ck = ckpt_lib.Checkpointer(workdir, async_save=False)

@@ -21,7 +21,7 @@ def caption_data(**overrides) -> ml_collections.ConfigDict:
     the dataset, its TFDS location, split sizes of the synthetic set, caption length,
     vocabulary bounds, the blind baseline switch and the image normalisation."""
     d = ml_collections.ConfigDict()
-    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions'
+    d.name = "synthetic_shapes"        # 'synthetic_shapes' | 'karpathy_captions' | 'vqav2' (evaluation only)
     d.data_dir = ""                    # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     d.manual_dir = ""                  # karpathy: folder with dataset_*.json and the images
     d.builder_config = ""              # karpathy: coco | flickr8k | flickr30k

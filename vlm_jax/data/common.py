@@ -13,13 +13,18 @@ from etils import epath
 from PIL import Image
 
 
-def caption_features(image_shape=(None, None, 3), encoding_format: str = "png"):
+def caption_features(image_shape=(None, None, 3), encoding_format: str = "png", *, vqa_answers: bool = False):
     """The FeaturesDict shared by every caption dataset (docs/interfaces.md "Data").
 
     image [H, W, 3] uint8 (PNG/JPEG encoded on disk), image_id int64, captions: list of text,
     objects: list of {shape, color, size, bbox f32[4] = [ymin, xmin, ymax, xmax] in [0, 1]},
-    questions: list of {question, answer, qtype}.
+    questions: list of {question, answer, qtype} and, with ``vqa_answers`` (VQAv2), also
+    {question_id int64, answers: the human answers joined by newlines (TFDS serialises a list of
+    texts inside a sequence only through TensorFlow), answer_type}.
     """
+    question = {"question": tfds.features.Text(), "answer": tfds.features.Text(), "qtype": tfds.features.Text()}
+    if vqa_answers:
+        question.update(question_id=np.int64, answers=tfds.features.Text(), answer_type=tfds.features.Text())
     return tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=image_shape, encoding_format=encoding_format),
         "image_id": np.int64,
@@ -30,11 +35,7 @@ def caption_features(image_shape=(None, None, 3), encoding_format: str = "png"):
             "size": tfds.features.Text(),
             "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
         }),
-        "questions": tfds.features.Sequence({
-            "question": tfds.features.Text(),
-            "answer": tfds.features.Text(),
-            "qtype": tfds.features.Text(),
-        }),
+        "questions": tfds.features.Sequence(question),
     })
 
 
@@ -51,6 +52,29 @@ class PackageBuilderMixin:
     @classmethod
     def code_path(cls) -> epath.Path:  # pytype: disable=signature-mismatch
         return epath.Path(inspect.getfile(cls))
+
+
+def load_image_jpeg(path: str, max_side: int) -> bytes | None:
+    """JPEG bytes of the RGB image at ``path`` (downscaled so its longer side is at most
+    ``max_side``; 0 = keep), the file's own bytes when it already is such a JPEG; None when the
+    file cannot be read or decoded (the builders count it as a skipped image)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()  # full decode: catches truncated / corrupt files
+            if im.format == "JPEG" and im.mode == "RGB" and (not max_side or max(im.size) <= max_side):
+                return raw  # already what we store: no re-encoding loss
+            im = im.convert("RGB")
+            if max_side and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=92)
+            return buf.getvalue()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None  # PIL reports corrupt files with any of these
 
 
 def encode_png(img: np.ndarray) -> bytes:

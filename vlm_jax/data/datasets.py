@@ -4,16 +4,17 @@ dataset once across processes, per-split data sources and metadata, encoded-imag
 Legend of dimension letters: n records (images) used from a split.
 
 Config fields read (all under `config.data`; the pipeline modules read the rest):
-  name: str             'synthetic_shapes' | 'karpathy_captions'
+  name: str             'synthetic_shapes' | 'karpathy_captions' | 'vqav2' (questions + the ten
+                        human answers, no captions: an evaluation set, vlm_jax/data/vqav2.py)
   data_dir: str         TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  manual_dir: str       karpathy_captions: folder with the split JSON + images ('' = TFDS
-                        default <data_dir>/downloads/manual); unused for synthetic
+  manual_dir: str       karpathy_captions / vqav2: folder with the split JSON(s) + images ('' =
+                        TFDS default <data_dir>/downloads/manual); unused for synthetic
   builder_config: str   karpathy_captions: 'coco' | 'flickr8k' | 'flickr30k';
-                        synthetic_shapes: must be ''
+                        vqav2: '' or 'default'; synthetic_shapes: must be ''
   image_size: int       S, model input side. synthetic: also the side the images are drawn at
   num_train, num_val, num_test: int
                         synthetic: number of images per split (part of the dataset name);
-                        karpathy: use only the first n images of the split (0 = all)
+                        karpathy / vqav2: use only the first n images of the split (0 = all)
   max_caption_len: int  words kept per caption (longer captions are truncated); T = this + 2
   vocab_min_count: int  a word needs this many training occurrences to enter the vocabulary
   vocab_max_size: int   cap on the vocabulary size including the 4 specials (0 = no cap)
@@ -39,10 +40,13 @@ from tensorflow_datasets.proto import tf_example_pb2
 
 from vlm_jax.data.karpathy import KarpathyCaptions
 from vlm_jax.data.synthetic import SyntheticShapes
+from vlm_jax.data.vqav2 import VQAv2
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("synthetic_shapes", "karpathy_captions")
+DATASETS = ("synthetic_shapes", "karpathy_captions", "vqav2")
+LOCAL_FILES = {"karpathy_captions": "the Karpathy split JSON and the image folders (see vlm_jax/data/karpathy.py)",
+               "vqav2": "the VQAv2 question / annotation JSONs and train2014/ val2014/ (see vlm_jax/data/vqav2.py)"}
 SPLITS = ("train", "val", "test")
 FIELDS = ("name", "data_dir", "manual_dir", "builder_config", "image_size", "num_train",
           "num_val", "num_test", "max_caption_len", "vocab_min_count", "vocab_max_size",
@@ -69,15 +73,17 @@ def validate_data_config(data) -> None:
             if not isinstance(data[k], int) or data[k] < 1:
                 bad(k, "synthetic_shapes needs a positive number of images per split.")
     else:
-        names = [c.name for c in KarpathyCaptions.BUILDER_CONFIGS]
-        if data.builder_config not in names:
-            bad("builder_config", f"karpathy_captions needs one of {names}.")
+        if data.name == "karpathy_captions":
+            names = [c.name for c in KarpathyCaptions.BUILDER_CONFIGS]
+            if data.builder_config not in names:
+                bad("builder_config", f"karpathy_captions needs one of {names}.")
+        elif data.builder_config not in ("", "default"):
+            bad("builder_config", "vqav2 has one builder config: use '' (or 'default').")
         for k in ("num_train", "num_val", "num_test"):
             if not isinstance(data[k], int) or data[k] < 0:
                 bad(k, "use 0 (whole split) or a positive cap on the number of images.")
         if data.manual_dir and not os.path.isdir(data.manual_dir):
-            bad("manual_dir", "is not a directory; point it at the folder holding the Karpathy split JSON and "
-                              "the image folders (see vlm_jax/data/karpathy.py).")
+            bad("manual_dir", f"is not a directory; point it at the folder holding {LOCAL_FILES[data.name]}.")
     for k, low in (("image_size", 16), ("max_caption_len", 1), ("vocab_min_count", 1),
                    ("vocab_max_size", 0), ("worker_count", 0)):
         if not isinstance(data[k], int) or data[k] < low:
@@ -103,6 +109,8 @@ def make_builder(data) -> tfds.core.DatasetBuilder:
         return SyntheticShapes(data_dir=data_dir, image_size=data.image_size,
                                num_train=data.num_train, num_val=data.num_val,
                                num_test=data.num_test)
+    if data.name == "vqav2":
+        return VQAv2(config="default", data_dir=data_dir)
     return KarpathyCaptions(config=data.builder_config, data_dir=data_dir)
 
 
@@ -112,9 +120,18 @@ def ensure_prepared(builder: tfds.core.DatasetBuilder, manual_dir: str = "") -> 
         return
     log.warning("Preparing %s into %s (first use) ...", builder.info.full_name, builder.data_dir)
     start = time.time()
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    except AssertionError as e:     # TFDS' own check of an empty / absent manual_dir
+        if "Manual directory" not in str(e):
+            raise
+        from vlm_jax.errors import DataError
+        where = manual_dir or "the TFDS default <data_dir>/downloads/manual"
+        raise DataError(f"{builder.info.full_name}: the manual_dir {where} is empty or missing; set "
+                        f"--config.data.manual_dir to the folder with its files:\n"
+                        f"{getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', '')}") from None
     log.warning("Prepared %s in %.1f s.", builder.info.full_name, time.time() - start)
 
 
@@ -187,6 +204,10 @@ class Dataset:
         """Records with every feature decoded except the image (left as encoded bytes)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use one of {SPLITS}.")
+        if split not in self.builder.info.splits:
+            from vlm_jax.errors import DataError
+            raise DataError(f"{self.full_name} has no {split!r} split (it has {sorted(self.builder.info.splits)}); "
+                            "point the evaluation at one of those (e.g. --config.evals.<name>.split=val).")
         return self.builder.as_data_source(
             split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
@@ -200,7 +221,7 @@ class Dataset:
     def num_records(self, split: str) -> int:
         """n: the split's records, capped by config.data.num_<split> for karpathy_captions."""
         n = len(self.source(split))
-        cap = self.data[f"num_{split}"] if self.data.name == "karpathy_captions" else 0
+        cap = self.data[f"num_{split}"] if self.data.name != "synthetic_shapes" else 0
         return min(n, cap) if cap else n
 
     @functools.cache
@@ -218,8 +239,12 @@ class Dataset:
                          bbox=np.asarray(b, np.float32))
                     for s, c, z, b in zip(o["shape"], o["color"], o["size"], o["bbox"])))
                 q = ex["questions"]
-                qs.append(tuple(dict(question=_text(a), answer=_text(b), qtype=_text(c))
-                                for a, b, c in zip(q["question"], q["answer"], q["qtype"])))
+                rows = [dict(question=_text(a), answer=_text(b), qtype=_text(c))
+                        for a, b, c in zip(q["question"], q["answer"], q["qtype"])]
+                if "answers" in q:                  # VQAv2: official ids, the human answers, answer types
+                    for r, qid, ans, at in zip(rows, q["question_id"], q["answers"], q["answer_type"]):
+                        r.update(question_id=int(qid), answers=_text(ans).split("\n"), answer_type=_text(at))
+                qs.append(tuple(rows))
         log.info("Read captions of %d %s images of %s in %.1f s.", n, split, self.full_name,
                  time.time() - start)
         return SplitMeta(np.asarray(ids, np.int64), tuple(caps), tuple(objs), tuple(qs))

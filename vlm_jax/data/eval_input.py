@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -22,7 +22,8 @@ class EvalSplit:
 
     image_ids: int64 [N] in record order; references[image_id] -> list of captions;
     objects[image_id] -> list of {shape, color, size, bbox f32[4]} (empty for photos);
-    questions[image_id] -> list of {question, answer, qtype}.
+    questions[image_id] -> list of {question, answer, qtype} (VQAv2 also: question_id, answers,
+    answer_type).
     """
     name: str
     split: str
@@ -90,6 +91,51 @@ class EvalSplit:
                         out["tokens"][k] = self._tokenizer.encode_padded(
                             self.references[int(i)][0], self._token_len)
                 yield out
+
+
+    def question_table(self) -> dict[int, dict]:
+        """{question id: {image_id, question, answers, question_type, answer_type}} over the split's
+        images, in image order. VQAv2 keeps its official ids and ten human answers; a question of
+        the synthetic set (one answer, no id) gets id ``image_id * 1000 + k`` (k its index in the
+        image) and its answer as the only reference (scored 0 / 1, `vlm_jax.evaluation.vqa`)."""
+        out = {}
+        for image_id in self.image_ids.tolist():
+            for k, q in enumerate(self.questions.get(int(image_id), [])):
+                qid = int(q["question_id"]) if "question_id" in q else int(image_id) * 1000 + k
+                if qid in out:
+                    raise ValueError(f"question id {qid} occurs twice in the {self.name} {self.split} split.")
+                out[qid] = dict(image_id=int(image_id), question=q["question"],
+                                answers=list(q.get("answers") or [q["answer"]]), question_type=q.get("qtype", ""),
+                                answer_type=q.get("answer_type", ""))
+        return out
+
+    def question_batches(self, batch_size: int, encode: Callable[[str], dict[str, np.ndarray]], *,
+                         table: dict[int, dict] | None = None, process_index: int | None = None,
+                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Batches over the split's questions (`question_table` order), last one padded; the
+        GLOBAL `batch_size` is split over processes as in `batches`. ``encode(question)`` gives
+        the task's per-row prompt arrays (e.g. {'prompt': i32[Tp], 'prompt_mask': bool[Tp]}),
+        stacked here. Yields dict(image=f32[b, S, S, 3] (each question's image), question_id=i64[b]
+        (-1 on padding), valid=bool[b], **prompt arrays [b, ...])."""
+        index, count = resolve_process(process_index, process_count)
+        b = local_batch_size(batch_size, count, "eval batch_size")
+        s = self._preprocess.image_size
+        table = self.question_table() if table is None else table
+        qids = np.asarray(list(table), np.int64)
+        template = {k: np.asarray(v) for k, v in encode("").items()}
+        for lo in range(0, len(qids), batch_size):
+            rows = qids[lo + index * b: lo + (index + 1) * b]
+            out = {"image": np.zeros((b, s, s, 3), np.float32), "question_id": np.full((b,), -1, np.int64),
+                   "valid": np.zeros((b,), bool)}
+            out.update({k: np.zeros((b,) + v.shape, v.dtype) for k, v in template.items()})
+            for r, qid in enumerate(rows.tolist()):
+                q = table[qid]
+                out["image"][r] = self._preprocess(self._images[self._records[q["image_id"]]])
+                for k, v in encode(q["question"]).items():
+                    out[k][r] = v
+            out["question_id"][:len(rows)] = rows
+            out["valid"][:len(rows)] = True
+            yield out
 
 
 def make_eval_split(config, tokenizer, split: str) -> EvalSplit:

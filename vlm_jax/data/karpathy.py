@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import logging
 import os
 
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from vlm_jax.data.common import PackageBuilderMixin, caption_features
+from vlm_jax.data.common import PackageBuilderMixin, caption_features, load_image_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +113,6 @@ class KarpathyCaptions(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
         candidates += [os.path.join(root, "images", fn), os.path.join(root, fn)]
         return next((c for c in candidates if os.path.isfile(c)), None)
 
-    def _load_image(self, path: str) -> bytes | None:
-        """JPEG bytes of the RGB image (downscaled to max_side), None when undecodable."""
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            with Image.open(io.BytesIO(raw)) as im:
-                im.load()  # full decode: catches truncated / corrupt files
-                fmt = im.format
-                m = self.builder_config.max_side
-                if fmt == "JPEG" and im.mode == "RGB" and (not m or max(im.size) <= m):
-                    return raw  # already what we store: no re-encoding loss
-                im = im.convert("RGB")
-                if m and max(im.size) > m:
-                    scale = m / max(im.size)
-                    im = im.resize((max(1, round(im.width * scale)),
-                                    max(1, round(im.height * scale))), Image.Resampling.BICUBIC)
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=92)
-                return buf.getvalue()
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-            return None  # PIL reports corrupt files with any of these
-
     def _generate_examples(self, root: str, split: str, entries: list[dict]):
         counts = collections.Counter()
         for entry in entries:
@@ -159,7 +135,7 @@ class KarpathyCaptions(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
             if path is None:
                 counts["missing_images"] += 1
                 continue
-            image = self._load_image(path)
+            image = load_image_jpeg(path, self.builder_config.max_side)
             if image is None:
                 counts["corrupt_images"] += 1
                 continue

@@ -31,6 +31,8 @@ import re
 from collections import defaultdict
 from typing import Iterable, Mapping
 
+from vlm_jax.evaluation.evaluator import Evaluator
+
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")     # as written in the official script: a period not before a digit
@@ -136,4 +138,85 @@ def vqa_scores(predictions: Mapping, questions: Mapping, *, always_normalize: bo
            "num_missing": float(missing)}
     out.update({f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(per_q.items())})
     out.update({f"accuracy_answer_type/{k}": sum(v) / len(v) for k, v in sorted(per_a.items())})
+    return out
+
+
+# ----------------------------------------------------------------------------- the evaluator
+class VQAEvaluator(Evaluator):
+    """Open-ended VQA on one split: every question answered by generation, scored with the VQAv2
+    accuracy above (overall, per question type, per answer type).
+
+    The task supplies a jittable ``predict(params, model_state, batch) -> {'tokens': i32[B, L]}``
+    (the answer's ids; ``batch`` holds the ``input_keys`` of `EvalSplit.question_batches`, e.g.
+    'image', 'prompt', 'prompt_mask'), ``encode(question) -> {prompt arrays}`` (the task's prompt
+    template and padding, e.g. 'Question: {} Short answer:'), the tokenizer that decodes the answer,
+    and ``load_split() -> EvalSplit``. Writes under ``<workdir>/eval/step_<N>/<name>/``:
+
+      results.json   the official results format [{"question_id", "answer"}]
+      metrics.json   accuracy, accuracy/<question type>, accuracy_answer_type/<type>, counts
+      examples.txt   the first questions with their answers and references
+    """
+
+    def __init__(self, *, name: str, every: int, predict, input_keys, encode, load_split, tokenizer,
+                 batch_size: int, max_questions: int, mesh, prompt: str = ""):
+        from vlm_jax.evaluation import evaluator as ev_lib
+        self.name, self.every = name, int(every)
+        self._predict = ev_lib.make_predict_fn(predict, mesh, input_keys, id_key="question_id")
+        self._encode, self._load_split, self._tokenizer = encode, load_split, tokenizer
+        self._batch_size, self._max_questions, self._prompt = int(batch_size), int(max_questions), prompt
+
+    def run(self, params, model_state, *, step: int, workdir: str, final: bool) -> dict[str, float]:
+        import json
+        import os
+        import time
+
+        import jax
+
+        from vlm_jax.evaluation import evaluator as ev_lib
+
+        t0 = time.time()
+        split = self._load_split()
+        table = split.question_table()
+        if self._max_questions > 0:
+            table = dict(list(table.items())[: self._max_questions])
+        if not table:
+            raise ValueError(f"evaluator {self.name!r}: the {split.name} {split.split} split has no questions; "
+                             "point it at a split / dataset with questions (e.g. data.name=vqav2, split=val).")
+        rows = ev_lib.predict_over_split(self._predict, params, model_state,
+                                         split.question_batches(self._batch_size, self._encode, table=table))
+        tok = self._tokenizer
+        answers = {qid: tok.decode([int(t) for t in _until_eos(out["tokens"], tok.eos_id)]).strip()
+                   for qid, out in rows.items()}
+        seconds = time.time() - t0
+        if jax.process_index() != 0:
+            return {}
+        metrics = vqa_scores(answers, table)
+        metrics["generation_seconds"] = seconds
+        out_dir = os.path.join(ev_lib.eval_dir(workdir, step), self.name)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump([{"question_id": q, "answer": a} for q, a in answers.items()], f)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump({"step": step, "split": split.split, "dataset": split.name, "evaluator": self.name,
+                       "prompt": self._prompt, **metrics}, f, indent=2)
+        with open(os.path.join(out_dir, "examples.txt"), "w") as f:
+            for qid in list(answers)[:50]:
+                q = table[qid]
+                f.write(f"{qid}\timage {q['image_id']}\t{q['question']!r} -> {answers[qid]!r}\t"
+                        f"refs {sorted(set(q['answers']))}\n")
+        lines = [f"== {self.name}: step {step}, {split.name} {split.split}, {int(metrics['num_questions'])} questions =="]
+        lines += [f"  {k:<32} {v:.4f}" for k, v in metrics.items() if k.startswith("accuracy")]
+        lines.append(f"  files: {out_dir}")
+        print("\n".join(lines), flush=True)
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def _until_eos(ids, eos_id: int) -> list[int]:
+    out = []
+    for t in ids:
+        t = int(t)
+        if t == eos_id:
+            break
+        if t > 0:
+            out.append(t)
     return out

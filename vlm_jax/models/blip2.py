@@ -566,7 +566,8 @@ class Blip2LMModel(nn.Module):
 
 def generate(model: Blip2LMModel, params, images, prompt, prompt_mask=None, *, max_new_tokens: int, eos_id: int,
              pad_id: int = 0, min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
-             length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+             length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             use_image: bool = True):
     """Caption / answer images with a `Blip2LMModel` -> `vlm_jax.decoding.DecodeResult`
     (tokens ``[B, K, max_new_tokens]``: only new tokens, eos then ``pad_id``; K = 1 for greedy).
 
@@ -577,13 +578,16 @@ def generate(model: Blip2LMModel, params, images, prompt, prompt_mask=None, *, m
     keys/values (`vlm_jax.generate.prefill_seq2seq`); beam search repeats that state per beam.
     ``strategy`` 'greedy' | 'beam' (``beam_size``, ``length_penalty``: score = sum log p /
     length**length_penalty) | 'sample' (``rng``, ``temperature``, ``top_k``, ``top_p``). Jittable
-    with the keyword arguments static.
+    with the keyword arguments static. ``use_image=False`` drops the image prefix: the same frozen LM
+    answers from the prompt alone (the question-only / blind baseline; ``images`` only give B).
     """
     from vlm_jax import generate as gen  # the decoding level; imported where used (models stay below it)
 
     c = model.config
     variables = {"params": params}
     prefix = model.apply(variables, images, method=Blip2LMModel.image_prefix)
+    if not use_image:
+        prefix = prefix[:, :0]                                            # [B, 0, E]
     lm = make_language_model(c, dtype=model.lm_dtype or model.dtype, param_dtype=model.param_dtype)
     b = prompt.shape[0]
     pm = jnp.ones(prompt.shape, bool) if prompt_mask is None else jnp.asarray(prompt_mask).astype(bool)
@@ -591,7 +595,8 @@ def generate(model: Blip2LMModel, params, images, prompt, prompt_mask=None, *, m
                   strategy=strategy, beam_size=beam_size, length_penalty=length_penalty, rng=rng,
                   temperature=temperature, top_k=top_k, top_p=top_p)
     if not c.seq2seq:
-        return gen.generate(lm, params["lm"], prompt, prompt_mask=pm, prefix_embeds=prefix, **common)
+        return gen.generate(lm, params["lm"], prompt, prompt_mask=pm, prefix_embeds=prefix if use_image else None,
+                            **common)
     embeds = model.apply(variables, prefix, prompt, method=Blip2LMModel.embed_inputs)
     mask = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool), pm], axis=1)
     return gen.generate_seq2seq(lm, params["lm"], inputs_embeds=embeds, input_mask=mask,

@@ -25,9 +25,10 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.models.blip2 import TEMPERATURE_RANGE, Blip2Config, Blip2QFormerModel, QFormerConfig
-from vlm_jax.objectives.blip2 import stage1_loss
+from vlm_jax.objectives.blip2 import parse_objectives, stage1_loss
 from vlm_jax.tasks.base import ImageCaptionTask
 
 VISION = "vision"
@@ -152,8 +153,10 @@ class Blip2Task(ImageCaptionTask):
         images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
         tokens = tokens.at[:, 0].set(self.cls_id)
         valid = jnp.ones(tokens.shape, bool)
+        std = float(self.config.model.qformer.get("init_std", 0.02))
         if not vision_init_dir(self.config):
-            return {"params": self.model.init({"params": rng}, images, tokens, valid)["params"], "model_state": {}}
+            params = self.model.init({"params": rng}, images, tokens, valid)["params"]
+            return {"params": rescale_qformer_init(params, std), "model_state": {}}
         from vlm_jax.init_sources import placeholder
         vis = self.model.vision
         vparams = placeholder(lambda r: vis.init(r, images)["params"], rng)
@@ -170,7 +173,7 @@ class Blip2Task(ImageCaptionTask):
 
         rest = nn.init(init_rest, self.model)({"params": rng}, jnp.zeros(feats.shape, jnp.float32), tokens,
                                               valid)["params"]
-        return {"params": {**rest, VISION: vparams}, "model_state": {}}
+        return {"params": {**rescale_qformer_init(rest, std), VISION: vparams}, "model_state": {}}
 
     # ------------------------------------------------------------------ loss
     def loss_fn(self, params, model_state, batch, rng, *, train):
@@ -178,7 +181,7 @@ class Blip2Task(ImageCaptionTask):
         loss, metrics = stage1_loss(self.model, params, batch, rng, dec_id=self.dec_id,
                                     pad_id=int(self.tokenizer.pad_id), itc_smoothing=float(m.itc_label_smoothing),
                                     itg_smoothing=float(m.itg_label_smoothing), itm_negatives=m.itm_negatives,
-                                    train=train)
+                                    objectives=m.objectives, train=train)
         return loss, (metrics, model_state)
 
     def param_groups(self):
@@ -234,15 +237,49 @@ class Blip2Task(ImageCaptionTask):
         return self._evaluators
 
 
+_DEFAULT_STD = 0.02      # vlm_jax.layers.mlp.DEFAULT_KERNEL_INIT, BERT's initializer range
+_HEAD_INPUT = ("query", "key", "value")     # kernels [D, H, K]: fan-in D; every other kernel: prod(shape[:-1])
+
+
+def rescale_qformer_init(params, std: float):
+    """The Q-Former's projection kernels (``qformer/.../kernel``, drawn from N(0, 0.02)) rescaled
+    to N(0, std); ``std`` 0 = width-scaled, 1/sqrt(fan_in) per kernel. Embeddings, norms, biases,
+    the query tokens and the ITC/ITM heads keep their init. A from-scratch Q-Former at small width
+    mixes its query and text streams only weakly with BERT's 0.02 (std x sqrt(width) = 0.2 at
+    width 96, against 0.55 at BERT-base's 768), which starves ITM (README, BLIP-2)."""
+    if std == _DEFAULT_STD:
+        return params
+    boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def scale(path, x):
+        names = [getattr(k, "key", str(k)) for k in path]
+        if "qformer" not in names or names[-1] != "kernel":
+            return x
+        v = nn.unbox(x)
+        fan_in = v.shape[0] if names[-2] in _HEAD_INPUT else int(np.prod(v.shape[:-1]))
+        target = std if std > 0 else 1.0 / np.sqrt(fan_in)
+        v = v * jnp.asarray(target / _DEFAULT_STD, v.dtype)
+        return x.replace_boxed(v) if boxed(x) else v
+
+    return jax.tree_util.tree_map_with_path(scale, params, is_leaf=boxed)
+
+
 def validate(config) -> None:
     """BLIP-2-specific config checks (run by the trainer before anything compiles)."""
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
     check_choice(config, "model.stage", STAGES)
     check_choice(config, "model.itm_negatives", ("hard", "random"))
+    try:
+        parse_objectives(config.model.objectives)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     check_positive(config, "model.embed_dim", "model.qformer.num_queries", "model.qformer.width",
                    "model.qformer.num_layers", "model.qformer.num_heads", "model.qformer.mlp_dim",
                    "model.qformer.cross_attention_every", "evals.retrieval.k_test", "data.image_size",
                    "data.max_caption_len")
+    if float(config.model.qformer.get("init_std", 0.02)) < 0:
+        raise ConfigError(f"config.model.qformer.init_std={config.model.qformer.init_std}: use a std > 0, or 0 for "
+                          "the width-scaled 1/sqrt(fan_in).")
     for key in ("model.itc_label_smoothing", "model.itg_label_smoothing", "model.qformer.dropout"):
         v = float(_get(config, key))
         if not 0.0 <= v < 1.0:
@@ -273,6 +310,8 @@ def validate(config) -> None:
                               "variants train their small LM).")
         check_positive(config, "evals.caption.beam_size", "evals.caption.max_len", "model.lm.width",
                        "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim")
+        if "vqa" in config.evals and config.evals.vqa.enabled:
+            _validate_vqa(config)
     elif config.model.freeze_vision and not seeded("vision"):
         raise ConfigError("config.model.freeze_vision=True but nothing initialises the image tower, so the Q-Former "
                           "would read a frozen random network: set --config.init.vision.source=hf "
@@ -282,6 +321,22 @@ def validate(config) -> None:
         raise ConfigError(f"config.model.tokenizer_dir={config.model.tokenizer_dir!r} is not a directory; point it "
                           "at a folder with a BERT tokenizer.json (e.g. bert-base-uncased saved with save_pretrained).")
     validate_data_section(config)
+
+
+def _validate_vqa(config) -> None:
+    from vlm_jax.config_lib import ConfigError, check_choice, check_positive
+    e = config.evals.vqa
+    check_choice(config, "evals.vqa.dataset", ("", "vqav2"))
+    check_positive(config, "evals.vqa.beam_size", "evals.vqa.max_len", "evals.vqa.batch_size")
+    if "{}" not in e.prompt:
+        raise ConfigError(f"config.evals.vqa.prompt={e.prompt!r} has no '{{}}' for the question (the paper's: "
+                          "'Question: {} Short answer:').")
+    if int(e.prompt_len) < 2:
+        raise ConfigError(f"config.evals.vqa.prompt_len={e.prompt_len}: the prompt needs at least its first token "
+                          "and one prompt token.")
+    if e.dataset == "vqav2" and e.split not in ("train", "val"):
+        raise ConfigError(f"config.evals.vqa.split={e.split!r}: VQAv2's test splits have no public answers; use "
+                          "--config.evals.vqa.split=val.")
 
 
 def _get(config, key):
@@ -457,7 +512,73 @@ class Blip2GenerationTask(Blip2Task):
                 name="caption", every=int(e.every), predict=predict, input_keys=("image",), load_split=load_split,
                 tokenizer=tok, batch_size=int(e.batch_size), max_examples=int(e.max_examples), num_figures=0,
                 grid=1, mesh=self.mesh)]
+            if "vqa" in self.config.evals and self.config.evals.vqa.enabled:
+                self._evaluators += self.vqa_evaluators()
         return self._evaluators
+
+
+    # ------------------------------------------------------------------ zero-shot VQA
+    def encode_question(self, question: str) -> dict[str, np.ndarray]:
+        """``evals.vqa.prompt`` filled with the question -> {prompt i32[Tp], prompt_mask bool[Tp]}:
+        the template's first token, then the prompt's ids (a long question keeps its end); LEFT
+        padded for a decoder-only LM (its generation appends after the last real token), right
+        padded for T5 (whose encoder reads [prefix; prompt] under the mask)."""
+        e, tok = self.config.evals.vqa, self.tokenizer
+        tp = int(e.prompt_len)
+        first = tok.template[0][0] if tok.template[0] else tok.bos_id
+        ids = [first] + list(tok.encode(e.prompt.format(question), add_special_tokens=False))[-(tp - 1):]
+        prompt = np.full((tp,), tok.pad_id, np.int32)
+        mask = np.zeros((tp,), bool)
+        sl = slice(0, len(ids)) if self.model.config.seq2seq else slice(tp - len(ids), tp)
+        prompt[sl], mask[sl] = ids, True
+        return {"prompt": prompt, "prompt_mask": mask}
+
+    def answer(self, params, model_state, batch, *, beam_size: int, max_len: int, length_penalty: float,
+               use_image: bool = True):
+        """Answers to ``batch['prompt']`` about ``batch['image']`` -> {tokens i32[B, max_len]}."""
+        from vlm_jax.models.blip2 import generate
+        tok = self.tokenizer
+        res = generate(self.model, params, batch["image"], batch["prompt"], batch["prompt_mask"],
+                       max_new_tokens=max_len, eos_id=tok.eos_id, pad_id=tok.pad_id, min_new_tokens=1,
+                       strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
+                       length_penalty=length_penalty, use_image=use_image)
+        return {"tokens": res.tokens[:, 0]}
+
+    def vqa_evaluators(self) -> list:
+        """'vqa' (zero-shot: the paper's prompt, beam search) and, with ``evals.vqa.blind``, 'vqa_blind'
+        (the same LM and prompt without the image prefix: what the question alone gives)."""
+        import functools
+
+        from vlm_jax.evaluation.vqa import VQAEvaluator
+        e = self.config.evals.vqa
+        config = self.config
+        if e.dataset:
+            config = _with_data(self.config, name=e.dataset, manual_dir=e.manual_dir, builder_config="",
+                                          **{f"num_{e.split}": int(e.num_images)})
+
+        def load_split():
+            from vlm_jax.data import pipeline
+            return pipeline.load_eval_split(config, self.tokenizer, e.split)
+
+        out = []
+        for name, use_image in (("vqa", True), ("vqa_blind", False))[: 2 if e.blind else 1]:
+            predict = functools.partial(self.answer, beam_size=int(e.beam_size), max_len=int(e.max_len),
+                                        length_penalty=float(e.length_penalty), use_image=use_image)
+            out.append(VQAEvaluator(name=name, every=int(e.every), predict=predict,
+                                    input_keys=("image", "prompt", "prompt_mask"), encode=self.encode_question,
+                                    load_split=load_split, tokenizer=self.tokenizer, batch_size=int(e.batch_size),
+                                    max_questions=int(e.max_questions), mesh=self.mesh, prompt=e.prompt))
+        return out
+
+
+def _with_data(config, **fields):
+    """A copy of ``config`` whose ``data`` section has ``fields`` replaced (an evaluation set other
+    than the training data, e.g. VQAv2 for a captioner)."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for k, v in fields.items():
+            c.data[k] = v
+    return c
 
 
 def make_task(config, *, workdir=None, mesh=None) -> Blip2Task:
