@@ -170,6 +170,7 @@ def get_config(arg=None):
         q.width, q.num_layers, q.num_heads, q.mlp_dim = 96, 2, 4, 192
         q.max_positions = 32
         q.dropout = 0.0
+        q.init_std = 0.0               # deviation: width-scaled init (no BERT weights offline; README, BLIP-2)
         o.lr = 1e-3
         o.warmup_steps = 100
         o.end_lr_fraction = 0.05

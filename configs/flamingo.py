@@ -44,6 +44,10 @@ def get_config(arg=None):
     mix.pairs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # <image> caption <eoc>
     mix.docs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=16))        # 1..M images with captions
     mix.nonce = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # nonce-word episodes
+    mix.mmc4 = ml_collections.ConfigDict(dict(weight=0.0, batch_size=16))        # MMC4-format web documents
+    # Local MMC4-format documents (vlm_jax/data/mmc4.py): *.jsonl + images/ in manual_dir; an image is
+    # used when its CLIP similarity to its matched sentence is >= threshold.
+    d.mmc4 = ml_collections.ConfigDict(dict(manual_dir="", threshold=0.24))
     d.max_images = 4                   # M: images per interleaved document
     d.max_tokens = 96                  # T: tokens per interleaved document (pairs: max_caption_len + 4)
     d.num_docs = 20000                 # synthetic documents / episodes per epoch (indices; drawn per index)
@@ -133,7 +137,7 @@ def get_config(arg=None):
         d.max_caption_len = 12
         d.max_images, d.max_tokens, d.num_docs = 2, 40, 64
         d.nonce_way, d.nonce_words, d.nonce_shots = 2, 6, 3
-        mix.pairs.batch_size = mix.docs.batch_size = mix.nonce.batch_size = 8
+        mix.pairs.batch_size = mix.docs.batch_size = mix.nonce.batch_size = mix.mmc4.batch_size = 8
         m.vision.update(dict(patch_size=8, width=20, num_layers=1, num_heads=2, mlp_dim=24))
         m.resampler.update(dict(depth=1, num_latents=3, num_heads=2, head_dim=6, mlp_dim=28))
         m.xattn.update(dict(num_heads=3, head_dim=5, mlp_dim=26))

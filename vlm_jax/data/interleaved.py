@@ -18,6 +18,8 @@ Sources (grain random-access, index -> dict of numpy arrays, deterministic per i
                          image-text pairs).
   `SyntheticDocSource`   1..M images of a split, each followed by one of its captions, with
                          text-only sentences between some chunks (interleaved web-page stand-in).
+  `Mmc4DocSource`        web documents in MMC4's format (`vlm_jax.data.mmc4`): images above a
+                         similarity threshold placed before their matched sentences.
   `NonceEpisodeSource`   in-context episodes: fresh nonce words bound to the colours of
                          single-object images ("<image> this is a dax <|endofchunk|>" ...); the
                          binding changes every episode, so a nonce word can only be predicted
@@ -39,7 +41,8 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Chunk", "encode_interleaved", "ClassificationEpisode", "nonce_words", "NONCE_TEMPLATE",
-           "FILLER", "CaptionDocSource", "SyntheticDocSource", "NonceEpisodeSource", "single_object_records"]
+           "FILLER", "CaptionDocSource", "SyntheticDocSource", "Mmc4DocSource", "NonceEpisodeSource",
+           "single_object_records"]
 
 #: Demonstration text of the nonce task; the query prompt is the text before "{}".
 NONCE_TEMPLATE = "this is a {}"
@@ -139,8 +142,9 @@ class _DocSourceBase:
     def _rng(self, j: int) -> np.random.Generator:
         return np.random.default_rng([self._seed, self._code, int(j)])
 
-    def _example(self, chunks: list[Chunk], records: list[int]) -> dict[str, np.ndarray]:
-        """Encode, cut to T tokens and M images (chunks whose image would not fit are dropped)."""
+    def _example(self, chunks: list[Chunk], records: list[int], image_data=None) -> dict[str, np.ndarray]:
+        """Encode, cut to T tokens and M images (chunks whose image would not fit are dropped).
+        The m-th image is ``self._images[records[m]]``, or ``image_data[m]`` (encoded bytes) when given."""
         if self._text_only:
             chunks = [dataclasses.replace(c, image=False, end=False) for c in chunks]
         kept, n_img = [], 0
@@ -160,7 +164,7 @@ class _DocSourceBase:
             return {"tokens": tokens}
         images = np.zeros((self._m, self._s, self._s, 3), np.float32)
         for m in range(n_img):
-            images[m] = self._preprocess(self._images[records[m]])
+            images[m] = self._preprocess(image_data[m] if image_data is not None else self._images[records[m]])
         valid = np.arange(self._m) < n_img
         return {"tokens": tokens, "images": images, "media_valid": valid}
 
@@ -215,6 +219,32 @@ class SyntheticDocSource(_DocSourceBase):
 
     def __repr__(self) -> str:
         return f"SyntheticDocSource(docs={self._n}, M={self._m}, T={self._t})"
+
+
+class Mmc4DocSource(_DocSourceBase):
+    """Document j of a prepared `vlm_jax.data.mmc4.Mmc4Local` split: its images with similarity >=
+    ``threshold`` interleaved with its sentences (`vlm_jax.data.mmc4.document_chunks`), at most M
+    images and T tokens. A document left without an image above the threshold becomes its text
+    alone (no image, hence no loss: open_flamingo drops such documents; here they cost one row)."""
+
+    _code = 3
+
+    def __init__(self, records, threshold: float, **kw):
+        super().__init__(name="Mmc4DocSource", images=None, **kw)
+        self._records, self._threshold = records, float(threshold)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, j):
+        from vlm_jax.data.mmc4 import document_chunks
+        ex = self._records[int(j)]          # `vlm_jax.data.mmc4.Mmc4Records`
+        chunks, order = document_chunks(ex["texts"], ex["image_sentence"], ex["image_sim"], threshold=self._threshold,
+                                        max_images=self._m)
+        return self._example(chunks, [], image_data=[ex["images"][k] for k in order])
+
+    def __repr__(self) -> str:
+        return f"Mmc4DocSource(docs={len(self._records)}, threshold={self._threshold}, M={self._m}, T={self._t})"
 
 
 class NonceEpisodeSource(_DocSourceBase):

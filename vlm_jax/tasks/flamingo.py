@@ -39,7 +39,7 @@ from vlm_jax.models import flamingo as fl
 from vlm_jax.tasks.base import Task
 
 STAGES = ("flamingo", "lm")
-SOURCES = ("pairs", "docs", "nonce")
+SOURCES = ("pairs", "docs", "nonce", "mmc4")
 
 
 class FlamingoTask(Task):
@@ -156,7 +156,7 @@ class FlamingoTask(Task):
 
     def max_images(self, source: str) -> int:
         d = self.config.data
-        return {"pairs": 1, "docs": int(d.max_images), "nonce": int(d.nonce_shots)}[source]
+        return {"pairs": 1, "docs": int(d.max_images), "nonce": int(d.nonce_shots), "mmc4": int(d.max_images)}[source]
 
     def source_batch(self, source: str) -> int:
         return int(self.config.data.mixture[source].batch_size)
@@ -179,7 +179,20 @@ class FlamingoTask(Task):
                                                       int(d.nonce_way), int(d.num_docs),
                                                       max_images=int(d.nonce_shots),
                                                       max_tokens=self.token_len("nonce"), **common)
+        if split == "train" and float(self.config.data.mixture.mmc4.weight) > 0:
+            out["mmc4"] = interleaved.Mmc4DocSource(self._mmc4_records(), float(d.mmc4.threshold),
+                                                    max_images=int(d.max_images), max_tokens=self.token_len("mmc4"),
+                                                    **{k: v for k, v in common.items() if k != "images"})
         return out
+
+    def _mmc4_records(self):
+        """The prepared MMC4-format documents of ``data.mmc4.manual_dir`` (images left encoded)."""
+        from vlm_jax.data.datasets import ensure_prepared
+        from vlm_jax.data.mmc4 import Mmc4Local, Mmc4Records
+        d = self.config.data
+        builder = Mmc4Local(config="default", data_dir=d.data_dir or None)
+        ensure_prepared(builder, d.mmc4.manual_dir)
+        return Mmc4Records(builder, "train")
 
     def train_iterator(self, *, process_index=None, process_count=None):
         from vlm_jax.data.mixture import MixtureSource, make_mixture_iterator
@@ -389,6 +402,11 @@ def validate(config) -> None:
         if w < 0:
             raise ConfigError(f"config.data.mixture.{name}.weight={w} must be >= 0 (0 drops the source).")
         check_positive(config, f"data.mixture.{name}.batch_size")
+    if float(config.data.mixture.mmc4.weight) > 0 and not config.data.mmc4.manual_dir:
+        raise ConfigError("config.data.mixture.mmc4.weight > 0 but config.data.mmc4.manual_dir is empty: point it at "
+                          "the folder of MMC4-format *.jsonl documents and their images/ (vlm_jax/data/mmc4.py).")
+    if float(config.data.mixture.mmc4.weight) > 0 and not os.path.isdir(config.data.mmc4.manual_dir):
+        raise ConfigError(f"config.data.mmc4.manual_dir={config.data.mmc4.manual_dir!r} is not a directory.")
     if not any(float(config.data.mixture[n].weight) > 0 for n in SOURCES):
         raise ConfigError(f"config.data.mixture: every source weight is 0; give one of {SOURCES} a weight > 0.")
     if config.model.lm.width % config.model.lm.num_heads:
