@@ -362,6 +362,23 @@ def test_walk_back_prints_one_line_per_skipped_step(copy_of, data_dir, caplog, c
     assert {k: v for k, v in _hashes(workdir).items() if k.startswith("checkpoints/2/")} == good
 
 
+def test_evaluation_walks_back_without_moving_files(copy_of, data_dir, caplog):
+    """eval's restore skips an unreadable latest step and says so, but leaves every file of the
+    workdir where it was (training, not evaluation, sets unreadable steps aside)."""
+    from vlm_jax import eval_lib
+    workdir = copy_of()
+    _corrupt_arrays(workdir, 4)
+    before = _hashes(workdir)
+    config = sat_config(data_dir, train__num_steps=4, train__checkpoint_every=2)
+    with caplog.at_level(logging.WARNING):
+        _, step, _ = eval_lib.restore(config, workdir)
+        gc.collect()
+    assert step == 2
+    assert any("unreadable steps [4] were left in place" in r.getMessage() for r in caplog.records)
+    assert _hashes(workdir) == before
+    assert not any(n.endswith(".corrupt") for n in os.listdir(os.path.join(workdir, "checkpoints")))
+
+
 def test_no_readable_checkpoint(copy_of, data_dir, capsys):
     workdir = copy_of()
     for step in (2, 4):

@@ -243,7 +243,7 @@ class Checkpointer:
         return dict(out["meta"])
 
     def restore(self, abstract_state, *, step: int | None = None, expect_meta: dict | None = None,
-                data_state: bool = True):
+                data_state: bool = True, set_aside_unreadable: bool = True):
         """-> (step, state, data_state, meta) or None if there is nothing to restore.
 
         `data_state`: decode this process's input-iterator state (training resumes it; it must
@@ -254,7 +254,9 @@ class Checkpointer:
         keys) as jax.ShapeDtypeStructs with `.sharding` for the current mesh.
         `expect_meta`: keys that must match the saved metadata (e.g. {'task': 'sat'}); a mismatch
         raises CheckpointMismatchError naming the key. With `step=None` the latest readable step
-        is used, walking back past corrupted ones with a warning.
+        is used, walking back past corrupted ones with a warning. `set_aside_unreadable`: move the
+        steps walked past to ``<step>.corrupt`` (training, which must save those step numbers again);
+        False (evaluation) leaves every file where it is.
         """
         steps = self.all_steps()
         if not steps:
@@ -295,7 +297,11 @@ class Checkpointer:
                 log.warning("checkpoint step %d in %s could not be restored (%s); trying an earlier step.",
                             s, self.directory, short_reason(e))
                 continue
-            self._discard(unreadable)
+            if set_aside_unreadable:
+                self._discard(unreadable)
+            elif unreadable:
+                log.warning("evaluating step %d; unreadable steps %s were left in place (training sets them aside "
+                            "when it resumes).", s, unreadable)
             return s, out["state"], (decode_data_state(out["data"]) if data_state else None), meta
         raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}); last error: "
                               f"{short_reason(last_error)}. Move the directory away to start fresh.")

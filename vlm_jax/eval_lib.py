@@ -45,7 +45,8 @@ def restore(config, workdir: str, step: int | None = None):
                 "one of them, or leave out --step for the latest readable one.")
         task, mesh = train_lib.make_task_and_mesh(config, workdir)
         program = train_lib.build_program(config, task, mesh)
-        restored = train_lib.restore_state(program, ckpt, config, task, step=step, data_state=False)
+        restored = train_lib.restore_state(program, ckpt, config, task, step=step, data_state=False,
+                                           set_aside_unreadable=False)   # evaluation never moves files
     finally:
         ckpt.close()
     if restored is None:

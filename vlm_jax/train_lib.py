@@ -374,13 +374,14 @@ def expected_meta(config, task: Task) -> dict:
 
 
 def restore_state(program: TrainProgram, ckpt: ckpt_lib.Checkpointer, config, task: Task, *,
-                  step: int | None = None, data_state: bool = True):
+                  step: int | None = None, data_state: bool = True, set_aside_unreadable: bool = True):
     """-> (step, state, data_state) from the workdir's checkpoint, or None when there is none.
 
     The frozen params come from the workdir's frozen_params/ (written once); if that is missing
-    they are rebuilt from the random init and `config.init` (deterministic), with a warning."""
+    they are rebuilt from the random init and `config.init` (deterministic), with a warning.
+    `set_aside_unreadable`: see `Checkpointer.restore` (evaluation passes False)."""
     restored = ckpt.restore(program.abstract_checkpoint_item(), step=step, data_state=data_state,
-                            expect_meta=expected_meta(config, task))
+                            expect_meta=expected_meta(config, task), set_aside_unreadable=set_aside_unreadable)
     if restored is None:
         return None
     step0, item, data, _ = restored
