@@ -373,6 +373,35 @@ def expected_meta(config, task: Task) -> dict:
     return {"task": config.task, **task.checkpoint_meta()}
 
 
+class PreemptionAgreement:
+    """Agree across processes, at every step, on whether any of them got SIGTERM, without a
+    blocking host round trip per step.
+
+    `update(local)` launches this step's all-reduce (max over one flag per device, each process
+    filling its own devices) asynchronously and returns the result launched at the previous call,
+    which by then has (almost always) finished: reading it waits at most for the previous train
+    step, which the host has already queued the current one behind. Every process issues the same
+    collectives in the same order and reads the same result at the same step, so all of them stop
+    and save the same step: a signal at step n stops everyone after step n + 1 (or n + 2).
+    """
+
+    def __init__(self, mesh):
+        from jax.sharding import NamedSharding, PartitionSpec
+        self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+        self._shape = (mesh.devices.size,)
+        self._reduce = jax.jit(lambda f: jnp.max(f), out_shardings=sharding.replicated(mesh))
+        self._pending = None
+
+    def update(self, local: bool) -> bool:
+        previous = self._pending
+        value = np.full((1,), int(local), np.int32)
+        flags = jax.make_array_from_single_device_arrays(
+            self._shape, self._sharding,
+            [jax.device_put(value, d) for d in self._sharding.addressable_devices])   # one flag per device
+        self._pending = self._reduce(flags)
+        return bool(previous is not None and int(jax.device_get(previous)))
+
+
 def restore_state(program: TrainProgram, ckpt: ckpt_lib.Checkpointer, config, task: Task, *,
                   step: int | None = None, data_state: bool = True, set_aside_unreadable: bool = True):
     """-> (step, state, data_state) from the workdir's checkpoint, or None when there is none.
@@ -490,6 +519,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
         preempted["local"] = True
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
+    agreement = PreemptionAgreement(mesh) if jax.process_count() > 1 else None
 
     # the step's rng, replicated on every device of the mesh (made by a jitted program, so each process
     # creates its own shards: a device_put of a host value cannot target another process's devices)
@@ -541,14 +571,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
                 eta = (stop - step) * dt / max(len(host), 1)
                 progress.write(f"step {step}/{num_steps} eta {eta / 60:.1f}min " + _fmt(values))
                 window_t, window_ex, pending = time.time(), 0, []
-            if jax.process_count() == 1:
+            if agreement is None:
                 preempted["flag"] = preempted["local"]
-            elif step % config.train.log_every == 0 or step == stop:
-                # Agree on preemption across hosts at log boundaries, so every process saves the
-                # same step (a signal may reach only some hosts).
-                from jax.experimental import multihost_utils
-                flags = multihost_utils.process_allgather(np.asarray(preempted["local"], np.int32))
-                preempted["flag"] = bool(np.max(flags))
+            else:     # every step, without waiting: the flags gathered after step n decide at step n + 1
+                preempted["flag"] = agreement.update(preempted["local"])
             if step < num_steps and not preempted["flag"]:
                 for name, values in run_evaluators(task, state, workdir=workdir, step=step, final=False,
                                                    only_due=True).items():
