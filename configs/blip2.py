@@ -6,7 +6,10 @@ Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
   stage1_synthetic  stage 1 on the embedded synthetic shapes set; trains on a 2-core CPU in
                     minutes. No pretrained image tower exists offline, so this variant trains a
                     small ViT together with the Q-Former (``model.freeze_vision=False``: a
-                    named deviation from the paper, whose image encoder is frozen).
+                    named deviation from the paper, whose image encoder is frozen), and starts the
+                    Q-Former from a width-scaled random init (``model.qformer.init_std=0``; the paper
+                    starts from BERT-base, whose weights are not available offline; with BERT's
+                    N(0, 0.02) at width 96 ITM did not learn within 1000 steps).
   stage1_paper      the paper's stage 1: EVA ViT-g/14 without its last block (a Hugging Face
                     Blip2VisionModel / CLIP directory in ``config.init.vision``), 224 px,
                     BERT-base Q-Former with 32 queries (``config.model.tokenizer_dir``: the
