@@ -241,6 +241,9 @@ def get_config(arg=None):
             m.vision_dtype = m.vision_param_dtype = "float16"
             m.lm_dtype = m.lm_param_dtype = "bfloat16"
             c.init.lm.source = "hf"    # + --config.init.lm.path=<opt-2.7b | flan-t5-xl>
+            # COCO captions carry no questions: zero-shot VQA on local VQAv2 files is opt-in,
+            # --config.evals.vqa.enabled=true --config.evals.vqa.dataset=vqav2 --config.evals.vqa.manual_dir=...
+            ev.enabled, ev.split = False, "val"
             t.batch_size = 1920 if m.stage == "opt" else 1520
             t.num_steps = 80_000
             d.name, d.builder_config, d.image_size = "karpathy_captions", "coco", 224
