@@ -123,6 +123,7 @@ class EvalSplit:
         table = self.question_table() if table is None else table
         qids = np.asarray(list(table), np.int64)
         template = {k: np.asarray(v) for k, v in encode("").items()}
+        cache: dict[int, np.ndarray] = {}       # an image's questions are consecutive: decode it once
         for lo in range(0, len(qids), batch_size):
             rows = qids[lo + index * b: lo + (index + 1) * b]
             out = {"image": np.zeros((b, s, s, 3), np.float32), "question_id": np.full((b,), -1, np.int64),
@@ -130,7 +131,10 @@ class EvalSplit:
             out.update({k: np.zeros((b,) + v.shape, v.dtype) for k, v in template.items()})
             for r, qid in enumerate(rows.tolist()):
                 q = table[qid]
-                out["image"][r] = self._preprocess(self._images[self._records[q["image_id"]]])
+                if q["image_id"] not in cache:
+                    cache.clear()
+                    cache[q["image_id"]] = self._preprocess(self._images[self._records[q["image_id"]]])
+                out["image"][r] = cache[q["image_id"]]
                 for k, v in encode(q["question"]).items():
                     out[k][r] = v
             out["question_id"][:len(rows)] = rows
