@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from vlm_jax import config_lib
-from vlm_jax.layers.cnn import GridCNN, adaptive_avg_pool
+from vlm_jax.layers.cnn import GridCNN, adaptive_avg_pool, grid_sincos_embedding
 from vlm_jax.models.sat import SATModel
 from vlm_jax.objectives import captioning
 from vlm_jax.tasks import sat as sat_task
@@ -132,6 +132,70 @@ def test_decode_step_matches_teacher_forcing(soft, hard):
         np.testing.assert_allclose(np.asarray(alphas), np.asarray(ref["alphas"]), atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def deviations():
+    """Both deviations on: a learned position table and the word-conditioned attention query; and
+    the fixed sin-cos table with the paper's query."""
+    out = []
+    for pe, query in (("learned", "hidden+word"), ("sincos", "hidden")):
+        task = sat_task.make_task(tiny_config(model__position_embedding=pe, model__attention_query=query))
+        batch = make_batch()
+        out.append((task, batch, nn.meta.unbox(jax.jit(task.init)(jax.random.key(0), batch))))
+    return out
+
+
+def test_grid_sincos_embedding_values():
+    """Row half depends on the row only, column half on the column only; the k = 0 pair is
+    (sin(pos), cos(pos)); every cell's vector is distinct; dim not divisible by 4 is refused."""
+    g, d = 5, 8
+    table = np.asarray(grid_sincos_embedding(g, d)).reshape(g, g, d)
+    np.testing.assert_allclose(table[:, :, :4], np.broadcast_to(table[:, :1, :4], (g, g, 4)))
+    np.testing.assert_allclose(table[:, :, 4:], np.broadcast_to(table[:1, :, 4:], (g, g, 4)))
+    np.testing.assert_allclose(table[3, 1, [0, 2]], [np.sin(3.0), np.cos(3.0)], atol=1e-6)
+    np.testing.assert_allclose(table[3, 1, [4, 6]], [np.sin(1.0), np.cos(1.0)], atol=1e-6)
+    np.testing.assert_allclose(table[0, 0, [1, 3]], [0.0, 1.0], atol=1e-6)   # w_1 = 10000**-0.5
+    np.testing.assert_allclose(table[2, 0, 1], np.sin(2 * 0.01), atol=1e-6)
+    flat = table.reshape(g * g, d)
+    assert len({tuple(np.round(r, 5)) for r in flat}) == g * g
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_sincos_embedding(4, 6)
+
+
+def test_position_embedding_enters_annotations(deviations):
+    """encode adds p_i to every annotation: learned = the 'pos_embed' param [L, D], sincos = the fixed
+    table; removing it recovers the paper's annotations exactly."""
+    for task, batch, variables in deviations:
+        params = {"params": variables["params"]}
+        ann = np.asarray(task.model.apply(params, batch["image"], method=SATModel.encode))
+        plain = task.model.clone(position_embedding="none")
+        ann0 = np.asarray(plain.apply(params, batch["image"], method=SATModel.encode))
+        table = (np.asarray(variables["params"]["pos_embed"]) if task.model.position_embedding == "learned"
+                 else np.asarray(grid_sincos_embedding(G, 16)))
+        assert table.shape == (L, 16)
+        np.testing.assert_allclose(ann - ann0, np.broadcast_to(table, ann.shape), atol=1e-5)
+
+
+def test_word_conditioned_attention_query(deviations):
+    """attention_query='hidden+word': the alphas at step t depend on the word fed at step t (y_{t-1});
+    with the paper's query they do not (h_{t-1} has not seen it). Decoding still equals teacher forcing."""
+    task, batch, variables = deviations[0]
+    assert "att_y" in variables["params"]
+    other = dict(batch, tokens=batch["tokens"].copy())
+    other["tokens"][0, 3] = 4                            # change y at position 3 only
+    for query, changes in (("hidden+word", True), ("hidden", False)):
+        model = task.model.clone(attention_query=query)
+        run = jax.jit(lambda p, tok: model.apply({"params": p}, batch["image"], tok, train=False)["alphas"])
+        a, b = np.asarray(run(variables["params"], batch["tokens"])), np.asarray(run(variables["params"], other["tokens"]))
+        np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)      # steps before position 3: same
+        assert (np.abs(a[0, 3] - b[0, 3]).max() > 1e-6) == changes    # the step that reads y = tokens[3]
+    for task, batch, variables in deviations:
+        ref = _apply(task, variables, batch, train=False)
+        logits, alphas, _ = _step_loop(task.model, {"params": variables["params"]}, batch["image"],
+                                       batch["tokens"][:, :-1].T)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref["logits"]), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(alphas), np.asarray(ref["alphas"]), atol=1e-5, rtol=0)
+
+
 def test_every_param_has_logical_axes():
     boxed = jax.eval_shape(sat_task.make_task(tiny_config(model__annotation_dim=24)).init, jax.random.key(0),
                            make_batch())
@@ -146,6 +210,10 @@ def test_bad_inputs_name_the_fix():
         sat_task.make_task(tiny_config(model__encoder="vgg")).init(jax.random.key(0), make_batch())
     with pytest.raises(ValueError, match="model.vocab_size=-1"):
         sat_task.validate(tiny_config(model__vocab_size=-1))
+    with pytest.raises(ValueError, match="model.position_embedding"):
+        sat_task.validate(tiny_config(model__position_embedding="rope"))
+    with pytest.raises(ValueError, match="model.attention_query"):
+        sat_task.validate(tiny_config(model__attention_query="word"))
     task = sat_task.make_task(tiny_config())
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
         jax.eval_shape(task.init, jax.random.key(0), {"image": np.zeros((B, S, S)), "tokens": np.zeros((B, T), np.int32)})

@@ -78,6 +78,25 @@ class ConvNormReLU(nn.Module):
         return nn.relu(x)
 
 
+def grid_sincos_embedding(grid: int, dim: int, *, max_period: float = 10_000.0) -> jax.Array:
+    """Fixed 2-D sine-cosine position table f32[grid*grid, dim] for a row-major G x G grid.
+
+    The first half of the channels encodes the row, the second half the column, each as
+    [sin(pos * w_k), cos(pos * w_k)] with frequencies w_k = max_period**(-k / (dim/4)),
+    k = 0 .. dim/4 - 1 (the transformer encoding of Vaswani et al., one axis per half).
+    dim must be divisible by 4."""
+    if dim % 4:
+        raise ValueError(f"grid_sincos_embedding: dim={dim} must be divisible by 4 "
+                         "(sin and cos for each of the two axes).")
+    quarter = dim // 4
+    freqs = max_period ** (-jnp.arange(quarter, dtype=jnp.float32) / quarter)          # [dim/4]
+    pos = jnp.arange(grid, dtype=jnp.float32)[:, None] * freqs[None]                   # [G, dim/4]
+    axis = jnp.concatenate([jnp.sin(pos), jnp.cos(pos)], axis=-1)                      # [G, dim/2]
+    rows = jnp.broadcast_to(axis[:, None, :], (grid, grid, dim // 2))                  # row of cell (r, c)
+    cols = jnp.broadcast_to(axis[None, :, :], (grid, grid, dim // 2))                  # column of cell (r, c)
+    return jnp.concatenate([rows, cols], axis=-1).reshape(grid * grid, dim)
+
+
 class GridCNN(nn.Module):
     """Small CNN grid encoder: `images f32[B, S, S, 3] -> features [B, G, G, widths[-1]]`.
 

@@ -8,7 +8,12 @@ Dimension letters:
 The paper's mechanism, in the notation of its Section 3 (all of it lives in `SATModel._step`):
 
   annotations      a = {a_1 .. a_L}, a_i in R^D     (CNN grid [B, G, G, C] -> optional 1x1 proj. -> [B, L, D])
+                   [deviation `position_embedding`: a_i + p_i, p a learned or fixed 2-D sin-cos table
+                   [L, D]; the paper's annotations carry no explicit position]
   attention score  e_ti = w . tanh(W_a a_i + W_h h_{t-1})  (W_a a is computed once per image)
+                   [deviation `attention_query='hidden+word'`: + W_y E y_{t-1}, so the attention that
+                   produces word t knows word t-1 (the paper's f_att sees h_{t-1} only, which does not
+                   contain the word beam search just chose)]
   weights          alpha_t = softmax_i(e_ti)                                   [B, L]
   gate             beta_t = sigmoid(f_beta(h_{t-1}))   (a scalar per caption and step; 1 if gate=False)
   context          soft: z_t = beta_t * sum_i alpha_ti a_i
@@ -32,13 +37,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.layers.cnn import adaptive_avg_pool
+from vlm_jax.layers.cnn import adaptive_avg_pool, grid_sincos_embedding
 
 Dtype = Any
 State = dict[str, jax.Array]
 
 ENCODERS = ("cnn", "resnet")
 ATTENTIONS = ("soft", "hard")
+POSITION_EMBEDDINGS = ("none", "learned", "sincos")
+ATTENTION_QUERIES = ("hidden", "hidden+word")
 
 
 def _dense(features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
@@ -67,6 +74,10 @@ class SATModel(nn.Module):
       dropout: rate on the deep-output layer (before L_o), training only.
       attention: 'soft' | 'hard'.
       gate: use the beta gate (else beta = 1).
+      position_embedding: 'none' (paper) | 'learned' (a trainable [L, D] table, init N(0, 0.02^2)) |
+        'sincos' (fixed 2-D sine-cosine table: half of D encodes the row, half the column), added
+        to the annotations so the attention scores and the context z_t can use where a cell is.
+      attention_query: 'hidden' (paper: f_att(a_i, h_{t-1})) | 'hidden+word' (adds W_y E y_{t-1}).
       hard_sample_fraction: probability that a caption uses the expected context instead of a
         sampled location while training with hard attention (paper: 0.5).
       freeze_encoder: the encoder output is wrapped in stop_gradient and a ResNet runs its
@@ -87,6 +98,8 @@ class SATModel(nn.Module):
     dropout: float = 0.0
     attention: str = "soft"
     gate: bool = True
+    position_embedding: str = "none"
+    attention_query: str = "hidden"
     hard_sample_fraction: float = 0.5
     freeze_encoder: bool = False
     dtype: Dtype = jnp.float32
@@ -97,6 +110,12 @@ class SATModel(nn.Module):
             raise ValueError(f"model.encoder={self.encoder_kind!r} is not supported; use one of {ENCODERS}.")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"model.attention={self.attention!r} is not supported; use 'soft' or 'hard'.")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"model.position_embedding={self.position_embedding!r} is not supported; "
+                             f"use one of {POSITION_EMBEDDINGS}.")
+        if self.attention_query not in ATTENTION_QUERIES:
+            raise ValueError(f"model.attention_query={self.attention_query!r} is not supported; "
+                             f"use one of {ATTENTION_QUERIES}.")
         if self.vocab_size < 4:
             raise ValueError(f"model.vocab_size={self.vocab_size}: set it from the tokenizer "
                              "(tokenizer.vocab_size) before building the SAT model.")
@@ -113,6 +132,12 @@ class SATModel(nn.Module):
         self.att_a = _dense(self.attention_dim, ("embed", "hidden"), **kw)                  # W_a (+ bias)
         self.att_h = _dense(self.attention_dim, ("embed", "hidden"), use_bias=False, **kw)  # W_h
         self.att_w = _dense(1, ("hidden", None), use_bias=False, **kw)                      # w
+        if self.attention_query == "hidden+word":
+            self.att_y = _dense(self.attention_dim, ("embed", "hidden"), use_bias=False, **kw)  # W_y
+        if self.position_embedding == "learned":
+            self.pos_embed = self.param(
+                "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (self.grid * self.grid, self.annotation_dim), self.param_dtype)              # p  [L, D]
         if self.gate:
             self.gate_beta = _dense(1, ("embed", None), **kw)                                # f_beta
         self.embed = nn.Embed(
@@ -145,6 +170,10 @@ class SATModel(nn.Module):
             feats = self.encoder_proj(feats)                                     # 1x1 conv C -> D
         b, g, _, d = feats.shape
         a = feats.reshape(b, g * g, d).astype(self.dtype)
+        if self.position_embedding == "learned":
+            a = a + self.pos_embed.astype(self.dtype)[None]                              # a_i + p_i
+        elif self.position_embedding == "sincos":
+            a = a + grid_sincos_embedding(g, d).astype(self.dtype)[None]
         return nn.with_logical_constraint(a, ("activation_batch", None, None))
 
     # ------------------------------------------------------------------ decoder
@@ -176,8 +205,11 @@ class SATModel(nn.Module):
         """
         h, c, a, wa = state["h"], state["c"], state["annotations"], state["projected"]
         emb = self.embed(y_prev)                                                  # E y_{t-1}  [N, E]
-        # e_ti = w . tanh(W_a a_i + W_h h_{t-1});  alpha_t = softmax_i e_ti
-        e = self.att_w(jnp.tanh(wa + self.att_h(h)[:, None, :]))[..., 0]         # [N, L]
+        # e_ti = w . tanh(W_a a_i + W_h h_{t-1} [+ W_y E y_{t-1}]);  alpha_t = softmax_i e_ti
+        query = self.att_h(h)                                                     # [N, A]
+        if self.attention_query == "hidden+word":
+            query = query + self.att_y(emb)
+        e = self.att_w(jnp.tanh(wa + query[:, None, :]))[..., 0]                  # [N, L]
         log_alpha = jax.nn.log_softmax(e.astype(jnp.float32), axis=-1)
         alpha = jnp.exp(log_alpha)
         entropy = -jnp.sum(alpha * log_alpha, axis=-1)                            # H[alpha_t]  [N]

@@ -96,6 +96,8 @@ def build_model(config, vocab_size: int) -> SATModel:
         dropout=float(m.dropout),
         attention=m.attention,
         gate=bool(m.gate),
+        position_embedding=m.position_embedding,
+        attention_query=m.attention_query,
         hard_sample_fraction=float(m.hard_sample_fraction),
         freeze_encoder=bool(m.freeze_encoder),
         dtype=_dtype(config.train.dtype, "train.dtype"),
@@ -276,6 +278,8 @@ def validate(config) -> None:
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
 
     check_choice(config, "model.attention", ("soft", "hard"))
+    check_choice(config, "model.position_embedding", ("none", "learned", "sincos"))
+    check_choice(config, "model.attention_query", ("hidden", "hidden+word"))
     check_choice(config, "model.encoder", ENCODERS)
     check_positive(config, "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
                    "model.attention_dim", "evals.caption.beam_size", "evals.caption.max_len",
