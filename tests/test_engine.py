@@ -355,6 +355,8 @@ def test_sat_coco_shaped_config_trains_on_a_frozen_hf_resnet(data_dir, tmp_path)
     # 64 px -> stride 32 -> a 2x2 grid of the last stage's 20 channels (HF hidden_sizes are block outputs)
     cfg = sat_tiny(data_dir, data__image_size=64, model__encoder="resnet", model__grid=2, model__annotation_dim=20,
                    model__freeze_encoder=True, init__encoder__source="hf", init__encoder__path=hf_dir,
+                   # coco's model: the paper's annotations (no position table added) and query
+                   model__position_embedding="none", model__attention_query="hidden",
                    train__num_steps=2, train__checkpoint_every=2)
     result = train_lib.train(cfg, str(tmp_path / "run"))
     assert result.step == 2
