@@ -477,6 +477,34 @@ def test_multiprocess_prepare_barrier(tmp_path, monkeypatch):
     assert builder.is_prepared() and len(builder.as_data_source(split="train")) == 3
 
 
+def test_concurrent_runs_prepare_the_dataset_once(tmp_path, monkeypatch):
+    """Two runs on one machine asking for the same unprepared dataset: the second waits on the
+    build lock while the first builds, then opens the finished dataset instead of building a
+    second copy (which used to fail renaming onto the first's folder)."""
+    import threading
+    builds = []
+    real = datasets.SyntheticShapes.download_and_prepare
+
+    def counting(self, *a, **k):
+        builds.append(threading.current_thread().name)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(datasets.SyntheticShapes, "download_and_prepare", counting)
+    cfg = data_config(tmp_path, num_train=3, num_val=2, num_test=2)
+    out = {}
+    first = datasets.make_builder(cfg.data)
+    with datasets._build_lock(first):           # run 1 holds the lock ...
+        second = threading.Thread(name="run2", target=lambda: out.update(b=datasets.prepare_once(cfg.data)))
+        second.start()
+        second.join(timeout=3)
+        assert second.is_alive()                  # ... run 2 waits for it
+        datasets.ensure_prepared(first)           # run 1 builds
+    second.join(timeout=120)
+    assert not second.is_alive()
+    assert builds == ["MainThread"]               # one build, by run 1
+    assert out["b"].is_prepared() and len(out["b"].as_data_source(split="train")) == 3
+
+
 # ------------------------------------------------------------------------- mixtures
 class _Records:
     """Toy grain source: record i -> {x: f32 shape filled with offset + i, id: i64 offset + i}."""

@@ -28,11 +28,14 @@ time it took is logged.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import logging
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -136,24 +139,55 @@ def ensure_prepared(builder: tfds.core.DatasetBuilder, manual_dir: str = "") -> 
 
 
 def prepare_once(data) -> tfds.core.DatasetBuilder:
-    """Prepares the dataset; with several JAX processes, process 0 builds first.
+    """Prepares the dataset `config.data` names (see `prepare_builder_once`)."""
+    return prepare_builder_once(lambda: make_builder(data), data.manual_dir)
 
-    The others wait at a barrier (always taken when process_count > 1, prepared or not, so
-    that every process passes the same barriers), then re-open the builder (its info is read
-    from disk). On hosts without a shared data_dir they find nothing and build their own
-    copy. Must run after `jax.distributed.initialize`, in the same order on every process
-    (it does: every process makes the same pipeline calls).
+
+def prepare_builder_once(make: Callable[[], tfds.core.DatasetBuilder],
+                         manual_dir: str = "") -> tfds.core.DatasetBuilder:
+    """Prepares `make()`'s dataset once, however many processes ask for it.
+
+    * Several JAX processes: process 0 builds first; the others wait at a barrier (always
+      taken when process_count > 1, prepared or not, so that every process passes the same
+      barriers), then re-open the builder (its info is read from disk). On hosts without a
+      shared data_dir they find nothing and build their own copy. Must run after
+      `jax.distributed.initialize`, in the same order on every process (it does: every
+      process makes the same pipeline calls).
+    * Independent runs on one machine (two `train.py` started together on a fresh data_dir):
+      an exclusive file lock next to the dataset's folder lets one build while the others
+      wait, then re-open the finished dataset, instead of both building and the second
+      failing to rename its copy onto the first's.
     """
     import jax  # only here: process index/count and the barrier
-    builder = make_builder(data)
+    builder = make()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         if jax.process_index() == 0:
-            ensure_prepared(builder, data.manual_dir)
+            with _build_lock(builder):
+                ensure_prepared(make(), manual_dir)
         multihost_utils.sync_global_devices(f"vlm_jax.data: prepared {builder.info.full_name}")
-        builder = make_builder(data)
-    ensure_prepared(builder, data.manual_dir)
+        builder = make()
+    if not builder.is_prepared():
+        with _build_lock(builder):
+            builder = make()              # another run may have finished it while we waited
+            ensure_prepared(builder, manual_dir)
     return builder
+
+
+@contextlib.contextmanager
+def _build_lock(builder: tfds.core.DatasetBuilder):
+    """fcntl lock on `<data_dir>/<name>/<config>/.prepare.lock` (local data_dirs only)."""
+    folder = os.path.dirname(os.fspath(builder.data_dir).rstrip("/"))
+    if "://" in folder:                   # gs:// etc.: no local lock; multi-host uses the barrier
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".prepare.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------- per split

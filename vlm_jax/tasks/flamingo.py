@@ -187,11 +187,11 @@ class FlamingoTask(Task):
 
     def _mmc4_records(self):
         """The prepared MMC4-format documents of ``data.mmc4.manual_dir`` (images left encoded)."""
-        from vlm_jax.data.datasets import ensure_prepared
+        from vlm_jax.data.datasets import prepare_builder_once
         from vlm_jax.data.mmc4 import Mmc4Local, Mmc4Records
         d = self.config.data
-        builder = Mmc4Local(config="default", data_dir=d.data_dir or None)
-        ensure_prepared(builder, d.mmc4.manual_dir)
+        builder = prepare_builder_once(lambda: Mmc4Local(config="default", data_dir=d.data_dir or None),
+                                       d.mmc4.manual_dir)
         return Mmc4Records(builder, "train")
 
     def train_iterator(self, *, process_index=None, process_count=None):
