@@ -67,6 +67,9 @@ def get_config(arg=None):
     m.hard_entropy_weight = 0.01       # hard attention: lambda_e entropy bonus
     m.hard_baseline_decay = 0.9        # hard attention: moving-average baseline decay
     m.hard_sample_fraction = 0.5       # prob. of using the expectation instead of a sample (paper: 0.5)
+    # Hard-attention schedules (not in the paper; 0 = the paper's constants; README ablation):
+    m.hard_expectation_warmup = 0      # updates over which that prob. falls from 1 to hard_sample_fraction
+    m.hard_entropy_decay = 0           # updates over which lambda_e falls linearly to 0
     m.freeze_encoder = False
 
     # ---------------------------------------------------------------- optimisation

@@ -306,6 +306,39 @@ def test_hard_loss_metrics_and_attention_gradients(hard):
         assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(xent_g[name])) == 0.0, name
 
 
+def test_hard_attention_schedules_arithmetic():
+    sch = functools.partial(captioning.hard_attention_schedule, expectation_prob=0.5, expectation_warmup=400,
+                            entropy_weight=0.02, entropy_decay=1000)
+    for t, p, lam in ((0, 1.0, 0.02), (100, 0.875, 0.018), (400, 0.5, 0.012), (2000, 0.5, 0.0)):
+        out = sch(jnp.int32(t))
+        np.testing.assert_allclose([float(out.expectation_prob), float(out.entropy_weight)], [p, lam], rtol=1e-6)
+    paper = captioning.hard_attention_schedule(jnp.int32(7), expectation_prob=0.5, expectation_warmup=0,
+                                               entropy_weight=0.01, entropy_decay=0)
+    np.testing.assert_array_equal([paper.expectation_prob, paper.entropy_weight], np.float32([0.5, 0.01]))
+
+
+def test_hard_expectation_warmup_in_the_loss(hard):
+    """With the warm-up, update 0 uses the expectation for every caption (no location sampled, so
+    the REINFORCE term is exactly 0 and the loss is soft attention's minus the entropy bonus); the
+    update counter in model_state advances, and after the warm-up captions sample again."""
+    task = sat_task.make_task(tiny_config(model__attention="hard", model__hard_sample_fraction=0.0,
+                                          model__hard_expectation_warmup=3, model__hard_entropy_decay=2,
+                                          model__hard_entropy_weight=0.5))
+    _, batch, variables = hard
+    state = dict(variables["model_state"])
+    assert int(state["hard_updates"]) == 0
+    fn = jax.jit(lambda st, r: task.loss_fn(variables["params"], st, batch, r, train=True))
+    _, (m0, s1) = fn(state, jax.random.key(4))
+    assert float(m0["expectation_prob"]) == 1.0 and float(m0["reinforce"]) == 0.0
+    assert float(m0["entropy_weight"]) == 0.5 and int(s1["hard_updates"]) == 1
+    np.testing.assert_allclose(float(m0["loss"]), float(m0["xent"] + m0["ds_reg"] - 0.5 * m0["entropy"]), rtol=1e-5)
+    _, (m3, s4) = fn(dict(s1, hard_updates=jnp.int32(3)), jax.random.key(4))
+    assert float(m3["expectation_prob"]) == 0.0 and float(m3["entropy_weight"]) == 0.0
+    assert float(m3["reinforce"]) != 0.0 and int(s4["hard_updates"]) == 4
+    _, (me, se) = jax.jit(lambda st: task.loss_fn(variables["params"], st, batch, jax.random.key(4), train=False))(state)
+    assert int(se["hard_updates"]) == 0 and float(me["reinforce"]) == 0.0   # evaluation leaves the state alone
+
+
 # ---------------------------------------------------------------------------- task
 def test_param_groups_freeze_encoder(soft):
     from vlm_jax import optim

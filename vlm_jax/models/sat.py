@@ -252,8 +252,12 @@ class SATModel(nn.Module):
         return out["logits"], new_state, out["alpha"]
 
     # ------------------------------------------------------------------ teacher forcing
-    def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool,
+                 expectation_prob: jax.Array | float | None = None) -> dict[str, jax.Array]:
         """Teacher-forced forward. images f32[B, S, S, 3], tokens i32[B, T] (<bos> w1 .. <eos> <pad>..).
+
+        expectation_prob (hard attention, training): probability that a caption uses the expected
+        context instead of sampled locations; None = `hard_sample_fraction` (the task schedules it).
 
         Predicts tokens[:, 1:] from tokens[:, :-1]. Returns
           logits f32[B, T-1, V], alphas f32[B, T-1, L], betas f32[B, T-1],
@@ -271,8 +275,9 @@ class SATModel(nn.Module):
         b = tokens.shape[0]
         hard_train = self.attention == "hard" and train
         if hard_train:
-            # per caption: sample locations with prob. 1 - hard_sample_fraction, else use the expectation
-            use_sample = jax.random.bernoulli(self.make_rng("hard"), 1.0 - self.hard_sample_fraction, (b,))
+            # per caption: sample locations with prob. 1 - expectation_prob, else use the expectation
+            p_exp = self.hard_sample_fraction if expectation_prob is None else expectation_prob
+            use_sample = jax.random.bernoulli(self.make_rng("hard"), 1.0 - jnp.asarray(p_exp, jnp.float32), (b,))
         else:
             use_sample = jnp.zeros((b,), bool)
         inputs = jnp.swapaxes(tokens[:, :-1], 0, 1)                              # [T-1, B]

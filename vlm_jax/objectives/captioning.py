@@ -110,3 +110,34 @@ def attention_entropy(entropy: jax.Array, mask: jax.Array) -> jax.Array:
     """
     m = mask.astype(jnp.float32)
     return jnp.sum(entropy.astype(jnp.float32) * m) / jnp.maximum(m.sum(), 1.0)
+
+
+class HardSchedule(NamedTuple):
+    expectation_prob: jax.Array   # f32[]  probability that a caption uses the expected context
+    entropy_weight: jax.Array     # f32[]  lambda_e at this update
+
+
+def hard_attention_schedule(update: jax.Array, *, expectation_prob: float, expectation_warmup: int,
+                            entropy_weight: float, entropy_decay: int) -> HardSchedule:
+    """Schedules for hard attention's two knobs, as functions of the update count (i32[]).
+
+    * Expectation warm-up (not in the paper; `expectation_warmup` > 0): the probability of using
+      the expectation instead of a sample falls linearly from 1 to `expectation_prob` (the
+      paper's 0.5) over the first `expectation_warmup` updates,
+          p_t = 1 - (1 - p) * min(1, t / W),
+      so the attention first learns where to look through the exact (soft) gradient, and the
+      sampled locations REINFORCE scores later land on objects instead of on the background
+      that fills most of a near-uniform alpha's 196 cells.
+    * Entropy decay (not in the paper; `entropy_decay` > 0): lambda_e falls linearly to 0 over
+      `entropy_decay` updates, lambda_e(t) = lambda_e * max(0, 1 - t / D): exploration early,
+      no pull towards uniform attention once the model has learned where objects are.
+    0 for either keeps the paper's constant value.
+    """
+    t = jnp.asarray(update, jnp.float32)
+    p = jnp.asarray(expectation_prob, jnp.float32)
+    if expectation_warmup > 0:
+        p = 1.0 - (1.0 - p) * jnp.minimum(1.0, t / float(expectation_warmup))
+    lam = jnp.asarray(entropy_weight, jnp.float32)
+    if entropy_decay > 0:
+        lam = lam * jnp.maximum(0.0, 1.0 - t / float(entropy_decay))
+    return HardSchedule(expectation_prob=p, entropy_weight=lam)

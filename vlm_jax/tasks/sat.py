@@ -6,6 +6,7 @@ L annotation locations.
 Loss (Xu et al. 2015, eq. 13-14 for soft, eq. 12 for hard attention):
   soft: [sum_b -log p(y_b) + lambda * sum_b sum_i (1 - sum_t alpha_bti)^2] / #target tokens
   hard: the same + REINFORCE surrogate with a moving-average baseline - lambda_e * H[alpha]
+        (optional schedules for the expectation mixing and lambda_e: `hard_attention_schedule`)
 See `vlm_jax.objectives.captioning` for each term.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from vlm_jax.tasks.base import Batch, ImageCaptionTask, Metrics, PyTree
 
 PAD_ID = 0                      # WordTokenizer.pad_id (docs/interfaces.md)
 BASELINE_KEY = "reinforce_baseline"
+UPDATES_KEY = "hard_updates"    # hard attention: loss evaluations so far (drives its schedules)
+STATE_KEYS = (BASELINE_KEY, UPDATES_KEY)   # task state in model_state that is not a Flax collection
 ENCODER_SUBTREE = "encoder"     # params['encoder'] is the image CNN; frozen with model.freeze_encoder
 ENCODERS = ("cnn", "resnet", "resnet50", "resnet101")
 
@@ -157,7 +160,7 @@ class SATTask(ImageCaptionTask):
     # ------------------------------------------------------------------ variables
     def _variables(self, params: PyTree, model_state: PyTree) -> dict[str, PyTree]:
         """Flax variables: params + every model-state entry that is a Flax collection (e.g. batch_stats)."""
-        extra = {k: v for k, v in model_state.items() if k != BASELINE_KEY}
+        extra = {k: v for k, v in model_state.items() if k not in STATE_KEYS}
         return {"params": params, **extra}
 
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, PyTree]:
@@ -169,6 +172,7 @@ class SATTask(ImageCaptionTask):
         model_state = dict(variables)
         if self.hard:
             model_state[BASELINE_KEY] = jnp.zeros((), jnp.float32)
+            model_state[UPDATES_KEY] = jnp.zeros((), jnp.int32)
         return {"params": params, "model_state": model_state}
 
     # ------------------------------------------------------------------ loss
@@ -177,7 +181,8 @@ class SATTask(ImageCaptionTask):
         """Pure and jittable. -> (loss, (metrics, new_model_state)).
 
         metrics: loss, xent, ds_reg, accuracy, num_tokens; hard attention also reinforce,
-        entropy (mean H[alpha_t] over target tokens) and baseline (after the update).
+        entropy (mean H[alpha_t] over target tokens), baseline (after the update), and the
+        scheduled expectation_prob and entropy_weight of this update.
         """
         mcfg = self.config.model
         images, tokens = batch["image"], batch["tokens"]
@@ -186,7 +191,15 @@ class SATTask(ImageCaptionTask):
         drop_rng, hard_rng = jax.random.split(rng)
         variables = self._variables(params, model_state)
         mutable = [k for k in ("batch_stats",) if k in variables] if train and not mcfg.freeze_encoder else []
+        sched = None
+        if self.hard:
+            # counts loss evaluations (= optimizer updates; microbatches with grad accumulation)
+            sched = captioning.hard_attention_schedule(
+                model_state[UPDATES_KEY], expectation_prob=float(mcfg.hard_sample_fraction),
+                expectation_warmup=int(mcfg.hard_expectation_warmup),
+                entropy_weight=float(mcfg.hard_entropy_weight), entropy_decay=int(mcfg.hard_entropy_decay))
         result = self.model.apply(variables, images, tokens, train=train,
+                                  expectation_prob=None if sched is None else sched.expectation_prob,
                                   rngs={"dropout": drop_rng, "hard": hard_rng}, mutable=mutable or False)
         outputs, updates = result if mutable else (result, {})
         new_state = dict(model_state)
@@ -206,10 +219,12 @@ class SATTask(ImageCaptionTask):
                     decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens)
                 reinforce, baseline = rf.loss, rf.new_baseline
                 new_state[BASELINE_KEY] = baseline
+                new_state[UPDATES_KEY] = model_state[UPDATES_KEY] + 1
             else:
                 reinforce = jnp.zeros((), jnp.float32)
-            loss = loss + reinforce - float(mcfg.hard_entropy_weight) * entropy
-            metrics.update(reinforce=reinforce, entropy=entropy, baseline=baseline)
+            loss = loss + reinforce - sched.entropy_weight * entropy
+            metrics.update(reinforce=reinforce, entropy=entropy, baseline=baseline,
+                           expectation_prob=sched.expectation_prob, entropy_weight=sched.entropy_weight)
         metrics["loss"] = loss
         return loss, (metrics, new_state)
 
@@ -285,7 +300,8 @@ def validate(config) -> None:
                    "model.attention_dim", "evals.caption.beam_size", "evals.caption.max_len",
                    "evals.caption.batch_size", "data.image_size", "data.max_caption_len")
     check_positive(config, "model.ds_lambda", "model.hard_entropy_weight", "evals.caption.length_penalty",
-                   "evals.caption.every", "model.vocab_size", allow_zero=True)
+                   "evals.caption.every", "model.vocab_size", "model.hard_expectation_warmup",
+                   "model.hard_entropy_decay", allow_zero=True)
     if config.model.freeze_encoder and config.model.encoder != "cnn" and not encoder_init_dir(config):
         raise ConfigError(f"config.model.freeze_encoder=True with a {config.model.encoder} encoder but nothing "
                           "initialises it, so the captioner would train on a frozen random network: set "
