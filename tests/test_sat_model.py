@@ -173,6 +173,10 @@ def test_position_embedding_enters_annotations(deviations):
                  else np.asarray(grid_sincos_embedding(G, 16)))
         assert table.shape == (L, 16)
         np.testing.assert_allclose(ann - ann0, np.broadcast_to(table, ann.shape), atol=1e-5)
+        if task.model.position_embedding == "sincos":     # position_scale multiplies the fixed table
+            scaled = task.model.clone(position_scale=0.3)
+            ann3 = np.asarray(scaled.apply(params, batch["image"], method=SATModel.encode))
+            np.testing.assert_allclose(ann3 - ann0, np.broadcast_to(0.3 * table, ann.shape), atol=1e-5)
 
 
 def test_word_conditioned_attention_query(deviations):
@@ -214,6 +218,10 @@ def test_bad_inputs_name_the_fix():
         sat_task.validate(tiny_config(model__position_embedding="rope"))
     with pytest.raises(ValueError, match="model.attention_query"):
         sat_task.validate(tiny_config(model__attention_query="word"))
+    with pytest.raises(ValueError, match="model.position_scale"):
+        sat_task.validate(tiny_config(model__position_scale=0.0))
+    with pytest.raises(ValueError, match="model.hard_expectation_warmup"):
+        sat_task.validate(tiny_config(model__hard_expectation_warmup=-5))
     task = sat_task.make_task(tiny_config())
     with pytest.raises(ValueError, match=r"\[B, S, S, 3\]"):
         jax.eval_shape(task.init, jax.random.key(0), {"image": np.zeros((B, S, S)), "tokens": np.zeros((B, T), np.int32)})

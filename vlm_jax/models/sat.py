@@ -77,6 +77,8 @@ class SATModel(nn.Module):
       position_embedding: 'none' (paper) | 'learned' (a trainable [L, D] table, init N(0, 0.02^2)) |
         'sincos' (fixed 2-D sine-cosine table: half of D encodes the row, half the column), added
         to the annotations so the attention scores and the context z_t can use where a cell is.
+      position_scale: multiplies the 'sincos' table (rows have norm sqrt(D/2), comparable to the
+        CNN's annotations, which a full-scale table drowns: README ablation).
       attention_query: 'hidden' (paper: f_att(a_i, h_{t-1})) | 'hidden+word' (adds W_y E y_{t-1}).
       hard_sample_fraction: probability that a caption uses the expected context instead of a
         sampled location while training with hard attention (paper: 0.5).
@@ -99,6 +101,7 @@ class SATModel(nn.Module):
     attention: str = "soft"
     gate: bool = True
     position_embedding: str = "none"
+    position_scale: float = 1.0
     attention_query: str = "hidden"
     hard_sample_fraction: float = 0.5
     freeze_encoder: bool = False
@@ -173,7 +176,7 @@ class SATModel(nn.Module):
         if self.position_embedding == "learned":
             a = a + self.pos_embed.astype(self.dtype)[None]                              # a_i + p_i
         elif self.position_embedding == "sincos":
-            a = a + grid_sincos_embedding(g, d).astype(self.dtype)[None]
+            a = a + (self.position_scale * grid_sincos_embedding(g, d)).astype(self.dtype)[None]
         return nn.with_logical_constraint(a, ("activation_batch", None, None))
 
     # ------------------------------------------------------------------ decoder

@@ -100,6 +100,7 @@ def build_model(config, vocab_size: int) -> SATModel:
         attention=m.attention,
         gate=bool(m.gate),
         position_embedding=m.position_embedding,
+        position_scale=float(m.position_scale),
         attention_query=m.attention_query,
         hard_sample_fraction=float(m.hard_sample_fraction),
         freeze_encoder=bool(m.freeze_encoder),
@@ -296,7 +297,7 @@ def validate(config) -> None:
     check_choice(config, "model.position_embedding", ("none", "learned", "sincos"))
     check_choice(config, "model.attention_query", ("hidden", "hidden+word"))
     check_choice(config, "model.encoder", ENCODERS)
-    check_positive(config, "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
+    check_positive(config, "model.position_scale", "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
                    "model.attention_dim", "evals.caption.beam_size", "evals.caption.max_len",
                    "evals.caption.batch_size", "data.image_size", "data.max_caption_len")
     check_positive(config, "model.ds_lambda", "model.hard_entropy_weight", "evals.caption.length_penalty",
