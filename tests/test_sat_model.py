@@ -110,6 +110,7 @@ def test_output_shapes_alpha_beta(soft, hard):
             # or used the expectation at every step (0)
             logp = np.asarray(out["sample_logp"])
             assert np.all((logp < 0).all(1) | (logp == 0).all(1))
+            np.testing.assert_array_equal(np.asarray(out["sampled"]), (logp < 0).all(1))
             near = np.min(np.abs(np.log(np.asarray(out["alphas"])) - logp[..., None]), axis=-1)
             assert np.all(near[(logp < 0)] < 1e-5)
             ent = np.asarray(out["entropy"])
@@ -279,6 +280,13 @@ def test_reinforce_baseline_and_surrogate_arithmetic():
         r, lp, mask, jnp.float32(-1.0), decay=0.9, normalizer=jnp.float32(5.0)).loss, argnums=(0, 1))(sample_logp, reward)
     np.testing.assert_allclose(np.asarray(g[0]), [[0.2, 0.2, 0.0], [0.6, 0.6, 0.6]], rtol=1e-6)
     assert np.all(np.asarray(g[1]) == 0)
+    # the baseline moves with the captions that sampled: caption 1 used the expectation
+    part = captioning.reinforce_hard_attention(reward, sample_logp.at[1].set(0.0), mask, jnp.float32(-1.0), decay=0.9,
+                                               normalizer=jnp.float32(5.0), sampled=jnp.array([True, False]))
+    np.testing.assert_allclose(float(part.new_baseline), 0.9 * -1 + 0.1 * -2, rtol=1e-6)
+    none = captioning.reinforce_hard_attention(reward, jnp.zeros_like(sample_logp), mask, jnp.float32(-1.0), decay=0.9,
+                                               normalizer=jnp.float32(5.0), sampled=jnp.array([False, False]))
+    assert float(none.new_baseline) == -1.0 and float(none.loss) == 0.0
 
 
 def test_hard_loss_metrics_and_attention_gradients(hard):

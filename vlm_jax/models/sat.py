@@ -265,7 +265,8 @@ class SATModel(nn.Module):
         Predicts tokens[:, 1:] from tokens[:, :-1]. Returns
           logits f32[B, T-1, V], alphas f32[B, T-1, L], betas f32[B, T-1],
           and for attention='hard' also sample_logp f32[B, T-1] (log p(s_t | a), 0 where the caption
-          used the expectation or train=False) and entropy f32[B, T-1] (H[alpha_t]).
+          used the expectation or train=False), entropy f32[B, T-1] (H[alpha_t]) and sampled bool[B]
+          (the captions that sampled locations).
         """
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"SATModel: tokens must be i32[B, T] with T >= 2 (<bos> ... <eos>), got shape {tokens.shape}.")
@@ -302,5 +303,6 @@ class SATModel(nn.Module):
         )
         if self.attention == "hard":
             result["sample_logp"] = outs["sample_logp"]
+            result["sampled"] = use_sample                                       # bool[B]
             result["entropy"] = outs["entropy"]
         return result

@@ -73,7 +73,8 @@ def caption_log_likelihood(nll: jax.Array) -> jax.Array:
 
 
 def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: jax.Array,
-                             baseline: jax.Array, *, decay: float, normalizer: jax.Array) -> ReinforceResult:
+                             baseline: jax.Array, *, decay: float, normalizer: jax.Array,
+                             sampled: jax.Array | None = None) -> ReinforceResult:
     """REINFORCE term of hard ("stochastic") attention (paper eq. 11-12) with a moving-average baseline.
 
     The paper's gradient for one caption with sampled locations s~ is
@@ -85,10 +86,16 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     with r_b = log p(y_b | s~, a) (`caption_log_likelihood`), b the baseline *before* this batch.
     Use the token count as `normalizer` so the ratio to a per-token-mean cross-entropy is the
     paper's per-caption ratio. The baseline (model state, not a parameter) then moves as
-        b <- decay * b + (1 - decay) * mean_b r_b.
+        b <- decay * b + (1 - decay) * mean_{b sampled} r_b
+    over the captions that sampled locations (`sampled`; default all): b estimates the reward
+    of a sampled caption, the only kind whose log p(s~ | a) the surrogate scores. Averaging in
+    the captions that used the expected context (the 50% mixing), whose likelihood is higher,
+    leaves the estimator unbiased but offsets every advantage, adding variance. A batch with no
+    sampled caption leaves b as it was.
 
     reward f32[B], sample_logp f32[B, T] (0 where no location was sampled), mask bool[B, T],
-    baseline f32[] -> ReinforceResult(loss f32[], new_baseline f32[], advantage f32[B]).
+    baseline f32[], sampled bool[B] | None -> ReinforceResult(loss f32[], new_baseline f32[],
+    advantage f32[B]).
     """
     if sample_logp.shape != mask.shape or reward.shape != sample_logp.shape[:1]:
         raise ValueError(f"reinforce_hard_attention: reward must be [B] and sample_logp, mask [B, T]; got "
@@ -98,7 +105,13 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     advantage = reward - baseline
     logp_s = jnp.sum(sample_logp.astype(jnp.float32) * mask.astype(jnp.float32), axis=-1)  # log p(s~ | a)  [B]
     loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
-    new_baseline = decay * baseline + (1.0 - decay) * jnp.mean(reward)
+    if sampled is None:
+        new_baseline = decay * baseline + (1.0 - decay) * jnp.mean(reward)
+    else:
+        w = sampled.astype(jnp.float32)
+        n = jnp.sum(w)
+        mean_sampled = jnp.sum(w * reward) / jnp.maximum(n, 1.0)
+        new_baseline = jnp.where(n > 0, decay * baseline + (1.0 - decay) * mean_sampled, baseline)
     return ReinforceResult(loss=loss, new_baseline=new_baseline, advantage=advantage)
 
 

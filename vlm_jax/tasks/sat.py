@@ -217,7 +217,8 @@ class SATTask(ImageCaptionTask):
                 reward = captioning.caption_log_likelihood(xent.nll)
                 rf = captioning.reinforce_hard_attention(
                     reward, outputs["sample_logp"], mask, baseline,
-                    decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens)
+                    decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens,
+                    sampled=outputs["sampled"])
                 reinforce, baseline = rf.loss, rf.new_baseline
                 new_state[BASELINE_KEY] = baseline
                 new_state[UPDATES_KEY] = model_state[UPDATES_KEY] + 1
