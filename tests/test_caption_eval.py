@@ -222,3 +222,25 @@ def test_upsample_attention_peaks_at_the_attended_cell():
     assert up.shape == (40, 80) and up.min() == 0.0 and up.max() == pytest.approx(1.0)
     y, x = np.unravel_index(np.argmax(up), up.shape)
     assert 10 <= y < 20 and 40 <= x < 60  # inside the cell's pixel region
+
+
+def test_training_curves_read_and_plot(tmp_path):
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 50, "split": "train", "entropy": 5.2, "loss": 3.0}, "not json",
+            {"step": 100, "split": "train", "entropy": 4.9}, {"step": 100, "split": "test", "entropy": 1.0},
+            {"step": 100, "split": "train", "entropy": 4.8}]          # a resumed run re-logs step 100
+    (run / "metrics.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    steps, values = plots.read_curve(str(run), "entropy")
+    np.testing.assert_array_equal(steps, [50, 100])
+    np.testing.assert_allclose(values, [5.2, 4.8])
+    with pytest.raises(ValueError, match=r"no 'train' row logs 'reward'.*\['entropy', 'loss'\]"):
+        plots.read_curve(str(run), "reward")
+    with pytest.raises(FileNotFoundError, match="training workdir"):
+        plots.read_curve(str(tmp_path), "entropy")
+    out = tmp_path / "fig" / "curves.png"
+    assert plots.main(["--run", f"hard={run}", "--metric", "entropy", "--metric", "loss",
+                       "--hline", "entropy=5.278", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.main(["--run", str(run), "--metric", "reward", "--out", str(out)]) == 2

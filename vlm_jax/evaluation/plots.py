@@ -1,4 +1,4 @@
-"""Paper-style attention figures (Show, Attend and Tell, Fig. 2-3).
+"""Paper-style attention figures (Show, Attend and Tell, Fig. 2-3), and training curves.
 
 Dimension letters: H, W image height and width, G grid side, L = G*G locations.
 
@@ -7,6 +7,12 @@ one generated word (alpha upsampled bilinearly from G x G to H x W, then smoothe
 Gaussian), titled with the word. alpha rows are row-major over the grid (as in
 `vlm_jax.evaluation.localization`). Rendering uses matplotlib's Agg canvas directly (no pyplot
 state, no display needed).
+
+Training curves: every run's `<workdir>/metrics.jsonl` (the trainer's log, one JSON object per
+logged step) read back and plotted against the step, e.g. hard attention's attention entropy:
+
+    python -m vlm_jax.evaluation.plots --run soft=runs/sat_soft --run hard=runs/sat_hard \
+        --metric entropy --hline entropy=5.278 --out runs/entropy.png
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["save_attention_figure", "upsample_attention"]
+__all__ = ["read_curve", "save_attention_figure", "save_training_curves", "upsample_attention"]
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -103,3 +109,98 @@ def save_attention_figure(path: str, image: np.ndarray, words: Sequence[str], al
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi)
     return path
+
+
+def read_curve(workdir: str, metric: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """(steps i64[n], values f64[n]) of `metric` from `<workdir>/metrics.jsonl` rows of `split`.
+
+    A resumed run logs some steps twice; the later row wins. Unreadable lines are skipped and
+    counted in the error if nothing is left; a metric no row has names the ones there are."""
+    import json
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: --run must name a training workdir (train.py writes "
+                                "metrics.jsonl there).")
+    points, seen, bad = {}, set(), 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if not isinstance(row, dict) or row.get("split", "train") != split:
+                continue
+            seen.update(row)
+            if metric in row and isinstance(row.get("step"), int) and row[metric] is not None:
+                points[row["step"]] = float(row[metric])
+    if not points:
+        have = sorted(k for k in seen if k not in ("step", "split"))
+        raise ValueError(f"{path}: no {split!r} row logs {metric!r} ({bad} unreadable lines); "
+                         f"metrics there: {have}.")
+    steps = np.asarray(sorted(points), np.int64)
+    return steps, np.asarray([points[s] for s in steps], np.float64)
+
+
+def save_training_curves(path: str, runs: dict, metrics: Sequence[str], *, hlines: dict | None = None,
+                         split: str = "train", title: str = "") -> str:
+    """One panel per metric, one line per run ({label: workdir}); `hlines` {metric: value} draws a
+    dashed reference (e.g. log L, the entropy of uniform attention). Writes a PNG, returns path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = list(metrics)
+    if not metrics or not runs:
+        raise ValueError("save_training_curves: give at least one run and one metric.")
+    fig = Figure(figsize=(5.0 * len(metrics), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    for j, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), j + 1)
+        for label, workdir in runs.items():
+            steps, values = read_curve(workdir, metric, split)
+            ax.plot(steps, values, label=label)
+        if hlines and metric in hlines:
+            ax.axhline(float(hlines[metric]), color="gray", linestyle="--", label=f"{hlines[metric]:g}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m vlm_jax.evaluation.plots",
+                                 description="Plot logged training metrics of one or more runs against the step.")
+    ap.add_argument("--run", action="append", required=True, metavar="LABEL=WORKDIR")
+    ap.add_argument("--metric", action="append", required=True)
+    ap.add_argument("--hline", action="append", default=[], metavar="METRIC=VALUE")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    runs, hlines = {}, {}
+    for item in args.run:
+        label, sep, workdir = item.partition("=")
+        if not sep:
+            label, workdir = os.path.basename(os.path.normpath(item)), item
+        runs[label] = workdir
+    for item in args.hline:
+        metric, sep, value = item.partition("=")
+        try:
+            hlines[metric] = float(value)
+        except ValueError:
+            ap.error(f"--hline {item!r}: give METRIC=NUMBER, e.g. entropy=5.278")
+    try:
+        print(save_training_curves(args.out, runs, args.metric, hlines=hlines, split=args.split))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
