@@ -67,6 +67,8 @@ def get_config(arg=None):
     m.attention_query = "hidden+word"  # 'hidden' (paper: f_att(a, h_{t-1})) | 'hidden+word' (+ W_y E y_{t-1})
     m.hard_entropy_weight = 0.01       # hard attention: lambda_e entropy bonus
     m.hard_baseline_decay = 0.9        # hard attention: moving-average baseline decay
+    m.hard_baseline = "moving_average" # 'moving_average' (paper) | 'expectation': per caption, its
+                                       # log-likelihood under the expected context (one more forward)
     m.hard_sample_fraction = 0.5       # prob. of using the expectation instead of a sample (paper: 0.5)
     # Hard-attention schedules (not in the paper; 0 = the paper's constants; README ablation):
     m.hard_expectation_warmup = 0      # updates over which that prob. falls from 1 to hard_sample_fraction

@@ -287,6 +287,12 @@ def test_reinforce_baseline_and_surrogate_arithmetic():
     none = captioning.reinforce_hard_attention(reward, jnp.zeros_like(sample_logp), mask, jnp.float32(-1.0), decay=0.9,
                                                normalizer=jnp.float32(5.0), sampled=jnp.array([False, False]))
     assert float(none.new_baseline) == -1.0 and float(none.loss) == 0.0
+    # a per-caption reference replaces b in the advantage; b still moves
+    ref = captioning.reinforce_hard_attention(reward, sample_logp, mask, jnp.float32(-1.0), decay=0.9,
+                                              normalizer=jnp.float32(5.0), reference=jnp.array([-2.5, -3.0]))
+    np.testing.assert_allclose(np.asarray(ref.advantage), [0.5, -1.0])
+    np.testing.assert_allclose(float(ref.loss), -(0.5 * -1.5 + -1.0 * -0.25) / 5, rtol=1e-6)
+    np.testing.assert_allclose(float(ref.new_baseline), -1.2, rtol=1e-6)
 
 
 def test_hard_loss_metrics_and_attention_gradients(hard):
@@ -353,6 +359,35 @@ def test_hard_expectation_warmup_in_the_loss(hard):
     assert float(m3["reinforce"]) != 0.0 and int(s4["hard_updates"]) == 4
     _, (me, se) = jax.jit(lambda st: task.loss_fn(variables["params"], st, batch, jax.random.key(4), train=False))(state)
     assert int(se["hard_updates"]) == 0 and float(me["reinforce"]) == 0.0   # evaluation leaves the state alone
+
+
+def test_hard_expectation_baseline(hard):
+    """model.hard_baseline='expectation': each sampled caption's advantage is its log-likelihood
+    minus the same caption's under the expected context (same dropout), so it is 0 for a
+    caption whose sampled locations carry what the expectation does, and the loss differs from
+    the moving-average baseline's only in the REINFORCE term."""
+    _, batch, variables = hard
+    cfg = dict(model__attention="hard", model__hard_sample_fraction=0.0, model__ds_lambda=0.0,
+               model__hard_entropy_weight=0.0, model__dropout=0.0)
+    task = sat_task.make_task(tiny_config(model__hard_baseline="expectation", **cfg))
+    _, (m, _) = jax.jit(lambda p, st: task.loss_fn(p, st, batch, jax.random.key(5), train=True))(
+        variables["params"], variables["model_state"])
+    r = jax.random.split(jax.random.key(5))
+    run = lambda p_exp: task.model.apply({"params": variables["params"]}, batch["image"], batch["tokens"], train=True,
+                                         expectation_prob=p_exp, rngs={"dropout": r[0], "hard": r[1]})
+    mask = batch["tokens"][:, 1:] != 0
+    ll = lambda out: captioning.caption_log_likelihood(
+        captioning.masked_cross_entropy(out["logits"], batch["tokens"][:, 1:], mask).nll)
+    want = np.mean(np.abs(np.asarray(ll(run(0.0)) - ll(run(1.0)))))
+    np.testing.assert_allclose(float(m["advantage_abs"]), want, rtol=1e-5)
+    assert want > 0
+    plain = sat_task.make_task(tiny_config(**cfg))
+    _, (m0, _) = jax.jit(lambda p, st: plain.loss_fn(p, st, batch, jax.random.key(5), train=True))(
+        variables["params"], variables["model_state"])
+    np.testing.assert_allclose(float(m["xent"]), float(m0["xent"]), rtol=1e-6)
+    assert float(m["reinforce"]) != float(m0["reinforce"])
+    with pytest.raises(ValueError, match="model.hard_baseline"):
+        sat_task.validate(tiny_config(model__hard_baseline="greedy"))
 
 
 # ---------------------------------------------------------------------------- task

@@ -74,7 +74,8 @@ def caption_log_likelihood(nll: jax.Array) -> jax.Array:
 
 def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: jax.Array,
                              baseline: jax.Array, *, decay: float, normalizer: jax.Array,
-                             sampled: jax.Array | None = None) -> ReinforceResult:
+                             sampled: jax.Array | None = None,
+                             reference: jax.Array | None = None) -> ReinforceResult:
     """REINFORCE term of hard ("stochastic") attention (paper eq. 11-12) with a moving-average baseline.
 
     The paper's gradient for one caption with sampled locations s~ is
@@ -93,16 +94,27 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     leaves the estimator unbiased but offsets every advantage, adding variance. A batch with no
     sampled caption leaves b as it was.
 
+    `reference` f32[B] (not in the paper; `model.hard_baseline='expectation'`) replaces b in the
+    advantage by a per-caption baseline: the same caption's log-likelihood with the expected
+    context at every step (r_b - r^_b, a self-critical control variate that removes the spread
+    between easy and hard captions, which a single running scalar cannot). It does not depend
+    on the sampled s~, so the estimator stays unbiased; b is still tracked, for the log.
+
     reward f32[B], sample_logp f32[B, T] (0 where no location was sampled), mask bool[B, T],
-    baseline f32[], sampled bool[B] | None -> ReinforceResult(loss f32[], new_baseline f32[],
-    advantage f32[B]).
+    baseline f32[], sampled bool[B] | None, reference f32[B] | None -> ReinforceResult(loss f32[],
+    new_baseline f32[], advantage f32[B]).
     """
     if sample_logp.shape != mask.shape or reward.shape != sample_logp.shape[:1]:
         raise ValueError(f"reinforce_hard_attention: reward must be [B] and sample_logp, mask [B, T]; got "
                          f"{reward.shape}, {sample_logp.shape}, {mask.shape}.")
     reward = jax.lax.stop_gradient(reward.astype(jnp.float32))
     baseline = jax.lax.stop_gradient(jnp.asarray(baseline, jnp.float32))
-    advantage = reward - baseline
+    if reference is None:
+        advantage = reward - baseline
+    else:
+        if reference.shape != reward.shape:
+            raise ValueError(f"reinforce_hard_attention: reference must be [B] like reward; got {reference.shape}.")
+        advantage = reward - jax.lax.stop_gradient(reference.astype(jnp.float32))
     logp_s = jnp.sum(sample_logp.astype(jnp.float32) * mask.astype(jnp.float32), axis=-1)  # log p(s~ | a)  [B]
     loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
     if sampled is None:

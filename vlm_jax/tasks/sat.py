@@ -182,8 +182,9 @@ class SATTask(ImageCaptionTask):
         """Pure and jittable. -> (loss, (metrics, new_model_state)).
 
         metrics: loss, xent, ds_reg, accuracy, num_tokens; hard attention also reinforce,
-        entropy (mean H[alpha_t] over target tokens), baseline (after the update), and the
-        scheduled expectation_prob and entropy_weight of this update.
+        entropy (mean H[alpha_t] over target tokens), baseline (after the update), the scheduled
+        expectation_prob and entropy_weight of this update, and (training) advantage_abs, the
+        mean |advantage| of the captions that sampled (how noisy the REINFORCE weights are).
         """
         mcfg = self.config.model
         images, tokens = batch["image"], batch["tokens"]
@@ -215,16 +216,28 @@ class SATTask(ImageCaptionTask):
             entropy = captioning.attention_entropy(outputs["entropy"], mask)
             if train:
                 reward = captioning.caption_log_likelihood(xent.nll)
+                reference = None
+                if mcfg.hard_baseline == "expectation":
+                    # r^_b = log p(y_b | expected context at every step), same dropout masks; no gradient
+                    ref = self.model.apply(variables, images, tokens, train=train, expectation_prob=1.0,
+                                           rngs={"dropout": drop_rng, "hard": hard_rng},
+                                           mutable=mutable or False)
+                    ref = ref[0] if mutable else ref
+                    reference = jax.lax.stop_gradient(captioning.caption_log_likelihood(
+                        captioning.masked_cross_entropy(ref["logits"], targets, mask).nll))
                 rf = captioning.reinforce_hard_attention(
                     reward, outputs["sample_logp"], mask, baseline,
                     decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens,
-                    sampled=outputs["sampled"])
+                    sampled=outputs["sampled"], reference=reference)
                 reinforce, baseline = rf.loss, rf.new_baseline
                 new_state[BASELINE_KEY] = baseline
                 new_state[UPDATES_KEY] = model_state[UPDATES_KEY] + 1
             else:
                 reinforce = jnp.zeros((), jnp.float32)
             loss = loss + reinforce - sched.entropy_weight * entropy
+            if train:
+                n_sampled = jnp.maximum(jnp.sum(outputs["sampled"]), 1)
+                metrics["advantage_abs"] = jnp.sum(jnp.abs(rf.advantage) * outputs["sampled"]) / n_sampled
             metrics.update(reinforce=reinforce, entropy=entropy, baseline=baseline,
                            expectation_prob=sched.expectation_prob, entropy_weight=sched.entropy_weight)
         metrics["loss"] = loss
@@ -295,6 +308,7 @@ def validate(config) -> None:
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
 
     check_choice(config, "model.attention", ("soft", "hard"))
+    check_choice(config, "model.hard_baseline", ("moving_average", "expectation"))
     check_choice(config, "model.position_embedding", ("none", "learned", "sincos"))
     check_choice(config, "model.attention_query", ("hidden", "hidden+word"))
     check_choice(config, "model.encoder", ENCODERS)
