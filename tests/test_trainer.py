@@ -220,6 +220,20 @@ def test_eval_without_training_gives_clear_error(data_dir, tmp_path):
         eval_lib.evaluate(tiny(data_dir), str(tmp_path))
 
 
+def test_eval_with_another_model_config_names_the_flags(data_dir, tmp_path):
+    """A run trained with the paper's SAT model, evaluated with today's defaults: the mismatch
+    error names the --config.model flags (read from the run's config.json) that rebuild it."""
+    from vlm_jax import eval_lib
+    paper = dict(model__position_embedding="none", model__attention_query="hidden")
+    train_lib.train(tiny(data_dir, train__num_steps=2, **paper), str(tmp_path))
+    assert eval_lib.model_differences(tiny(data_dir, **paper), str(tmp_path)) == []
+    assert eval_lib.model_differences(tiny(data_dir), str(tmp_path)) == [
+        "--config.model.attention_query=hidden", "--config.model.position_embedding=none"]
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"add --config.model.attention_query=hidden --config.model.position_embedding=none"):
+        eval_lib.evaluate(tiny(data_dir), str(tmp_path))
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     """Preemption: SIGTERM during training saves the current step and exits with 75 (EX_TEMPFAIL:
     stopped early, resumable; 0 is only for a finished run)."""

@@ -43,13 +43,45 @@ def restore(config, workdir: str, step: int | None = None):
             raise ckpt_lib.CheckpointNotFoundError(
                 f"--step {step}: no checkpoint for that step in {ckpt.directory}; available steps: {steps}. Pass "
                 "one of them, or leave out --step for the latest readable one.")
+        flags = model_differences(config, workdir)
+        if flags:
+            log.warning("--config differs from the model %s/config.json trained (flags that restore it: %s)",
+                        workdir, " ".join(flags))
         task, mesh = train_lib.make_task_and_mesh(config, workdir)
         program = train_lib.build_program(config, task, mesh)
-        restored = train_lib.restore_state(program, ckpt, config, task, step=step, data_state=False,
-                                           set_aside_unreadable=False)   # evaluation never moves files
+        try:
+            restored = train_lib.restore_state(program, ckpt, config, task, step=step, data_state=False,
+                                               set_aside_unreadable=False)   # evaluation never moves files
+        except ckpt_lib.CheckpointMismatchError as e:
+            if not flags:
+                raise
+            raise ckpt_lib.CheckpointMismatchError(
+                f"{e}\n--config builds a different model from the one {workdir} trained; add "
+                f"{' '.join(flags)} (from its config.json).") from None
     finally:
         ckpt.close()
     if restored is None:
         raise ckpt_lib.CheckpointNotFoundError(f"no checkpoint in {workdir}/checkpoints; {train_first}.")
     step, state, _ = restored
     return task, step, state
+
+
+def model_differences(config, workdir: str) -> list[str]:
+    """`--config.model.K=V` flags for each `model` key whose value differs from the one in the
+    run's saved config.json (empty when it is absent or unreadable, or nothing differs)."""
+    import json
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            saved = json.load(f).get("model", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    now = config.model.to_dict()
+    flags = []
+    for key in sorted(saved):
+        if key not in now or isinstance(saved[key], dict):
+            continue
+        mine = list(now[key]) if isinstance(now[key], tuple) else now[key]
+        if mine != saved[key]:
+            value = ":".join(map(str, saved[key])) if isinstance(saved[key], list) else saved[key]
+            flags.append(f"--config.model.{key}={value}")
+    return flags
