@@ -263,10 +263,10 @@ class SATModel(nn.Module):
         context instead of sampled locations; None = `hard_sample_fraction` (the task schedules it).
 
         Predicts tokens[:, 1:] from tokens[:, :-1]. Returns
-          logits f32[B, T-1, V], alphas f32[B, T-1, L], betas f32[B, T-1],
-          and for attention='hard' also sample_logp f32[B, T-1] (log p(s_t | a), 0 where the caption
-          used the expectation or train=False), entropy f32[B, T-1] (H[alpha_t]) and sampled bool[B]
-          (the captions that sampled locations).
+          logits f32[B, T-1, V], alphas f32[B, T-1, L], betas f32[B, T-1], entropy f32[B, T-1]
+          (H[alpha_t]), and for attention='hard' also sample_logp f32[B, T-1] (log p(s_t | a), 0
+          where the caption used the expectation or train=False) and sampled bool[B] (the captions
+          that sampled locations).
         """
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"SATModel: tokens must be i32[B, T] with T >= 2 (<bos> ... <eos>), got shape {tokens.shape}.")
@@ -300,9 +300,9 @@ class SATModel(nn.Module):
             logits=nn.with_logical_constraint(outs["logits"], ("activation_batch", "activation_length", "activation_vocab")),
             alphas=outs["alpha"],
             betas=outs["beta"],
+            entropy=outs["entropy"],
         )
         if self.attention == "hard":
             result["sample_logp"] = outs["sample_logp"]
             result["sampled"] = use_sample                                       # bool[B]
-            result["entropy"] = outs["entropy"]
         return result

@@ -181,8 +181,8 @@ class SATTask(ImageCaptionTask):
                 *, train: bool) -> tuple[jax.Array, tuple[Metrics, PyTree]]:
         """Pure and jittable. -> (loss, (metrics, new_model_state)).
 
-        metrics: loss, xent, ds_reg, accuracy, num_tokens; hard attention also reinforce,
-        entropy (mean H[alpha_t] over target tokens), baseline (after the update), the scheduled
+        metrics: loss, xent, ds_reg, accuracy, num_tokens, entropy (mean H[alpha_t] over target
+        tokens); hard attention also reinforce, baseline (after the update), the scheduled
         expectation_prob and entropy_weight of this update, and (training) advantage_abs, the
         mean |advantage| of the captions that sampled (how noisy the REINFORCE weights are).
         """
@@ -210,10 +210,11 @@ class SATTask(ImageCaptionTask):
         xent = captioning.masked_cross_entropy(outputs["logits"], targets, mask)
         ds_reg = captioning.doubly_stochastic_reg(outputs["alphas"], mask, float(mcfg.ds_lambda))
         loss = xent.loss + ds_reg
-        metrics = {"xent": xent.loss, "ds_reg": ds_reg, "accuracy": xent.accuracy, "num_tokens": xent.num_tokens}
+        entropy = captioning.attention_entropy(outputs["entropy"], mask)        # mean H[alpha_t] (both kinds)
+        metrics = {"xent": xent.loss, "ds_reg": ds_reg, "accuracy": xent.accuracy, "num_tokens": xent.num_tokens,
+                   "entropy": entropy}
         if self.hard:
             baseline = model_state[BASELINE_KEY]
-            entropy = captioning.attention_entropy(outputs["entropy"], mask)
             if train:
                 reward = captioning.caption_log_likelihood(xent.nll)
                 reference = None
