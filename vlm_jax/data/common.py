@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import logging
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -103,3 +104,17 @@ def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
     im = Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR)
     top, left = (nh - size) // 2, (nw - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def report_counts(name: str, counts, keys, *, written: int, extra: str = "",
+                  logger: logging.Logger | None = None) -> dict[str, int]:
+    """The one end-of-split summary of a dataset builder: {key: count} for `keys` (the first
+    `written` of them count what was written, the rest what was skipped), logged as one line,
+    a WARNING when anything was skipped, on `logger` (the builder module's). Builders keep the
+    dict as `builder.skipped[split]`."""
+    out = {k: int(counts[k]) for k in keys}
+    level = logging.WARNING if any(out[k] for k in keys[written:]) else logging.INFO
+    (logger or logging.getLogger("vlm_jax.data")).log(
+        level, "%s: wrote %s; skipped %s%s", name, ", ".join(f"{out[k]} {k.replace('_', ' ')}" for k in keys[:written]),
+        ", ".join(f"{out[k]} {k.replace('_', ' ')}" for k in keys[written:]), extra)
+    return out

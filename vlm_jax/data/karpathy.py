@@ -19,7 +19,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from vlm_jax.data.common import PackageBuilderMixin, caption_features, load_image_jpeg
+from vlm_jax.data.common import PackageBuilderMixin, caption_features, load_image_jpeg, report_counts
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,5 @@ class KarpathyCaptions(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
             }
         keys = ("images", "captions", "missing_images", "corrupt_images", "empty_captions",
                 "images_without_captions")
-        self.skipped[split] = {k: counts[k] for k in keys}
-        level = logging.WARNING if any(counts[k] for k in keys[2:]) else logging.INFO
-        log.log(level, "karpathy_captions/%s %s: wrote %d images with %d captions; skipped "
-                    "%d missing images, %d corrupt images, %d empty captions, "
-                    "%d images without captions", self.builder_config.name, split,
-                    *(counts[k] for k in keys))
+        self.skipped[split] = report_counts(f"karpathy_captions/{self.builder_config.name} {split}", counts, keys,
+                                            written=2, logger=log)

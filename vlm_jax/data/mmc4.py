@@ -41,7 +41,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlm_jax.data.common import PackageBuilderMixin, load_image_jpeg
+from vlm_jax.data.common import PackageBuilderMixin, load_image_jpeg, report_counts
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,8 @@ class Mmc4Local(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
                     doc_id += 1
         keys = ("docs", "images", "bad_lines", "docs_without_text", "bad_image_entries", "missing_images",
                 "corrupt_images", "docs_without_images")
-        self.skipped["train"] = {k: int(counts[k]) for k in keys}
-        level = logging.WARNING if any(counts[k] for k in keys[2:]) else logging.INFO
-        log.log(level, "mmc4_local train: wrote %s%s", ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in keys),
-                f" (first bad line: {first_bad})" if first_bad else "")
+        self.skipped["train"] = report_counts("mmc4_local train", counts, keys, written=2,
+                                              extra=f" (first bad line: {first_bad})" if first_bad else "", logger=log)
 
 
 def _assignment(info, sims, k: int, num_texts: int) -> tuple[int | None, float]:

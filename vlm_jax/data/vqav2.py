@@ -28,7 +28,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from vlm_jax.data.common import PackageBuilderMixin, caption_features, load_image_jpeg
+from vlm_jax.data.common import PackageBuilderMixin, caption_features, load_image_jpeg, report_counts
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,5 @@ class VQAv2(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
         keys = ("images", "questions", "missing_images", "corrupt_images", "questions_of_missing_images",
                 "questions_without_annotation", "annotations_without_question", "questions_without_answers",
                 "bad_questions", "bad_annotations")
-        self.skipped[split] = {k: int(counts[k]) for k in keys}
-        level = logging.WARNING if any(counts[k] for k in keys[2:]) else logging.INFO
-        log.log(level, "vqav2 %s: wrote %s", split, ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in keys))
+        self.skipped[split] = report_counts(f"vqav2 {split}", counts, keys, written=2, logger=log)
 
