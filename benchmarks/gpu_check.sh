@@ -133,13 +133,25 @@ fi
 python3 - "$OUT" "$TRAIN" <<'EOF' | tee "$OUT/summary.txt"
 import json, os, sys
 out = sys.argv[1]
-rows = []
-path = os.path.join(out, "towers.jsonl")
-for line in open(path) if os.path.exists(path) else []:
-    try:
-        rows.append(json.loads(line))
-    except ValueError:
-        pass
+
+def read_jsonl(name):
+    path = os.path.join(out, name)
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def no_result(script, log):
+    path = os.path.join(out, log)
+    tail = open(path).readlines()[-5:] if os.path.exists(path) else []
+    print(f"\n{script}: no result; last lines of {log}:\n" + "".join(tail))
+
+
+rows = read_jsonl("towers.jsonl")
 print(f"\n{'tower':5} {'preset':13} {'B':>4} {'N':>5} {'attn':6} {'step ms':>9} {'ex/s':>9} "
       f"{'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6}  {'torch ms':>8} {'ratio':>6}  note")
 for r in rows:
@@ -153,18 +165,16 @@ for r in rows:
           f"{r['step_ms']:>9.2f} {r['examples_per_s']:>9.1f} {r['tokens_per_s']:>10.0f} "
           f"{r['tflops']:>8.1f} {mfu:>6}  {t.get('step_ms', '-'):>8} {r.get('ratio', '-'):>6}  "
           f"peak {r['peak_tflops']} on {r['device']}")
-train = os.path.join(out, "train.log")
-lines = [l for l in open(train)] if os.path.exists(train) else []
-js = [l for l in lines if l.startswith("{")]
-if js:
-    t = json.loads(js[-1])
+train = [json.loads(l) for l in (open(os.path.join(out, "train.log")) if os.path.exists(os.path.join(out, "train.log")) else [])
+         if l.startswith("{")]
+if train:
+    t = train[-1]
     print(f"\ntrain_throughput.py {sys.argv[2]}: {t['step_ms']} ms, {t['examples_per_sec']} ex/s, {t['tokens_per_sec']} tok/s, "
           f"batch {t['batch']}, {t['dtype']}, {t['devices']}, {t.get('model_tflops')} TFLOP/s (dot/conv), "
           f"MFU {t.get('mfu')}")
 else:
-    print(f"\ntrain_throughput.py {sys.argv[2]}: no result; last lines of train.log:\n" + "".join(lines[-5:]))
-fj = os.path.join(out, "flamingo.jsonl")
-fl = [json.loads(l) for l in open(fj)] if os.path.exists(fj) else []
+    no_result(f"train_throughput.py {sys.argv[2]}", "train.log")
+fl = read_jsonl("flamingo.jsonl")
 if fl:
     f = fl[-1]
     mfu = f"{100 * f['mfu']:.1f}%" if f.get("mfu") is not None else "-"
@@ -172,11 +182,8 @@ if fl:
           f"IDEFICS {f['ms'].get('HF IDEFICS (torch)', float('nan')):.1f} ms, ratio {f.get('ratio', '-')}, "
           f"{f['tflops']:.1f} TFLOP/s, MFU {mfu} (peak {f.get('peak_tflops')}) on {f['hardware']}")
 else:
-    fl_log = os.path.join(out, "flamingo.log")
-    tail = open(fl_log).readlines()[-5:] if os.path.exists(fl_log) else []
-    print("\nflamingo_step.py: no result; last lines of flamingo.log:\n" + "".join(tail))
-bj = os.path.join(out, "blip2.jsonl")
-bl = [json.loads(l) for l in open(bj)] if os.path.exists(bj) else []
+    no_result("flamingo_step.py", "flamingo.log")
+bl = read_jsonl("blip2.jsonl")
 if bl:
     b = bl[-1]
     for r in b["ours"]:
@@ -187,8 +194,6 @@ if bl:
               f"({r['img_per_s']:.0f} img/s), peer {peer}, speedup {sp}, "
               f"{r['tflops']:.1f} TFLOP/s, MFU {mfu} (peak {b['peak_tflops']}) on {b['hardware']}")
 else:
-    bl_log = os.path.join(out, "blip2.log")
-    tail = open(bl_log).readlines()[-5:] if os.path.exists(bl_log) else []
-    print("\nblip2_step.py: no result; last lines of blip2.log:\n" + "".join(tail))
+    no_result("blip2_step.py", "blip2.log")
 EOF
 echo "total $(( $(date +%s) - T0 )) s"
