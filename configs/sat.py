@@ -64,6 +64,7 @@ def get_config(arg=None):
     # shape word does not know which colour beam search just chose (colour bound to the wrong shape).
     m.position_embedding = "learned"   # 'none' (paper) | 'learned' | 'sincos': p_i added to each annotation a_i
     m.position_scale = 1.0             # 'sincos' only: p_i = scale * table (row norm scale * sqrt(D/2))
+    m.position_dim = 0                 # 0: p_i in R^D added to a_i; P > 0: p_i in R^P concatenated, [a_i; p_i]
     m.attention_query = "hidden+word"  # 'hidden' (paper: f_att(a, h_{t-1})) | 'hidden+word' (+ W_y E y_{t-1})
     m.hard_entropy_weight = 0.01       # hard attention: lambda_e entropy bonus
     m.hard_baseline_decay = 0.9        # hard attention: moving-average baseline decay

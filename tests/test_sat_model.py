@@ -138,8 +138,10 @@ def deviations():
     """Both deviations on: a learned position table and the word-conditioned attention query; and
     the fixed sin-cos table with the paper's query."""
     out = []
-    for pe, query in (("learned", "hidden+word"), ("sincos", "hidden")):
-        task = sat_task.make_task(tiny_config(model__position_embedding=pe, model__attention_query=query))
+    for pe, query, pdim in (("learned", "hidden+word", 0), ("sincos", "hidden", 0), ("sincos", "hidden+word", 8),
+                            ("learned", "hidden", 12)):
+        task = sat_task.make_task(tiny_config(model__position_embedding=pe, model__attention_query=query,
+                                              model__position_dim=pdim))
         batch = make_batch()
         out.append((task, batch, nn.meta.unbox(jax.jit(task.init)(jax.random.key(0), batch))))
     return out
@@ -164,15 +166,22 @@ def test_grid_sincos_embedding_values():
 
 def test_position_embedding_enters_annotations(deviations):
     """encode adds p_i to every annotation: learned = the 'pos_embed' param [L, D], sincos = the fixed
-    table; removing it recovers the paper's annotations exactly."""
+    table; removing it recovers the paper's annotations exactly. With position_dim = P the table
+    has P columns and is concatenated: a = [a_paper; p] of width D + P."""
     for task, batch, variables in deviations:
         params = {"params": variables["params"]}
         ann = np.asarray(task.model.apply(params, batch["image"], method=SATModel.encode))
         plain = task.model.clone(position_embedding="none")
         ann0 = np.asarray(plain.apply(params, batch["image"], method=SATModel.encode))
+        pdim = task.model.position_dim
         table = (np.asarray(variables["params"]["pos_embed"]) if task.model.position_embedding == "learned"
-                 else np.asarray(grid_sincos_embedding(G, 16)))
-        assert table.shape == (L, 16)
+                 else np.asarray(grid_sincos_embedding(G, pdim or 16)))
+        assert table.shape == (L, pdim or 16)
+        if pdim:
+            assert ann.shape == (B, L, 16 + pdim)
+            np.testing.assert_array_equal(ann[..., :16], ann0)
+            np.testing.assert_allclose(ann[..., 16:], np.broadcast_to(table, (B, L, pdim)), atol=1e-6)
+            continue
         np.testing.assert_allclose(ann - ann0, np.broadcast_to(table, ann.shape), atol=1e-5)
         if task.model.position_embedding == "sincos":     # position_scale multiplies the fixed table
             scaled = task.model.clone(position_scale=0.3)
@@ -219,6 +228,8 @@ def test_bad_inputs_name_the_fix():
         sat_task.validate(tiny_config(model__position_embedding="rope"))
     with pytest.raises(ValueError, match="model.attention_query"):
         sat_task.validate(tiny_config(model__attention_query="word"))
+    with pytest.raises(ValueError, match=r"model.position_dim=6.*divisible by 4"):
+        sat_task.validate(tiny_config(model__position_embedding="sincos", model__position_dim=6))
     with pytest.raises(ValueError, match="model.position_scale"):
         sat_task.validate(tiny_config(model__position_scale=0.0))
     with pytest.raises(ValueError, match="model.hard_expectation_warmup"):

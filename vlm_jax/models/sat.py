@@ -9,7 +9,8 @@ The paper's mechanism, in the notation of its Section 3 (all of it lives in `SAT
 
   annotations      a = {a_1 .. a_L}, a_i in R^D     (CNN grid [B, G, G, C] -> optional 1x1 proj. -> [B, L, D])
                    [deviation `position_embedding`: a_i + p_i, p a learned or fixed 2-D sin-cos table
-                   [L, D]; the paper's annotations carry no explicit position]
+                   [L, D], or [a_i; p_i] with a [L, P] table (`position_dim` = P); the paper's
+                   annotations carry no explicit position]
   attention score  e_ti = w . tanh(W_a a_i + W_h h_{t-1})  (W_a a is computed once per image)
                    [deviation `attention_query='hidden+word'`: + W_y E y_{t-1}, so the attention that
                    produces word t knows word t-1 (the paper's f_att sees h_{t-1} only, which does not
@@ -77,6 +78,9 @@ class SATModel(nn.Module):
       position_embedding: 'none' (paper) | 'learned' (a trainable [L, D] table, init N(0, 0.02^2)) |
         'sincos' (fixed 2-D sine-cosine table: half of D encodes the row, half the column), added
         to the annotations so the attention scores and the context z_t can use where a cell is.
+      position_dim: 0 = p_i has D dims and is added, a_i + p_i (content and position share every
+        dimension); P > 0 = p_i has P dims and is concatenated, [a_i; p_i] in R^{D+P}, so content
+        and position reach W_a, the LSTM and the deep output through separate weights.
       position_scale: multiplies the 'sincos' table (rows have norm sqrt(D/2), comparable to the
         CNN's annotations, which a full-scale table drowns: README ablation).
       attention_query: 'hidden' (paper: f_att(a_i, h_{t-1})) | 'hidden+word' (adds W_y E y_{t-1}).
@@ -102,6 +106,7 @@ class SATModel(nn.Module):
     gate: bool = True
     position_embedding: str = "none"
     position_scale: float = 1.0
+    position_dim: int = 0
     attention_query: str = "hidden"
     hard_sample_fraction: float = 0.5
     freeze_encoder: bool = False
@@ -140,7 +145,7 @@ class SATModel(nn.Module):
         if self.position_embedding == "learned":
             self.pos_embed = self.param(
                 "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-                (self.grid * self.grid, self.annotation_dim), self.param_dtype)              # p  [L, D]
+                (self.grid * self.grid, self.position_dim or self.annotation_dim), self.param_dtype)  # p  [L, P or D]
         if self.gate:
             self.gate_beta = _dense(1, ("embed", None), **kw)                                # f_beta
         self.embed = nn.Embed(
@@ -159,7 +164,8 @@ class SATModel(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     def encode(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """images f32[B, S, S, 3] -> annotations a [B, L, D] (L = grid*grid)."""
+        """images f32[B, S, S, 3] -> annotations a [B, L, D] (L = grid*grid; [B, L, D + P] with a
+        concatenated position table, position_dim = P)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"SATModel.encode: images must be [B, S, S, 3] (NHWC, RGB), got shape {images.shape}.")
         if self.encoder_kind == "cnn":
@@ -173,10 +179,16 @@ class SATModel(nn.Module):
             feats = self.encoder_proj(feats)                                     # 1x1 conv C -> D
         b, g, _, d = feats.shape
         a = feats.reshape(b, g * g, d).astype(self.dtype)
-        if self.position_embedding == "learned":
-            a = a + self.pos_embed.astype(self.dtype)[None]                              # a_i + p_i
-        elif self.position_embedding == "sincos":
-            a = a + (self.position_scale * grid_sincos_embedding(g, d)).astype(self.dtype)[None]
+        if self.position_embedding != "none":
+            if self.position_embedding == "learned":
+                p = self.pos_embed                                                       # [L, P or D]
+            else:
+                p = self.position_scale * grid_sincos_embedding(g, self.position_dim or d)
+            p = p.astype(self.dtype)[None]
+            if self.position_dim:
+                a = jnp.concatenate([a, jnp.broadcast_to(p, (b,) + p.shape[1:])], axis=-1)   # [a_i; p_i]  [B, L, D+P]
+            else:
+                a = a + p                                                                # a_i + p_i  [B, L, D]
         return nn.with_logical_constraint(a, ("activation_batch", None, None))
 
     # ------------------------------------------------------------------ decoder
@@ -187,8 +199,9 @@ class SATModel(nn.Module):
         annotations [B, L, D]       a
         projected [B, L, A]         W_a a_i + b (computed once per image)
         """
-        if annotations.ndim != 3 or annotations.shape[-1] != self.annotation_dim:
-            raise ValueError(f"SATModel.init_decode_state: annotations must be [B, L, {self.annotation_dim}], "
+        width = self.annotation_dim + (self.position_dim if self.position_embedding != "none" else 0)
+        if annotations.ndim != 3 or annotations.shape[-1] != width:
+            raise ValueError(f"SATModel.init_decode_state: annotations must be [B, L, {width}], "
                              f"got shape {annotations.shape}; pass the output of encode().")
         mean_a = annotations.mean(axis=1)
         return dict(

@@ -101,6 +101,7 @@ def build_model(config, vocab_size: int) -> SATModel:
         gate=bool(m.gate),
         position_embedding=m.position_embedding,
         position_scale=float(m.position_scale),
+        position_dim=int(m.position_dim),
         attention_query=m.attention_query,
         hard_sample_fraction=float(m.hard_sample_fraction),
         freeze_encoder=bool(m.freeze_encoder),
@@ -310,6 +311,12 @@ def validate(config) -> None:
 
     check_choice(config, "model.attention", ("soft", "hard"))
     check_choice(config, "model.hard_baseline", ("moving_average", "expectation"))
+    check_positive(config, "model.position_dim", allow_zero=True)
+    pdim = int(config.model.position_dim) or int(config.model.annotation_dim)
+    if config.model.position_embedding == "sincos" and pdim % 4:
+        raise ConfigError(f"config.model.position_dim={config.model.position_dim} (0 = annotation_dim="
+                          f"{config.model.annotation_dim}): the 2-D sin-cos table needs a width divisible by 4 "
+                          "(--config.model.position_dim=32, say).")
     check_choice(config, "model.position_embedding", ("none", "learned", "sincos"))
     check_choice(config, "model.attention_query", ("hidden", "hidden+word"))
     check_choice(config, "model.encoder", ENCODERS)
