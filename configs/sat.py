@@ -3,9 +3,9 @@
 Variants (`--config configs/sat.py:VARIANT[,key=value,...]`):
   tiny       seconds; what tests and smoke runs use.
   synthetic  the default main job: the embedded synthetic shapes dataset, trains on a 2-core CPU.
-             Two named deviations from the paper are on (model.position_embedding='learned',
-             model.attention_query='hidden+word'; README ablation); set them to 'none' /
-             'hidden' for the paper's model.
+             Two named deviations from the paper are on (model.position_embedding='sincos' with
+             model.position_dim=32, concatenated; model.attention_query='hidden+word'; README
+             ablation); set them to 'none' / 'hidden' for the paper's model.
   coco       the paper's setup on COCO Karpathy splits: 14x14 annotation grid from a frozen
              ImageNet ResNet-101 read from a Hugging Face directory (config.init.encoder), 10k
              vocabulary, the paper's widths, lambda = 1, beam 5.
@@ -60,11 +60,13 @@ def get_config(arg=None):
     m.gate = True                      # beta gate on the context
     # Deviations from the paper, on in `synthetic` and `tiny` (README ablation, issue 10); `coco`
     # keeps the paper's 'none' / 'hidden'. Without a position the annotations cannot say which
-    # object is leftmost (listing order was at chance), and without y_{t-1} the attention for a
-    # shape word does not know which colour beam search just chose (colour bound to the wrong shape).
-    m.position_embedding = "learned"   # 'none' (paper) | 'learned' | 'sincos': p_i added to each annotation a_i
-    m.position_scale = 1.0             # 'sincos' only: p_i = scale * table (row norm scale * sqrt(D/2))
-    m.position_dim = 0                 # 0: p_i in R^D added to a_i; P > 0: p_i in R^P concatenated, [a_i; p_i]
+    # object is leftmost (listing order was at chance); a position table *added* to the CNN's
+    # features trades binding for order (both share every dimension), a *concatenated* one
+    # (position_dim > 0) does not. Without y_{t-1} the attention for a shape word does not know
+    # which colour beam search just chose (colour bound to the wrong shape).
+    m.position_embedding = "sincos"    # 'none' (paper) | 'learned' | 'sincos': the position table p
+    m.position_dim = 32                # 0: p_i in R^D added, a_i + p_i; P > 0: p_i in R^P concatenated, [a_i; p_i]
+    m.position_scale = 1.0             # 'sincos' only: p_i = scale * table (row norm scale * sqrt(width/2))
     m.attention_query = "hidden+word"  # 'hidden' (paper: f_att(a, h_{t-1})) | 'hidden+word' (+ W_y E y_{t-1})
     m.hard_entropy_weight = 0.01       # hard attention: lambda_e entropy bonus
     m.hard_baseline_decay = 0.9        # hard attention: moving-average baseline decay
@@ -140,6 +142,7 @@ def get_config(arg=None):
         m.grid = 4
         m.annotation_dim = m.embed_dim = m.attention_dim = 16
         m.hidden_dim = 32
+        m.position_dim = 8
         m.dropout = 0.0
         m.ds_lambda = 1.0              # exercise the regulariser in the trainer tests
         o.warmup_steps = 2
@@ -169,6 +172,7 @@ def get_config(arg=None):
         m.dropout = 0.5
         m.ds_lambda = 1.0
         m.position_embedding = "none"
+        m.position_dim = 0
         m.attention_query = "hidden"
         m.freeze_encoder = True
         c.init.encoder.source = "hf"   # + --config.init.encoder.path=/ckpt/resnet-101

@@ -128,15 +128,17 @@ def test_decode_step_matches_teacher_forcing(soft, hard):
 
         logits, alphas, state = _step_loop(model, params, batch["image"], batch["tokens"][:, :-1].T)
         assert set(state) == {"h", "c", "annotations", "projected"}
-        assert state["annotations"].shape == (B, L, 16) and state["projected"].shape == (B, L, 16)
+        width = 16 + (model.position_dim if model.position_embedding != "none" else 0)   # [a_i; p_i]
+        assert state["annotations"].shape == (B, L, width) and state["projected"].shape == (B, L, 16)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref["logits"]), atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(alphas), np.asarray(ref["alphas"]), atol=1e-5, rtol=0)
 
 
 @pytest.fixture(scope="module")
 def deviations():
-    """Both deviations on: a learned position table and the word-conditioned attention query; and
-    the fixed sin-cos table with the paper's query."""
+    """The deviations in several combinations: an added learned table with the word-conditioned
+    query; the added sin-cos table with the paper's query; concatenated sin-cos (P = 8) and
+    learned (P = 12) tables."""
     out = []
     for pe, query, pdim in (("learned", "hidden+word", 0), ("sincos", "hidden", 0), ("sincos", "hidden+word", 8),
                             ("learned", "hidden", 12)):
