@@ -403,6 +403,46 @@ def test_hard_expectation_baseline(hard):
         sat_task.validate(tiny_config(model__hard_baseline="greedy"))
 
 
+def test_hard_reference_pass_shares_encoder_and_dropout(hard):
+    """`with_reference=True` decodes every caption a second time with the expected context, from
+    the main pass's annotations and dropout masks: with every caption on the expectation
+    (expectation_prob=1) the two passes are the same computation, so their logits are equal even
+    with dropout on; with sampling they differ; without dropout the reference equals a separate
+    all-expectation forward; the encoder runs once."""
+    _, batch, variables = hard
+    task = sat_task.make_task(tiny_config(model__attention="hard", model__dropout=0.5))
+    rngs = {"dropout": jax.random.key(1), "hard": jax.random.key(2)}
+    run = lambda p_exp: task.model.apply({"params": variables["params"]}, batch["image"], batch["tokens"], train=True,
+                                         expectation_prob=p_exp, with_reference=True, rngs=rngs)
+    same = run(1.0)
+    np.testing.assert_array_equal(np.asarray(same["logits"]), np.asarray(same["reference_logits"]))
+    sampled = run(0.0)
+    assert bool(np.all(sampled["sampled"]))
+    assert not np.allclose(np.asarray(sampled["logits"]), np.asarray(sampled["reference_logits"]))
+    # the reference's dropout is the main pass's: a separate forward (own masks) differs
+    alone = task.model.apply({"params": variables["params"]}, batch["image"], batch["tokens"], train=True,
+                             expectation_prob=1.0, rngs=rngs)
+    assert not np.allclose(np.asarray(alone["logits"]), np.asarray(same["reference_logits"]))
+    nodrop = sat_task.make_task(tiny_config(model__attention="hard", model__dropout=0.0))
+    ref = nodrop.model.apply({"params": variables["params"]}, batch["image"], batch["tokens"], train=True,
+                             expectation_prob=0.0, with_reference=True, rngs=rngs)["reference_logits"]
+    want = nodrop.model.apply({"params": variables["params"]}, batch["image"], batch["tokens"], train=True,
+                              expectation_prob=1.0, rngs=rngs)["logits"]
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # the loss with the expectation baseline encodes the images once (calls counted by interception)
+    calls = []
+
+    def count(next_fun, args, kwargs, context):
+        if context.method_name == "encode":
+            calls.append(1)
+        return next_fun(*args, **kwargs)
+
+    loss_task = sat_task.make_task(tiny_config(model__attention="hard", model__hard_baseline="expectation"))
+    with nn.intercept_methods(count):
+        loss_task.loss_fn(variables["params"], variables["model_state"], batch, jax.random.key(3), train=True)
+    assert len(calls) == 1
+
+
 # ---------------------------------------------------------------------------- task
 def test_param_groups_freeze_encoder(soft):
     from vlm_jax import optim

@@ -212,8 +212,10 @@ class SATModel(nn.Module):
         )
 
     def _step(self, state: State, y_prev: jax.Array, use_sample: jax.Array | None,
-              train: bool) -> tuple[State, dict[str, jax.Array]]:
-        """One time step t. y_prev i32[N] (y_{t-1}); use_sample bool[N] (hard + train only).
+              train: bool, drop_scale: jax.Array | None = None) -> tuple[State, dict[str, jax.Array]]:
+        """One time step t. y_prev i32[N] (y_{t-1}); use_sample bool[N] (hard + train; None: the
+        expected context for every row, nothing sampled); drop_scale f32[N, E] (train: a given
+        dropout mask, 0 or 1/keep, in place of drawing one).
 
         -> (new state, dict(logits f32[N, V], alpha f32[N, L], beta f32[N],
                             sample_logp f32[N] (log alpha_{t,s_t}; 0 where the expectation is used),
@@ -231,7 +233,7 @@ class SATModel(nn.Module):
         entropy = -jnp.sum(alpha * log_alpha, axis=-1)                            # H[alpha_t]  [N]
         expected = jnp.einsum("nl,nld->nd", alpha.astype(a.dtype), a)             # sum_i alpha_ti a_i
         sample_logp = jnp.zeros_like(entropy)
-        if self.attention == "hard" and train:
+        if self.attention == "hard" and train and use_sample is not None:
             s = jax.random.categorical(self.make_rng("hard"), log_alpha, axis=-1)  # s_t ~ alpha_t  [N]
             sampled = jnp.take_along_axis(a, s[:, None, None], axis=1)[:, 0]      # a_{s_t}  [N, D]
             ctx = jnp.where(use_sample[:, None], sampled, expected)
@@ -251,7 +253,10 @@ class SATModel(nn.Module):
         h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
         # deep output: L_o(E y_{t-1} + L_h h_t + L_z z_t)
         deep = emb + self.out_h(h_new) + self.out_z(z)
-        deep = self.out_dropout(deep, deterministic=not train)
+        if drop_scale is not None and train:
+            deep = deep * drop_scale.astype(deep.dtype)
+        else:
+            deep = self.out_dropout(deep, deterministic=not train)
         logits = self.out_o(deep).astype(jnp.float32)                            # [N, V]
         new_state = dict(h=h_new, c=c_new, annotations=a, projected=wa)
         return new_state, dict(logits=logits, alpha=alpha, beta=beta, sample_logp=sample_logp, entropy=entropy)
@@ -269,11 +274,17 @@ class SATModel(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
     def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool,
-                 expectation_prob: jax.Array | float | None = None) -> dict[str, jax.Array]:
+                 expectation_prob: jax.Array | float | None = None,
+                 with_reference: bool = False) -> dict[str, jax.Array]:
         """Teacher-forced forward. images f32[B, S, S, 3], tokens i32[B, T] (<bos> w1 .. <eos> <pad>..).
 
         expectation_prob (hard attention, training): probability that a caption uses the expected
         context instead of sampled locations; None = `hard_sample_fraction` (the task schedules it).
+        with_reference (hard attention, training): also decode every caption with the expected
+        context at every step, from the same annotations (the encoder runs once) and with the same
+        dropout masks as the main pass -> ``reference_logits`` f32[B, T-1, V] (the self-critical
+        baseline of ``model.hard_baseline='expectation'``; the caller stops its gradient, so only
+        its forward is computed).
 
         Predicts tokens[:, 1:] from tokens[:, :-1]. Returns
           logits f32[B, T-1, V], alphas f32[B, T-1, L], betas f32[B, T-1], entropy f32[B, T-1]
@@ -299,16 +310,23 @@ class SATModel(nn.Module):
             use_sample = jnp.zeros((b,), bool)
         inputs = jnp.swapaxes(tokens[:, :-1], 0, 1)                              # [T-1, B]
         flags = jnp.broadcast_to(use_sample, inputs.shape)                       # [T-1, B]
+        reference = with_reference and hard_train
+        # with a reference pass, both passes read one dropout mask per step drawn here
+        scales = (self.out_dropout(jnp.ones(inputs.shape + (self.embed_dim,), jnp.float32), deterministic=False)
+                  if reference else None)                                        # [T-1, B, E]: 0 or 1/keep
 
         def body(mdl, carry, xs):
-            y_prev, flag = xs
-            return mdl._step(carry, y_prev, flag, train)
+            y_prev, flag, scale = xs
+            return mdl._step(carry, y_prev, flag, train, scale)
 
-        scan = nn.scan(body, variable_broadcast="params",
-                       split_rngs={"params": False, "dropout": True, "hard": True},
-                       in_axes=0, out_axes=0)
-        _, outs = scan(self, state, (inputs, flags))                             # each [T-1, B, ...]
-        outs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
+        def run(use_flags):
+            scan = nn.scan(body, variable_broadcast="params",
+                           split_rngs={"params": False, "dropout": True, "hard": True},
+                           in_axes=0, out_axes=0)
+            _, outs = scan(self, state, (inputs, use_flags, scales))             # each [T-1, B, ...]
+            return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outs)
+
+        outs = run(flags)
         result = dict(
             logits=nn.with_logical_constraint(outs["logits"], ("activation_batch", "activation_length", "activation_vocab")),
             alphas=outs["alpha"],
@@ -318,4 +336,6 @@ class SATModel(nn.Module):
         if self.attention == "hard":
             result["sample_logp"] = outs["sample_logp"]
             result["sampled"] = use_sample                                       # bool[B]
+        if reference:
+            result["reference_logits"] = run(None)["logits"]                    # expected context throughout
         return result

@@ -201,9 +201,10 @@ class SATTask(ImageCaptionTask):
                 model_state[UPDATES_KEY], expectation_prob=float(mcfg.hard_sample_fraction),
                 expectation_warmup=int(mcfg.hard_expectation_warmup),
                 entropy_weight=float(mcfg.hard_entropy_weight), entropy_decay=int(mcfg.hard_entropy_decay))
+        with_reference = self.hard and train and mcfg.hard_baseline == "expectation"
         result = self.model.apply(variables, images, tokens, train=train,
                                   expectation_prob=None if sched is None else sched.expectation_prob,
-                                  rngs={"dropout": drop_rng, "hard": hard_rng}, mutable=mutable or False)
+                                  with_reference=with_reference, rngs={"dropout": drop_rng, "hard": hard_rng}, mutable=mutable or False)
         outputs, updates = result if mutable else (result, {})
         new_state = dict(model_state)
         new_state.update(updates)
@@ -219,14 +220,11 @@ class SATTask(ImageCaptionTask):
             if train:
                 reward = captioning.caption_log_likelihood(xent.nll)
                 reference = None
-                if mcfg.hard_baseline == "expectation":
-                    # r^_b = log p(y_b | expected context at every step), same dropout masks; no gradient
-                    ref = self.model.apply(variables, images, tokens, train=train, expectation_prob=1.0,
-                                           rngs={"dropout": drop_rng, "hard": hard_rng},
-                                           mutable=mutable or False)
-                    ref = ref[0] if mutable else ref
+                if with_reference:
+                    # r^_b = log p(y_b | expected context at every step): same annotations and dropout
+                    # masks as the main pass (one encoder forward); no gradient
                     reference = jax.lax.stop_gradient(captioning.caption_log_likelihood(
-                        captioning.masked_cross_entropy(ref["logits"], targets, mask).nll))
+                        captioning.masked_cross_entropy(outputs["reference_logits"], targets, mask).nll))
                 rf = captioning.reinforce_hard_attention(
                     reward, outputs["sample_logp"], mask, baseline,
                     decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens,
