@@ -44,6 +44,9 @@ def get_config(arg=None):
     mix.pairs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # <image> caption <eoc>
     mix.docs = ml_collections.ConfigDict(dict(weight=1.0, batch_size=16))        # 1..M images with captions
     mix.nonce = ml_collections.ConfigDict(dict(weight=1.0, batch_size=32))       # nonce-word episodes
+    # question-answer documents in the VQA prompt (<image> Question:{q} Short answer:{a} <eoc>): stage 0
+    # reads them as text (lm_synthetic); the paper's Flamingo is not trained on VQA, so 0 here
+    mix.qa = ml_collections.ConfigDict(dict(weight=0.0, batch_size=16))
     mix.mmc4 = ml_collections.ConfigDict(dict(weight=0.0, batch_size=16))        # MMC4-format web documents
     # Local MMC4-format documents (vlm_jax/data/mmc4.py): *.jsonl + images/ in manual_dir; an image is
     # used when its CLIP similarity to its matched sentence is >= threshold.
@@ -54,6 +57,7 @@ def get_config(arg=None):
     d.nonce_way = 4                    # colours bound to nonce words per episode (chance 1/4)
     d.nonce_words = 40                 # size of the nonce-word pool
     d.nonce_shots = 8                  # chunks per training episode (their own media slots)
+    d.qa_template = "Question:{} Short answer:{}"   # the 'qa' source's text and the few-shot VQA prompt (open_flamingo's)
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -124,11 +128,22 @@ def get_config(arg=None):
     ec.shots = 2                       # fixed caption demonstrations before the query image (Flamingo's few-shot captioning)
     ec.blind_baseline = True           # also evaluate 'caption_blind': the same model, no token sees the image
 
+    # Open-ended few-shot generation (vlm_jax/evaluation/fewshot_generation.py): k demonstrations from
+    # the first support_size items of support_split, random or RICES, open_flamingo's 0-shot.
+    # Learned positions cap the prompt: shots x (demonstration tokens) + max_len <= max_tokens + 8.
+    for name, template, max_len in (("fewshot_caption", "Output:{}", 24), ("fewshot_vqa", "", 4)):
+        c.evals[name] = ml_collections.ConfigDict(dict(
+            enabled=True, every=0, split="test", support_split="train", template=template, shots=(0, 2, 4),
+            trials=3, selection=("random", "rices"), num_queries=64, support_size=256, beam_size=3,
+            max_len=max_len, batch_size=32))   # template '' (VQA) = data.qa_template
+    c.evals.fewshot_caption.demo_caption = "shortest"   # 'first' (open_flamingo) | 'shortest': more shots fit
+
     if variant == "synthetic":
         mix.nonce.batch_size = 16          # 16 episodes x 8 images a step (the LM stage reads 32 text episodes)
         t.num_steps = 1200
     if variant == "lm_synthetic":
         m.stage = "lm"
+        mix.qa.weight = 1.0                # question-answer text: the frozen LM knows the VQA prompt (README)
         t.num_steps = 2500                 # in-context copying appears between steps 2000 and 2500 (README)
         c.evals.fewshot.every = 0
     if variant == "tiny":
@@ -151,6 +166,11 @@ def get_config(arg=None):
         f.shots, f.trials, f.num_episodes, f.support_size, f.batch_size = (0, 2), 2, 8, 4, 8
         f.selection = ("random", "rices")
         ec.batch_size, ec.max_examples, ec.max_len, ec.beam_size, ec.shots = 8, 8, 8, 2, 1
+        mix.qa.batch_size = 8
+        for name in ("fewshot_caption", "fewshot_vqa"):
+            c.evals[name].update(dict(shots=(0, 1), trials=2, num_queries=6, support_size=8, beam_size=2,
+                                      max_len=4, batch_size=8))
+        c.evals.fewshot_caption.trials = 1     # every caption scoring runs Java (PTB tokenizer, METEOR)
     lm = overrides.pop("lm", "")
     if lm:
         for name in ("vision", "lm"):

@@ -233,3 +233,115 @@ def test_evaluator_end_to_end(setup, tmp_path):
     with pytest.raises(ValueError, match=r"nonce_big: 8 shots .* only 6 support"):
         too_many.run(params, {}, step=0, workdir=str(tmp_path), final=True)
     assert not os.path.exists(tmp_path / "eval" / "step_0" / "nonce_big")
+
+
+# ------------------------------------------------------------ open-ended few-shot generation
+from vlm_jax.evaluation import fewshot_generation as fg  # noqa: E402
+
+
+class _Split:
+    """The part of `EvalSplit` the generation evaluator reads: 5 random images, 2 captions and 2
+    questions each (one answer)."""
+
+    def __init__(self, seed, name="synthetic", split="test", n=5):
+        rng = np.random.default_rng(seed)
+        self.name, self.split = name, split
+        self.image_ids = np.arange(100 * seed, 100 * seed + n, dtype=np.int64)
+        self._img = {int(i): rng.normal(size=(SIDE, SIDE, 3)).astype(np.float32) for i in self.image_ids}
+        colors = ("red", "blue")
+        self.references = {int(i): [f"a {colors[k % 2]} dax", "this is a wug"] for k, i in enumerate(self.image_ids)}
+        self.objects = {int(i): [] for i in self.image_ids}
+        self.questions = {int(i): [dict(question="is this a dax", answer="red" if k % 2 else "blue", qtype="color"),
+                                   dict(question="is this a wug", answer="dax", qtype="shape")]
+                          for k, i in enumerate(self.image_ids)}
+
+    def question_table(self):
+        return {int(i) * 1000 + k: dict(image_id=int(i), question=q["question"], answers=[q["answer"]],
+                                        question_type=q["qtype"], answer_type="")
+                for i in self.image_ids for k, q in enumerate(self.questions[int(i)])}
+
+    def preprocess_image(self, image_id):
+        return self._img[int(image_id)]
+
+
+def test_generation_prompt_layout_caption_vqa_and_zero_shot():
+    tok = WordTokenizer(["output", "question", "short", "answer", "what", "color", "red", "blue", "a", "circle"])
+    v = tok.vocab_size
+    img, eoc, w = v, v + 1, tok.word_to_id
+    demo = fg.GenerationItem(1, 1, "", "a red circle")
+    query = fg.GenerationItem(2, 2, "", "")
+    ids = fg.generation_prompt("caption", fg.CAPTION_TEMPLATE, [demo], query, tok, image_id=img, eoc_id=eoc)
+    assert ids == [tok.bos_id, img, w("output"), w("a"), w("red"), w("circle"), eoc, img, w("output")]
+    qd = fg.GenerationItem(10, 1, "what color", "red")
+    qq = fg.GenerationItem(11, 2, "what color", "")
+    ids = fg.generation_prompt("vqa", fg.VQA_TEMPLATE, [qd, qd], qq, tok, image_id=img, eoc_id=eoc,
+                               text_only_demos=True)
+    chunk = [w("question"), w("what"), w("color"), w("short"), w("answer")]
+    assert ids == [tok.bos_id] + (chunk + [w("red"), eoc]) * 2 + [img] + chunk   # 0-shot: demos without images
+    with pytest.raises(ValueError, match="two"):
+        fg.generation_prompt("vqa", "Question:{}", [qd], qq, tok, image_id=img, eoc_id=eoc)
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(setup):
+    """Prompts of different lengths (and media counts padded with empty slots) generated in one
+    left-padded batch, the last batch filled by repeating a row, give each prompt's own answer."""
+    model, params = setup["model"], setup["params"]
+    ev = fg.FewShotGenerationEvaluator(name="g", every=0, kind="caption", model=model, tokenizer=TOK, image_id=IMG,
+                                       eoc_id=EOC, load_split=None, load_support=None, template="this is{}",
+                                       shots=(0,), support_size=4, beam_size=2, max_len=5, batch_size=2)
+    rng = np.random.default_rng(0)
+    w = TOK.word_to_id
+    prompts = [[TOK.bos_id, IMG, w("this"), w("is")],
+               [TOK.bos_id, IMG, w("a"), w("dax"), EOC, IMG, w("this"), w("is")],
+               [TOK.bos_id, w("red"), EOC, IMG, w("this")]]
+    media = [[rng.normal(size=(SIDE, SIDE, 3)).astype(np.float32) for _ in range(sum(t == IMG for t in p))]
+             for p in prompts]
+    batched = ev._generate(params, prompts, media, 16)
+    alone = [fg.FewShotGenerationEvaluator(
+        name="g1", every=0, kind="caption", model=model, tokenizer=TOK, image_id=IMG, eoc_id=EOC, load_split=None,
+        load_support=None, template="this is{}", shots=(0,), support_size=4, beam_size=2, max_len=5,
+        batch_size=1)._generate(params, [p], [m], len(p))[0] for p, m in zip(prompts, media)]
+    assert batched == alone
+    assert len(set(batched)) > 1                      # the random model does not answer everything alike
+
+
+@pytest.mark.parametrize("kind", ["caption", "vqa"])
+def test_generation_evaluator_end_to_end(setup, tmp_path, kind):
+    model, params = setup["model"], setup["params"]
+    trials = 1 if kind == "caption" else 2      # each caption scoring runs the Java PTB tokenizer and METEOR
+    query, support = _Split(1), _Split(2, split="train", n=6)
+    ev = fg.FewShotGenerationEvaluator(
+        name=f"fs_{kind}", every=0, kind=kind, model=model, tokenizer=TOK, image_id=IMG, eoc_id=EOC,
+        load_split=lambda: query, load_support=lambda: support,
+        template="this is{}" if kind == "caption" else "{} a{}", shots=(0, 2), trials=trials,
+        selection=("random", "rices"), num_queries=3, support_size=4, beam_size=2, max_len=4, batch_size=2)
+    metrics = ev.run(params, {}, step=3, workdir=str(tmp_path), final=True)
+    head = "CIDEr" if kind == "caption" else "accuracy"
+    for sel in ("random", "rices"):
+        for k in (0, 2):
+            assert np.isfinite(metrics[f"{sel}/shots_{k}/{head}_mean"]) and metrics[f"{sel}/shots_{k}/examples_per_s"] > 0
+    out = tmp_path / "eval" / "step_3" / f"fs_{kind}"
+    data = json.loads((out / "fewshot_generation.json").read_text())
+    r = data["results"]
+    # 0 shots: the same text-only draws whatever the selection method
+    assert r["random"]["0"]["last_trial_predictions"] == r["rices"]["0"]["last_trial_predictions"]
+    assert r["rices"]["2"]["example_prompt"].count("<image>") == 3
+    assert r["random"]["0"]["example_prompt"].count("<image>") == 1
+    preds = r["random"]["2"]["last_trial_predictions"]
+    assert len(preds) == 3 and len(r["random"]["2"]["scores"]) == trials
+    if kind == "vqa":     # the stored scores are the VQA accuracy of the stored answers
+        from vlm_jax.evaluation.vqa import vqa_scores
+        table = query.question_table()
+        want = vqa_scores({int(q): a for q, a in preds.items()}, {q: table[q] for q in list(table)[:3]})
+        assert r["random"]["2"]["scores"][-1]["accuracy"] == pytest.approx(want["accuracy"])
+    assert (out / "shot_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    long = fg.FewShotGenerationEvaluator(
+        name="too_long", every=0, kind=kind, model=model, tokenizer=TOK, image_id=IMG, eoc_id=EOC,
+        load_split=lambda: query, load_support=lambda: support,
+        template="this is{}" if kind == "caption" else "{} a{}", shots=(6,), trials=1, num_queries=1,
+        support_size=6, max_len=40)
+    with pytest.raises(ValueError, match="max_positions=64"):
+        long.run(params, {}, step=0, workdir=str(tmp_path), final=True)
+    with pytest.raises(ValueError, match="support set of 4"):
+        fg.FewShotGenerationEvaluator(name="x", every=0, kind=kind, model=model, tokenizer=TOK, image_id=IMG,
+                                      eoc_id=EOC, load_split=None, load_support=None, shots=(8,), support_size=4)

@@ -142,8 +142,12 @@ def test_two_stages_text_lm_then_flamingo_with_it_frozen(data_dir, tmp_path):
     train_lib.train(cfg0, lm_dir)
     cfg1 = flamingo_config(data_dir, f"tiny,lm={lm_dir}", data__mixture__pairs__weight=0, train__num_steps=2)
     metrics = train_lib.train_and_evaluate(cfg1, fl_dir)
-    assert {"fewshot", "caption", "caption_blind"} <= set(metrics)
+    assert {"fewshot", "caption", "caption_blind", "fewshot_caption", "fewshot_vqa"} <= set(metrics)
     assert "CIDEr" in metrics["caption"] and "CIDEr" in metrics["caption_blind"] and metrics["fewshot"]
+    for sel in ("random", "rices"):
+        for k in (0, 1):   # open-ended few-shot generation from the real eval/train splits
+            assert np.isfinite(metrics["fewshot_caption"][f"{sel}/shots_{k}/CIDEr_mean"])
+            assert 0.0 <= metrics["fewshot_vqa"][f"{sel}/shots_{k}/accuracy_mean"] <= 1.0
 
     def final_params(workdir, cfg):
         task, mesh = train_lib.make_task_and_mesh(cfg, workdir)

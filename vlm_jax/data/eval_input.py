@@ -59,6 +59,12 @@ class EvalSplit:
         data = self._images[self._records[int(image_id)]]
         return self._preprocess.uint8(data) if resized else self._preprocess.raw(data)
 
+    def preprocess_image(self, image_id: int) -> np.ndarray:
+        """f32 [S, S, 3]: the model input of one image (the split's preprocessing, as `batches`)."""
+        if int(image_id) not in self._records:
+            raise KeyError(f"image_id {image_id} is not in the {self.name} {self.split} split.")
+        return self._preprocess(self._images[self._records[int(image_id)]])
+
     def batches(self, batch_size: int, *, process_index: int | None = None,
                 process_count: int | None = None,
                 with_tokens: bool = False) -> Iterator[dict[str, np.ndarray]]:

@@ -18,6 +18,8 @@ Sources (grain random-access, index -> dict of numpy arrays, deterministic per i
                          image-text pairs).
   `SyntheticDocSource`   1..M images of a split, each followed by one of its captions, with
                          text-only sentences between some chunks (interleaved web-page stand-in).
+  `QADocSource`          1..M images, each with one of its questions and the answer in the VQA
+                         prompt's format (text-only: the LM's question-answer text).
   `Mmc4DocSource`        web documents in MMC4's format (`vlm_jax.data.mmc4`): images above a
                          similarity threshold placed before their matched sentences.
   `NonceEpisodeSource`   in-context episodes: fresh nonce words bound to the colours of
@@ -41,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["Chunk", "encode_interleaved", "ClassificationEpisode", "nonce_words", "NONCE_TEMPLATE",
-           "FILLER", "CaptionDocSource", "SyntheticDocSource", "Mmc4DocSource", "NonceEpisodeSource",
+           "FILLER", "CaptionDocSource", "SyntheticDocSource", "QADocSource", "Mmc4DocSource", "NonceEpisodeSource",
            "single_object_records"]
 
 #: Demonstration text of the nonce task; the query prompt is the text before "{}".
@@ -219,6 +221,42 @@ class SyntheticDocSource(_DocSourceBase):
 
     def __repr__(self) -> str:
         return f"SyntheticDocSource(docs={self._n}, M={self._m}, T={self._t})"
+
+
+class QADocSource(_DocSourceBase):
+    """Document j: 1..M random records of the split that have questions, each
+    ``<image> Question: q Short answer: a <|endofchunk|>`` for one of its questions (``template``
+    filled with the question and its answer). Text-only it is question-answer text in the LM's
+    vocabulary: what stage 0 reads so that the frozen LM knows the VQA prompt format and the
+    answer words (the paper's LM saw such text on the web); with images it is supervised VQA,
+    which the paper's Flamingo never trains on (its mixture weight is 0 in `synthetic`)."""
+
+    _code = 4
+
+    def __init__(self, questions: Sequence[Sequence[dict]], num_docs: int, template: str, **kw):
+        super().__init__(name="QADocSource", **kw)
+        if template.count("{}") != 2:
+            raise ValueError(f"QADocSource: template {template!r} needs two '{{}}' (question, answer).")
+        self._records = [r for r, qs in enumerate(questions) if qs]
+        if not self._records:
+            raise ValueError("QADocSource: no record of the split has questions.")
+        self._questions, self._n, self._template = questions, int(num_docs), template
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, j):
+        rng = self._rng(j)
+        k = int(rng.integers(1, self._m + 1))
+        records = [self._records[int(i)] for i in rng.choice(len(self._records), size=k, replace=False)]
+        chunks = []
+        for r in records:
+            q = self._questions[r][int(rng.integers(len(self._questions[r])))]
+            chunks.append(Chunk(self._template.format(q["question"], q["answer"])))
+        return self._example(chunks, records)
+
+    def __repr__(self) -> str:
+        return f"QADocSource(docs={self._n}, M={self._m}, T={self._t})"
 
 
 class Mmc4DocSource(_DocSourceBase):

@@ -27,7 +27,7 @@ from vlm_jax.data.tokenizer_api import TemplateTokenizerBase
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 _FORMAT_VERSION = 1
-_SEPARATORS = re.compile(r"[-/]")
+_SEPARATORS = re.compile(r"[-/:]")           # word separators (punctuation elsewhere is dropped)
 _PUNCT = re.compile(r"[^\w\s]")
 
 

@@ -56,7 +56,7 @@ class CaptionEvaluator(ev_lib.Evaluator):
         self._num_figures, self._grid = int(num_figures), int(grid)
 
     def run(self, params, model_state, *, step: int, workdir: str, final: bool) -> dict[str, float]:
-        from vlm_jax.evaluation import captioning, grounded, localization, plots
+        from vlm_jax.evaluation import captioning, plots
 
         t0 = time.time()
         split = self._load_split()
@@ -78,19 +78,7 @@ class CaptionEvaluator(ev_lib.Evaluator):
         if jax.process_index() != 0:  # every process holds all predictions; process 0 scores and writes
             return {}
         refs = {i: split.references[i] for i in predictions}
-        metrics = captioning.caption_metrics(refs, predictions)
-        objects = {i: split.objects.get(i, []) for i in predictions}
-        if any(objects.values()):
-            colors, shapes = attribute_vocabularies(split.objects.values())
-            metrics["attribute_precision"] = captioning.attribute_precision(predictions, objects, colors, shapes)
-            metrics.update(grounded.grounded_metrics(
-                predictions, objects, grounded.GroundedVocabulary.from_objects(split.objects.values())))
-            if alphas:
-                loc = localization.attention_localization(words, alphas, objects, grid=self._grid,
-                                                          colors=colors, shapes=shapes)
-                metrics.update(localization_rate=loc.rate, localization_chance=loc.chance_rate,
-                               localization_words=loc.num_words)
-        metrics["num_images"] = len(predictions)
+        metrics = score_captions(predictions, split, words=words, alphas=alphas, grid=self._grid)
         metrics["generation_seconds"] = gen_time
 
         out_dir = ev_lib.eval_dir(workdir, step)
@@ -107,6 +95,29 @@ class CaptionEvaluator(ev_lib.Evaluator):
         for i in list(predictions)[:3]:
             log.info("image %d: %r  (ref: %r)", i, predictions[i], refs[i][0])
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+
+
+def score_captions(predictions: dict[int, str], split, *, words: dict[int, list[str]] | None = None,
+                   alphas: dict[int, np.ndarray] | None = None, grid: int = 1) -> dict[str, float]:
+    """The caption metrics of ``predictions {image id: caption}`` against an eval split (its
+    references; where it has object annotations also attribute precision and the grounded
+    metrics; with per-word ``alphas`` f32[n_words, G*G] and their ``words``, attention
+    localization) + ``num_images``. Shared by every evaluator that scores captions."""
+    from vlm_jax.evaluation import captioning, grounded, localization
+    refs = {i: split.references[i] for i in predictions}
+    metrics = captioning.caption_metrics(refs, predictions)
+    objects = {i: split.objects.get(i, []) for i in predictions}
+    if any(objects.values()):
+        colors, shapes = attribute_vocabularies(split.objects.values())
+        metrics["attribute_precision"] = captioning.attribute_precision(predictions, objects, colors, shapes)
+        metrics.update(grounded.grounded_metrics(
+            predictions, objects, grounded.GroundedVocabulary.from_objects(split.objects.values())))
+        if alphas:
+            loc = localization.attention_localization(words, alphas, objects, grid=grid, colors=colors, shapes=shapes)
+            metrics.update(localization_rate=loc.rate, localization_chance=loc.chance_rate,
+                           localization_words=loc.num_words)
+    metrics["num_images"] = len(predictions)
+    return metrics
 
 
 def attribute_vocabularies(objects_per_image) -> tuple[list[str], list[str]]:

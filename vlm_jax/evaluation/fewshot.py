@@ -59,7 +59,8 @@ log = logging.getLogger("vlm_jax")
 
 __all__ = ["SELECTIONS", "ZERO_SHOT_TEXT_DEMOS", "FewShotPrompt", "select_demonstrations", "candidate_tokens",
            "build_prompt", "episode_prompt", "score_classes_full", "score_classes_cached", "accuracy_from_scores",
-           "default_vision_features", "FewShotClassificationEvaluator", "save_shot_curve"]
+           "default_vision_features", "batched_features", "round_up", "replicated_jit",
+           "FewShotClassificationEvaluator", "save_shot_curve"]
 
 SELECTIONS = ("random", "rices")
 #: open_flamingo's 0-shot: this many text-only demonstrations (images removed) before the query.
@@ -264,13 +265,26 @@ def _scorers(model):
     return {"full": full, "cached": cached}
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_plain(model, kind: str):
-    return jax.jit(_scorers(model)[kind])
-
-
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
+
+
+def replicated_jit(fn: Callable, mesh=None) -> Callable:
+    """``fn(params, *arrays)`` jitted; with a ``mesh``, the (host numpy) arrays are put on it
+    replicated and the call runs under its logical rules with replicated outputs, so every
+    process gets every row (the evaluators here call it on every process)."""
+    if mesh is None:
+        return jax.jit(fn)
+    from vlm_jax import sharding
+    jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+    def call(params, *arrays):
+        g = sharding.put_batch({str(i): a for i, a in enumerate(arrays)}, mesh,
+                               {str(i): sharding.replicated(mesh) for i in range(len(arrays))})
+        with sharding.rules_context(mesh):
+            return jitted(params, *[g[str(i)] for i in range(len(arrays))])
+    return call
 
 
 def _run_scoring(model, params, prompts, *, kind: str, batch_size: int, length_normalize: bool, pad_id: int,
@@ -289,8 +303,8 @@ def _run_scoring(model, params, prompts, *, kind: str, batch_size: int, length_n
     # token lengths rounded up to a multiple, so episodes of slightly different lengths (another
     # trial, other class names) reuse the compiled function; padding never moves a position id
     mult = max(1, int(pad_to_multiple))
-    tp = _round_up(longest, mult)                                        # cached: the left-padded prefix
-    t = _round_up(longest + l, mult)                                     # full: [prefix; cand] right padded
+    tp = round_up(longest, mult)                                        # cached: the left-padded prefix
+    t = round_up(longest + l, mult)                                     # full: [prefix; cand] right padded
     lm = model.config.lm
     if getattr(lm, "position_embedding", "learned") == "learned":
         t = min(t, lm.max_positions)                                     # DecoderLM refuses longer inputs
@@ -325,24 +339,9 @@ def _run_scoring(model, params, prompts, *, kind: str, batch_size: int, length_n
     return out
 
 
-def _mesh_fn(model, kind: str, mesh):
-    if mesh is None:
-        return _jit_plain(model, kind)
-    from vlm_jax import sharding
-    fn = _jit_mesh(model, kind, mesh)
-
-    def call(params, *arrays):
-        g = sharding.put_batch({str(i): a for i, a in enumerate(arrays)}, mesh,
-                               {str(i): sharding.replicated(mesh) for i in range(len(arrays))})
-        with sharding.rules_context(mesh):
-            return fn(params, *[g[str(i)] for i in range(len(arrays))])
-    return call
-
-
 @functools.lru_cache(maxsize=None)
-def _jit_mesh(model, kind: str, mesh):
-    from vlm_jax import sharding
-    return jax.jit(_scorers(model)[kind], out_shardings=sharding.replicated(mesh))
+def _mesh_fn(model, kind: str, mesh):
+    return replicated_jit(_scorers(model)[kind], mesh)
 
 
 def score_classes_full(model, params, prompts: Sequence[FewShotPrompt], *, batch_size: int = 8,
@@ -393,7 +392,7 @@ def default_vision_features(model) -> Callable:
     return lambda params, images: np.asarray(jax.device_get(fn(params, images)), np.float32)
 
 
-def _features(fn, params, images: np.ndarray, batch: int) -> np.ndarray:
+def batched_features(fn, params, images: np.ndarray, batch: int) -> np.ndarray:
     """``fn`` over ``images [n, ...]`` in fixed-size batches (the last one padded)."""
     n = images.shape[0]
     out = []
@@ -457,7 +456,7 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
             self._vision_features = default_vision_features(self._model)
         imgs = np.concatenate([np.concatenate([np.asarray(ep.support_images, np.float32),
                                                np.asarray(ep.query_image, np.float32)[None]]) for ep in episodes])
-        feats = _features(self._vision_features, params, imgs, self._feat_bs)
+        feats = batched_features(self._vision_features, params, imgs, self._feat_bs)
         out, at = [], 0
         for ep in episodes:
             n = len(ep.support_labels)
@@ -546,9 +545,11 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
         return metrics
 
 
-def save_shot_curve(path: str, shots: Sequence[int], summary: dict, chance: float, *, title: str = "") -> str:
-    """Accuracy vs shots: mean line and mean +- std band per selection method (``summary[sel][str(K)]``
-    holds ``accuracy_mean`` / ``accuracy_std``), chance as a dashed line. Agg canvas, no pyplot."""
+def save_shot_curve(path: str, shots: Sequence[int], summary: dict, chance: float | None, *, title: str = "",
+                    ylabel: str = "accuracy") -> str:
+    """Score vs shots: mean line and mean +- std band per selection method (``summary[sel][str(K)]``
+    holds ``accuracy_mean`` / ``accuracy_std``: the plotted score), chance (if given) as a dashed
+    line; the y axis is [0, 1.02] when ``ylabel`` is 'accuracy', else fitted. Agg canvas, no pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -561,11 +562,15 @@ def save_shot_curve(path: str, shots: Sequence[int], summary: dict, chance: floa
         std = np.asarray([per_k[str(k)]["accuracy_std"] for k in xs])
         (line,) = ax.plot(xs, mean, marker="o", label=sel)
         ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.axhline(chance, color="gray", linestyle="--", label="chance")
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", label="chance")
     ax.set_xticks(xs)
     ax.set_xlabel("shots")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0.0, 1.02)
+    ax.set_ylabel(ylabel)
+    if ylabel == "accuracy":
+        ax.set_ylim(0.0, 1.02)
+    else:
+        ax.set_ylim(bottom=0.0)
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)

@@ -19,8 +19,11 @@ Pieces (each in its one place):
   freezing    ``vision/..`` and the LM's own parameters (``model.freeze_vision`` /
               ``freeze_lm``); trainable: resampler, gated blocks, extra token rows
   evaluators  ``fewshot`` (nonce classification by class log-likelihood, shots x selection x
-              trials, shot-curve PNG), ``caption`` (``evals.caption.shots`` fixed demonstrations + <image>, beam search until <eoc>) and
-              ``caption_blind`` (the same with no token seeing the image; ``evals.caption.blind_baseline``)
+              trials, shot-curve PNG), ``caption`` (``evals.caption.shots`` fixed demonstrations + <image>, beam search until <eoc>),
+              ``caption_blind`` (the same with no token seeing the image; ``evals.caption.blind_baseline``),
+              ``fewshot_caption`` / ``fewshot_vqa`` (open-ended generation from k demonstrations,
+              open_flamingo's ``<image>Output:`` and ``<image>Question:{q} Short answer:`` prompts,
+              scored with the caption metrics / VQAv2 accuracy over shots x selection x trials)
 
 ``model.stage='lm'`` is stage 0 for the synthetic set, where no pretrained LM exists: the same
 model trained text-only (images and their markers dropped) with everything but the LM's own
@@ -39,7 +42,7 @@ from vlm_jax.models import flamingo as fl
 from vlm_jax.tasks.base import Task
 
 STAGES = ("flamingo", "lm")
-SOURCES = ("pairs", "docs", "nonce", "mmc4")
+SOURCES = ("pairs", "docs", "nonce", "qa", "mmc4")
 
 
 class FlamingoTask(Task):
@@ -79,10 +82,18 @@ class FlamingoTask(Task):
         return self._tokenizer
 
     def _base_texts(self) -> list[str]:
-        """Every text of the synthetic sources but the nonce words: captions, fillers, the template."""
+        """Every text of the synthetic sources but the nonce words: captions, fillers, the nonce
+        template, the training questions and answers in the VQA prompt, and the few-shot caption
+        prompt (so that no prompt word is <unk>)."""
         from vlm_jax.data import interleaved
-        texts = [c for caps in self._train_captions() for c in caps]
-        return texts + list(interleaved.FILLER) + [interleaved.NONCE_TEMPLATE.format("")]
+        from vlm_jax.data.datasets import get_dataset
+        c = self.config
+        texts = [t for caps in self._train_captions() for t in caps]
+        qa = c.data.qa_template
+        texts += [qa.format(q["question"], q["answer"]) for qs in get_dataset(c.data).meta("train").questions
+                  for q in qs]
+        prompts = [qa.format("", ""), c.evals.fewshot_caption.template.format("")]
+        return texts + list(interleaved.FILLER) + [interleaved.NONCE_TEMPLATE.format("")] + prompts
 
     def nonce_pool(self) -> list[str]:
         """The nonce words: ``data.nonce_words`` CVC words absent from every other training text."""
@@ -156,7 +167,8 @@ class FlamingoTask(Task):
 
     def max_images(self, source: str) -> int:
         d = self.config.data
-        return {"pairs": 1, "docs": int(d.max_images), "nonce": int(d.nonce_shots), "mmc4": int(d.max_images)}[source]
+        return {"pairs": 1, "docs": int(d.max_images), "nonce": int(d.nonce_shots), "qa": int(d.max_images),
+                "mmc4": int(d.max_images)}[source]
 
     def source_batch(self, source: str) -> int:
         return int(self.config.data.mixture[source].batch_size)
@@ -179,6 +191,9 @@ class FlamingoTask(Task):
                                                       int(d.nonce_way), int(d.num_docs),
                                                       max_images=int(d.nonce_shots),
                                                       max_tokens=self.token_len("nonce"), **common)
+        if any(qs for qs in meta.questions):
+            out["qa"] = interleaved.QADocSource(meta.questions, int(d.num_docs), str(d.qa_template),
+                                                max_images=int(d.max_images), max_tokens=self.token_len("qa"), **common)
         if split == "train" and float(self.config.data.mixture.mmc4.weight) > 0:
             out["mmc4"] = interleaved.Mmc4DocSource(self._mmc4_records(), float(d.mmc4.threshold),
                                                     max_images=int(d.max_images), max_tokens=self.token_len("mmc4"),
@@ -197,6 +212,11 @@ class FlamingoTask(Task):
     def train_iterator(self, *, process_index=None, process_count=None):
         from vlm_jax.data.mixture import MixtureSource, make_mixture_iterator
         srcs = self._sources("train")
+        missing = [n for n in SOURCES if float(self.config.data.mixture[n].weight) > 0 and n not in srcs]
+        if missing:
+            from vlm_jax.config_lib import ConfigError
+            raise ConfigError(f"config.data.mixture.{missing[0]}.weight > 0 but the {self.config.data.name} training "
+                              "split has no questions to build it from; set its weight to 0.")
         mix = [MixtureSource(name, srcs[name], weight=float(self.config.data.mixture[name].weight),
                              batch_size=self.source_batch(name))
                for name in SOURCES if float(self.config.data.mixture[name].weight) > 0]
@@ -386,8 +406,31 @@ class FlamingoTask(Task):
                         name=name, every=int(e.every), predict=functools.partial(predict, blind=blind),
                         input_keys=("image",), load_split=load_split, tokenizer=tok, batch_size=int(e.batch_size),
                         max_examples=int(e.max_examples), num_figures=0, grid=1, mesh=self.mesh))
+                evs += self.fewshot_generation_evaluators()
             self._evaluators = evs
         return self._evaluators
+
+    def fewshot_generation_evaluators(self) -> list:
+        """'fewshot_caption' (``<image>Output:``) and 'fewshot_vqa' (``<image>Question:{q} Short
+        answer:``): open-ended few-shot generation over shots x selection x trials
+        (`vlm_jax.evaluation.fewshot_generation`), each where ``evals.<name>.enabled``."""
+        from vlm_jax.data import pipeline
+        from vlm_jax.evaluation.fewshot_generation import FewShotGenerationEvaluator
+        c, tok, out = self.config, self.tokenizer, []
+        for name, kind in (("fewshot_caption", "caption"), ("fewshot_vqa", "vqa")):
+            e = c.evals[name]
+            if not e.enabled:
+                continue
+            out.append(FewShotGenerationEvaluator(
+                name=name, every=int(e.every), kind=kind, model=self.model, tokenizer=tok, image_id=self.image_id,
+                eoc_id=self.eoc_id, load_split=lambda e=e: pipeline.load_eval_split(c, tok, e.split),
+                load_support=lambda e=e: pipeline.load_eval_split(c, tok, e.support_split),
+                template=str(e.template or (c.data.qa_template if kind == "vqa" else "")),
+                shots=tuple(int(k) for k in e.shots), trials=int(e.trials), selection=tuple(e.selection),
+                num_queries=int(e.num_queries), support_size=int(e.support_size), beam_size=int(e.beam_size),
+                max_len=int(e.max_len), batch_size=int(e.batch_size), mesh=self.mesh, seed=int(c.seed),
+                **({"demo_caption": str(e.demo_caption)} if kind == "caption" else {})))
+        return out
 
 
 def validate(config) -> None:
