@@ -137,6 +137,9 @@ def get_config(arg=None):
             trials=3, selection=("random", "rices"), num_queries=64, support_size=256, beam_size=3,
             max_len=max_len, batch_size=32))   # template '' (VQA) = data.qa_template
     c.evals.fewshot_caption.demo_caption = "shortest"   # 'first' (open_flamingo) | 'shortest': more shots fit
+    # the longest shortest synthetic caption is 21 words (24 tokens a demonstration): 3 shots + 24 new
+    # tokens fit max_tokens + 8 = 104 positions, 4 may not
+    c.evals.fewshot_caption.shots = (0, 1, 2, 3)
 
     if variant == "synthetic":
         mix.nonce.batch_size = 16          # 16 episodes x 8 images a step (the LM stage reads 32 text episodes)
