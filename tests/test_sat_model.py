@@ -403,6 +403,33 @@ def test_hard_expectation_baseline(hard):
         sat_task.validate(tiny_config(model__hard_baseline="greedy"))
 
 
+def test_hard_decode_argmax_reads_the_most_attended_cell(hard):
+    """model.hard_decode='argmax': outside training the context is a_{argmax alpha_t} (checked
+    against the annotations picked by hand at the first step), decoding still equals teacher
+    forcing, and the logits differ from the paper's expectation rule on the same parameters."""
+    _, batch, variables = hard
+    task = sat_task.make_task(tiny_config(model__attention="hard", model__hard_decode="argmax"))
+    params = {"params": variables["params"]}
+    model = task.model
+    ref = _apply(task, variables, batch, train=False)
+    logits, alphas, _ = _step_loop(model, params, batch["image"], batch["tokens"][:, :-1].T)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref["logits"]), atol=1e-5, rtol=0)
+    expect = _apply(sat_task.make_task(tiny_config(model__attention="hard")), variables, batch, train=False)
+    np.testing.assert_allclose(np.asarray(ref["alphas"][:, 0]), np.asarray(expect["alphas"][:, 0]), atol=1e-6)
+    assert not np.allclose(np.asarray(ref["logits"]), np.asarray(expect["logits"]), atol=1e-4)
+    # step 0 by hand: the LSTM input context is beta_0 * a_{argmax alpha_0}
+    ann = model.apply(params, batch["image"], method=SATModel.encode)
+    state = model.apply(params, ann, method=SATModel.init_decode_state)
+    best = np.argmax(np.asarray(ref["alphas"][:, 0]), axis=-1)
+    picked = np.asarray(ann)[np.arange(B), best]                                   # [B, D]
+    hand = model.apply(params, state, batch["tokens"][:, 0], None, False,
+                       method=lambda m, st, y, u, tr: m._step(dict(st, annotations=jnp.broadcast_to(
+                           jnp.asarray(picked)[:, None], st["annotations"].shape)), y, u, tr)[1]["logits"])
+    np.testing.assert_allclose(np.asarray(hand), np.asarray(ref["logits"][:, 0]), atol=1e-5)
+    with pytest.raises(ValueError, match="model.hard_decode"):
+        sat_task.validate(tiny_config(model__hard_decode="sample"))
+
+
 def test_hard_reference_pass_shares_encoder_and_dropout(hard):
     """`with_reference=True` decodes every caption a second time with the expected context, from
     the main pass's annotations and dropout masks: with every caption on the expectation

@@ -20,7 +20,8 @@ The paper's mechanism, in the notation of its Section 3 (all of it lives in `SAT
   context          soft: z_t = beta_t * sum_i alpha_ti a_i
                    hard: s_t ~ Categorical(alpha_t), z_t = beta_t * a_{s_t}; during training each
                    caption uses the expectation sum_i alpha_ti a_i instead with probability
-                   `hard_sample_fraction` (the paper's 0.5); outside training always the expectation
+                   `hard_sample_fraction` (the paper's 0.5); outside training the expectation
+                   (`hard_decode='expectation'`, the paper's test rule) or the argmax cell a_{argmax alpha_t}
   initial state    h_0 = tanh(f_init,h(mean_i a_i)),  c_0 = tanh(f_init,c(mean_i a_i))
   LSTM             [i; f; o; g] = T([E y_{t-1}; z_t]) + U h_{t-1};  c_t = f*c_{t-1} + i*tanh(g);
                    h_t = o * tanh(c_t)   (i, f, o through sigmoid)
@@ -47,6 +48,7 @@ ENCODERS = ("cnn", "resnet")
 ATTENTIONS = ("soft", "hard")
 POSITION_EMBEDDINGS = ("none", "learned", "sincos")
 ATTENTION_QUERIES = ("hidden", "hidden+word")
+HARD_DECODES = ("expectation", "argmax")
 
 
 def _dense(features: int, names: tuple[str | None, str | None], *, use_bias: bool = True,
@@ -86,6 +88,8 @@ class SATModel(nn.Module):
       attention_query: 'hidden' (paper: f_att(a_i, h_{t-1})) | 'hidden+word' (adds W_y E y_{t-1}).
       hard_sample_fraction: probability that a caption uses the expected context instead of a
         sampled location while training with hard attention (paper: 0.5).
+      hard_decode: hard attention outside training: 'expectation' (paper) | 'argmax' (the
+        context of the most attended cell, the closest deterministic stand-in for a sample).
       freeze_encoder: the encoder output is wrapped in stop_gradient and a ResNet runs its
         BatchNorm in inference mode (the optimizer freezes the encoder params, see the task).
       dtype: compute dtype. param_dtype: parameter dtype (float32).
@@ -109,6 +113,7 @@ class SATModel(nn.Module):
     position_dim: int = 0
     attention_query: str = "hidden"
     hard_sample_fraction: float = 0.5
+    hard_decode: str = "expectation"
     freeze_encoder: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -127,6 +132,8 @@ class SATModel(nn.Module):
         if self.vocab_size < 4:
             raise ValueError(f"model.vocab_size={self.vocab_size}: set it from the tokenizer "
                              "(tokenizer.vocab_size) before building the SAT model.")
+        if self.hard_decode not in HARD_DECODES:
+            raise ValueError(f"model.hard_decode={self.hard_decode!r} is not supported; use one of {HARD_DECODES}.")
         if not 0.0 <= self.hard_sample_fraction <= 1.0:
             raise ValueError(f"model.hard_sample_fraction={self.hard_sample_fraction} must be in [0, 1].")
         if not 0.0 <= self.dropout < 1.0:
@@ -239,6 +246,9 @@ class SATModel(nn.Module):
             ctx = jnp.where(use_sample[:, None], sampled, expected)
             logp_s = jnp.take_along_axis(log_alpha, s[:, None], axis=1)[:, 0]
             sample_logp = jnp.where(use_sample, logp_s, 0.0)
+        elif self.attention == "hard" and not train and self.hard_decode == "argmax":
+            best = jnp.argmax(alpha, axis=-1)                                    # argmax_i alpha_ti  [N]
+            ctx = jnp.take_along_axis(a, best[:, None, None], axis=1)[:, 0]      # a_{argmax}  [N, D]
         else:
             ctx = expected
         if self.gate:

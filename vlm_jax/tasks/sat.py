@@ -104,6 +104,7 @@ def build_model(config, vocab_size: int) -> SATModel:
         position_dim=int(m.position_dim),
         attention_query=m.attention_query,
         hard_sample_fraction=float(m.hard_sample_fraction),
+        hard_decode=str(m.hard_decode),
         freeze_encoder=bool(m.freeze_encoder),
         dtype=_dtype(config.train.dtype, "train.dtype"),
         param_dtype=_dtype(config.train.param_dtype, "train.param_dtype"),
@@ -309,6 +310,7 @@ def validate(config) -> None:
 
     check_choice(config, "model.attention", ("soft", "hard"))
     check_choice(config, "model.hard_baseline", ("moving_average", "expectation"))
+    check_choice(config, "model.hard_decode", ("expectation", "argmax"))
     check_positive(config, "model.position_dim", allow_zero=True)
     pdim = int(config.model.position_dim) or int(config.model.annotation_dim)
     if config.model.position_embedding == "sincos" and pdim % 4:
