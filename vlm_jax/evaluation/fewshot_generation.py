@@ -296,6 +296,12 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
         for si, sel in enumerate(self._selections):
             results[sel] = {}
             for k in self._shots:
+                if k == 0 and si > 0:        # 0 shots does not depend on the selection: reuse the first one's
+                    first = self._selections[0]
+                    results[sel]["0"] = results[first]["0"]
+                    metrics.update({key.replace(f"{first}/shots_0/", f"{sel}/shots_0/", 1): v
+                                    for key, v in list(metrics.items()) if key.startswith(f"{first}/shots_0/")})
+                    continue
                 per_trial_prompts = []
                 for trial in range(self._trials):
                     rng = np.random.default_rng([self._seed, trial, k, si + 1 if k else 0, 11])
