@@ -20,13 +20,21 @@ Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
                     OPT-shaped decoder / T5 encoder-decoder. No pretrained LM exists offline, so
                     these variants train the LM from scratch (``model.freeze_lm=False``: a named
                     deviation; the paper's LM is frozen).
+  lm_opt_synthetic  stage 0 of the synthetic set (``model.stage='opt_text'``): the OPT-shaped
+                    decoder alone, trained text-only on documents with a caption where the image
+                    prefix will be (vlm_jax/data/context_text.py: another caption, or an answer
+                    in the VQA prompt, after it; and both without context): the stand-in for the
+                    web-pretrained LLM BLIP-2 keeps frozen. ``stage2_opt_synthetic,...,lm=<its
+                    workdir>`` then keeps it frozen, as the paper does.
   stage2_opt_paper / stage2_t5_paper
                     the paper's stage 2: from the stage-1 run, frozen OPT-2.7B / Flan-T5-XL read
                     from ``config.init.lm.path`` (+ ``model.lm_tokenizer_dir``), 80k steps, batch
                     1920 / 1520, the stage-1 optimiser settings.
 
 Shortcut inside the arg: ``stage1=<workdir>`` sets config.init.{vision, ln_vision, qformer} to
-that stage-1 run's final checkpoint (source='checkpoint').
+that stage-1 run's final checkpoint (source='checkpoint'); ``lm=<workdir>`` (stage 2, OPT) sets
+config.init.lm to that stage-0 run, reads its LM shape (config.json) and vocabulary (vocab.json)
+and freezes the LM (``model.freeze_lm=True``).
 
 Every other key is overridden on the command line as `--config.section.key=value`.
 
@@ -35,6 +43,10 @@ Commands:
   python eval.py  --config configs/blip2.py:stage1_synthetic --workdir runs/blip2_stage1
   python train.py --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1 --workdir runs/blip2_opt
   python train.py --config configs/blip2.py:stage2_t5_synthetic,stage1=runs/blip2_stage1 --workdir runs/blip2_t5
+  python train.py --config configs/blip2.py:lm_opt_synthetic --workdir runs/blip2_lm
+  python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm
+  python train.py --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1,lm=runs/blip2_lm \
+      --workdir runs/blip2_opt_frozen
   python train.py --config configs/blip2.py:tiny --workdir /tmp/blip2_tiny
   python train.py --config configs/blip2.py:stage1_paper --workdir runs/blip2_paper \\
       --config.data.manual_dir=/data/coco --config.init.vision.path=/ckpt/blip2-vision-eva-g \\
@@ -44,9 +56,11 @@ import ml_collections
 
 from vlm_jax import config_lib
 
-VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper", "stage2_opt_synthetic", "stage2_t5_synthetic",
-            "stage2_opt_paper", "stage2_t5_paper")
-SYNTHETIC = ("tiny", "stage1_synthetic", "stage2_opt_synthetic", "stage2_t5_synthetic")
+VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper", "lm_opt_synthetic", "stage2_opt_synthetic",
+            "stage2_t5_synthetic", "stage2_opt_paper", "stage2_t5_paper")
+SYNTHETIC = ("tiny", "stage1_synthetic", "lm_opt_synthetic", "stage2_opt_synthetic", "stage2_t5_synthetic")
+# The synthetic stage-0 LM (lm_opt_synthetic; stage 2 reads its shape back with lm=<workdir>)
+STAGE0_LM = dict(width=96, num_layers=4, num_heads=4, mlp_dim=384, max_positions=64)
 
 
 def get_config(arg=None):
@@ -58,6 +72,10 @@ def get_config(arg=None):
 
     # ---------------------------------------------------------------- data (image-caption pairs)
     c.data = d = config_lib.caption_data()
+    # stage 0 of the synthetic set (model.stage='opt_text', lm_opt_synthetic): text documents
+    # (vlm_jax/data/context_text.py) and the sampling weight of each kind
+    d.text = ml_collections.ConfigDict(dict(num_docs=100_000))
+    d.text.mixture = ml_collections.ConfigDict(dict(describe=1.0, qa_context=1.0, caption=0.5, qa=0.5))
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -77,7 +95,8 @@ def get_config(arg=None):
     m.vision = ml_collections.ConfigDict(dict(patch_size=8, width=96, num_layers=3, num_heads=4, mlp_dim=192,
                                               preset=""))   # preset: 'eva_vit_g14' | 'clip_vit_l14' | ...
     # Stage 2 (model.stage 'opt' | 't5'): the LM, built from model.lm when config.init.lm is not 'hf'.
-    m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=2, num_heads=4, mlp_dim=192))
+    # max_positions: 0 = prefix + max_caption_len + 4 (what the captions need)
+    m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=2, num_heads=4, mlp_dim=192, max_positions=0))
     m.freeze_lm = True                 # the paper: frozen LM
     m.lm_tokenizer_dir = ""            # the LM's tokenizer.json folder ('' = the word vocabulary)
     m.lm_dtype = "float32"             # LM compute dtype (bfloat16 / float16 on accelerators)
@@ -250,10 +269,27 @@ def get_config(arg=None):
             d.num_train = d.num_val = d.num_test = 0
             d.mean = (0.48145466, 0.4578275, 0.40821073)
             d.std = (0.26862954, 0.26130258, 0.27577711)
+    if variant == "lm_opt_synthetic":
+        # stage 0: the OPT-shaped decoder alone, text only (vlm_jax/data/context_text.py)
+        m.stage = "opt_text"
+        m.lm.update(STAGE0_LM)
+        o.lr, o.warmup_steps, o.end_lr_fraction, o.weight_decay, o.grad_clip = 1e-3, 100, 0.05, 0.05, 1.0
+        t.batch_size = 64
+        t.num_steps = 3000
+        t.log_every = 100
+        t.checkpoint_every = 1000
+        t.max_to_keep = 1
     stage1 = overrides.pop("stage1", "")
     if stage1:
         for name in ("vision", "ln_vision", "qformer"):
             c.init[name].source, c.init[name].path = "checkpoint", stage1
+    lm = overrides.pop("lm", "")
+    if lm:
+        # stage 2 over a stage-0 LM (lm_opt_synthetic), frozen as in the paper: its shape comes from
+        # that run's config.json, its vocabulary from its vocab.json (vlm_jax/tasks/blip2.py)
+        c.init.lm.source, c.init.lm.path = "checkpoint", lm
+        m.lm.update(config_lib.run_config_section(lm, "model.lm", what=f"configs/blip2.py lm={lm}"))
+        m.freeze_lm = True
     config_lib.apply_overrides(c, overrides)
     c.lock()
     return c

@@ -15,6 +15,16 @@ Variants (`--config configs/flamingo.py:VARIANT[,key=value,...]`):
                 episodes (1). Evaluators: few-shot nonce classification (0/4/8/16 shots,
                 random and RICES selection, 3 trials) and captioning.
 
+  paper_3b / paper_9b
+                the paper's Flamingo-3B / -9B layouts (Alayrac et al. 2022, Tables 4-5): a shape
+                reference (benchmarks/flamingo_param_counts.py counts it with jax.eval_shape;
+                training it is refused: no Chinchilla / NFNet-F6 weights nor M3W data exist
+                offline). Deviations, named: the NFNet-F6 image encoder is stood in for by a ViT of
+                the resampler's width (1536) and about its size (15 layers: 0.43B vs 0.435B); the
+                Chinchilla LMs by the OPT-shaped decoder (learned positions, tied head, 32k vocab);
+                the 9B LM's depth (32 layers of width 4096, a 7B-class shape) is assumed, not read
+                from the paper, so its cross-attention count (every 4th layer: 8 blocks) is too.
+
 Shortcuts inside the arg: ``lm=<workdir>`` seeds ``lm`` (and the frozen ``vision``, so both
 stages share one random image tower) from that stage-0 run's final checkpoint.
 
@@ -27,7 +37,7 @@ import ml_collections
 
 from vlm_jax import config_lib
 
-VARIANTS = ("tiny", "lm_synthetic", "synthetic")
+VARIANTS = ("tiny", "lm_synthetic", "synthetic", "paper_3b", "paper_9b")
 
 
 def get_config(arg=None):
@@ -69,7 +79,9 @@ def get_config(arg=None):
                                                  activation="squared_relu"))
     m.xattn = ml_collections.ConfigDict(dict(num_heads=4, head_dim=16, mlp_dim=256, activation="squared_relu"))
     m.xattn_every = 1                  # Flamingo-3B: before every LM layer
-    m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=4, num_heads=4, mlp_dim=384))
+    # vocab_size / max_positions: 0 = the tokenizer's / what the longest source needs
+    m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=4, num_heads=4, mlp_dim=384, vocab_size=0,
+                                          max_positions=0))
     m.freeze_vision = True
     m.freeze_lm = True
 
@@ -174,6 +186,8 @@ def get_config(arg=None):
             c.evals[name].update(dict(shots=(0, 1), trials=2, num_queries=6, support_size=8, beam_size=2,
                                       max_len=4, batch_size=8))
         c.evals.fewshot_caption.trials = 1     # every caption scoring runs Java (PTB tokenizer, METEOR)
+    if variant.startswith("paper_"):
+        _paper_layout(c, variant)
     lm = overrides.pop("lm", "")
     if lm:
         for name in ("vision", "lm"):
@@ -181,3 +195,23 @@ def get_config(arg=None):
     config_lib.apply_overrides(c, overrides)
     c.lock()
     return c
+
+
+def _paper_layout(c, variant: str) -> None:
+    """The paper's Flamingo-3B / -9B shapes (see the module docstring for the deviations)."""
+    d, m = c.data, c.model
+    d.image_size = 320                                   # the paper's pretraining resolution
+    # NFNet-F6 stand-in: width 1536 (the resampler's), 15 layers of MLP 4x: ~0.43B parameters
+    m.vision.update(dict(patch_size=32, width=1536, num_layers=15, num_heads=16, mlp_dim=6144))
+    # Perceiver Resampler (Table 4): 6 layers, 64 latents, 16 heads of 128, FFN 4x, Squared ReLU
+    m.resampler.update(dict(depth=6, num_latents=64, num_heads=16, head_dim=128, mlp_dim=4 * 1536,
+                            activation="squared_relu"))
+    if variant == "paper_3b":
+        lm = dict(width=2048, num_layers=24, num_heads=16, mlp_dim=4 * 2048)
+        m.xattn_every = 1                                # a GATED XATTN-DENSE before every LM layer
+        m.xattn.update(dict(num_heads=16, head_dim=128, mlp_dim=4 * 2048, activation="squared_relu"))
+    else:
+        lm = dict(width=4096, num_layers=32, num_heads=32, mlp_dim=4 * 4096)     # depth assumed (docstring)
+        m.xattn_every = 4                                # every 4th LM layer
+        m.xattn.update(dict(num_heads=32, head_dim=128, mlp_dim=4 * 4096, activation="squared_relu"))
+    m.lm.update(dict(lm, vocab_size=32000, max_positions=2048))

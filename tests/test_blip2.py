@@ -448,3 +448,89 @@ def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir, tmp_path
 def test_stage2_refuses_without_a_stage1_run(data_dir):
     with pytest.raises(config_lib.ConfigError, match=r"starts from a stage-1 run.*stage1="):
         train_lib.make_task_and_mesh(blip2_config(data_dir, model__stage="opt", model__freeze_lm=False), None)
+
+
+# ----------------------------------------------------------------------------- stage 0 (synthetic text LM)
+def test_context_text_documents():
+    """Each kind of stage-0 document: the context (a caption of the record, or nothing) sits before
+    <bos>, the text after it (another caption of the SAME record / its question and answer in the
+    VQA prompt / a caption); right padded, <eos> kept when cut, deterministic per index."""
+    from vlm_jax.data.context_text import ContextTextSource
+    from vlm_jax.data.tokenizer import WordTokenizer
+    caps = [["a red circle", "one red circle on gray"], ["two blue squares", "a pair of blue squares"]]
+    qs = [[{"question": "what color is the circle?", "answer": "red"}], []]
+    template = "Question: {} Short answer: {}"
+    tok = WordTokenizer.build([c for cs in caps for c in cs] + [template.format(q["question"], q["answer"])
+                                                                  for x in qs for q in x])
+    words = lambda ids: " ".join(tok.id_to_word(int(i)) for i in ids)  # noqa: E731
+    for kind in ("describe", "qa_context", "caption", "qa"):
+        src = ContextTextSource(kind, caps, qs, tokenizer=tok, template=template, max_tokens=24, num_docs=50, seed=3)
+        for j in range(20):
+            t = src[j]["tokens"]
+            np.testing.assert_array_equal(t, src[j]["tokens"])
+            n = int((t != tok.pad_id).sum())
+            assert t[n - 1] == tok.eos_id and (t[n:] == tok.pad_id).all()
+            b = int(np.flatnonzero(t == tok.bos_id)[0])
+            context, text = words(t[:b]), words(t[b + 1:n - 1])
+            ctx_raw, text_raw = src.text(j)
+            assert context == " ".join(tok.id_to_word(i) for i in tok.encode(ctx_raw, add_special_tokens=False))
+            if kind in ("caption", "qa"):
+                assert b == 0 and ctx_raw == ""
+            else:
+                rec = [r for r, cs in enumerate(caps) if ctx_raw in cs]
+                assert len(rec) == 1
+                if kind == "describe":
+                    assert text_raw in caps[rec[0]] and text_raw != ctx_raw     # another caption, same image
+                else:
+                    assert rec == [0] and text_raw == template.format("what color is the circle?", "red")
+            assert text == " ".join(tok.id_to_word(i) for i in tok.encode(text_raw, add_special_tokens=False))
+    # cut to T: the context gives way first, <bos> text <eos> survive
+    short = ContextTextSource("qa_context", caps, qs, tokenizer=tok, template=template, max_tokens=14, num_docs=5,
+                              seed=0)[0]["tokens"]
+    assert short[-1] == tok.eos_id and tok.bos_id in short and words(short).endswith("short answer red <eos>")
+    with pytest.raises(ValueError, match="no record of the split has questions"):
+        ContextTextSource("qa", caps, [[], []], tokenizer=tok, template=template, max_tokens=24, num_docs=5, seed=0)
+
+
+def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
+    """Stage 0 (model.stage='opt_text') trains the OPT-shaped LM alone on context documents and
+    saves its vocabulary (captions + questions + answers + the VQA prompt); stage 2 with
+    ``lm=<stage-0 workdir>`` reads that LM's shape (odd: 18 wide, 3 heads, 3 layers) and
+    vocabulary, starts the LM at stage 0's final weights and keeps it frozen: bit-identical after
+    training steps, while the projection moves; the captioner and zero-shot VQA evaluate."""
+    import json
+
+    from vlm_jax import checkpoint as ckpt_lib
+    from vlm_jax.data.tokenizer import WordTokenizer
+    stage1_dir, _ = stage1_run
+    w0 = str(tmp_path / "stage0")
+    c0 = blip2_config(data_dir, "tiny", model__stage="opt_text", model__lm__width=18, model__lm__num_heads=3,
+                      model__lm__num_layers=3, model__lm__mlp_dim=26, model__lm__max_positions=40, train__num_steps=2)
+    train_lib.train(c0, w0)
+    lines = [json.loads(x) for x in open(os.path.join(w0, "metrics.jsonl"))]
+    assert {"describe/loss", "qa_context/accuracy", "caption/loss", "qa/loss"} <= set(lines[-1])
+    vocab = WordTokenizer.load(os.path.join(w0, "vocab.json"))
+    assert {"question", "short", "answer", "yes", "no"} <= set(vocab.words)
+
+    def final_params(config, workdir):
+        task, mesh = train_lib.make_task_and_mesh(config, workdir)
+        prog = train_lib.build_program(config, task, mesh)
+        ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+        _, s, _ = train_lib.restore_state(prog, ck, config, task, data_state=False)
+        ck.close()
+        return task, jax.device_get(s.full_params())
+
+    _, p0 = final_params(c0, w0)
+    c2 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="opt", train__num_steps=2,
+                      evals__caption__batch_size=8, evals__caption__max_len=6, evals__caption__beam_size=2)
+    assert c2.model.freeze_lm and c2.model.lm.width == 18 and c2.model.lm.num_layers == 3
+    w2 = str(tmp_path / "stage2")
+    metrics = train_lib.train_and_evaluate(c2, w2)
+    assert {"caption", "vqa", "vqa_blind"} <= set(metrics)
+    task2, p2 = final_params(c2, w2)
+    assert task2.tokenizer == vocab
+    for a, b in zip(jax.tree.leaves(p0["lm"]), jax.tree.leaves(p2["lm"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert p2["language_projection"]["kernel"].std() > 0
+    with pytest.raises(config_lib.ConfigError, match="cannot read model.lm"):
+        blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={tmp_path / 'nowhere'}", model__stage="opt")

@@ -222,3 +222,43 @@ def test_source_batch_must_divide_the_data_parallel_size(data_dir):
     mesh = sharding.create_mesh({"data": 8, "fsdp": 1, "tensor": 1}, jax.devices())
     with pytest.raises(config_lib.ConfigError, match=r"data.mixture.docs.batch_size=4 is not divisible .* size 8"):
         make_task(cfg, mesh=mesh).prepare()
+
+
+def test_paper_layouts_count_the_papers_parameters():
+    """configs/flamingo.py:paper_3b through the task's own model builder (jax.eval_shape): the
+    Perceiver Resampler within 3% of the paper's 194M, the GATED XATTN-DENSE blocks within 5% of
+    its 1.2B (Table 5); the frozen/trainable split equals the model's parameter groups; and the
+    layout is refused for training (no weights exist for it)."""
+    import importlib.util
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from vlm_jax import optim
+    from vlm_jax.config_lib import ConfigError
+    from vlm_jax.tasks import flamingo as flamingo_task
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("fpc", os.path.join(root, "benchmarks", "flamingo_param_counts.py"))
+    fpc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fpc)
+    c = fpc.counts("paper_3b")
+    assert abs(c["resampler"] / 194e6 - 1) < 0.03, c
+    assert abs(c["xattn"] / 1.2e9 - 1) < 0.05, c
+    assert abs(c["vision"] / 435e6 - 1) < 0.03, c        # the NFNet-F6 stand-in's size
+    # the split by the model's own parameter groups (what the optimizer freezes)
+    config = config_lib.load_config("configs/flamingo.py:paper_3b")
+    fc = flamingo_task.model_config(config, vocab_size=32000, max_positions=0)
+    assert (fc.lm.num_layers, fc.lm.width, fc.xattn_every, fc.resampler.num_latents, fc.resampler.depth) == \
+        (24, 2048, 1, 64, 6)
+    s = fc.vision.image_size
+    shapes = nn.unbox(jax.eval_shape(fl.Flamingo(fc).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32),
+                                     jax.ShapeDtypeStruct((1, 1, s, s, 3), jnp.float32))["params"])
+    labels = optim.assign_groups(shapes, [], fl.param_groups())
+    frozen = sum(x.size for x, lab in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(labels))
+                 if lab.startswith("frozen"))
+    assert frozen == c["frozen"] and c["total"] == sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+    nine = fpc.counts("paper_9b")
+    assert nine["resampler"] == c["resampler"] and nine["xattn"] > c["xattn"]
+    with pytest.raises(ConfigError, match="shape reference"):
+        flamingo_task.validate(config)

@@ -222,6 +222,23 @@ def save_config(config, workdir: str) -> str:
     return path
 
 
+def run_config_section(workdir: str, key: str, *, what: str) -> dict:
+    """Section ``key`` ('model.lm') of the config an earlier run saved in ``workdir/config.json``:
+    how a later stage builds a module of that run's shape (BLIP-2 stage 2 over a stage-0 LM)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        for part in key.split("."):
+            value = value[part]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{what}: cannot read {key} from {path} ({type(e).__name__}: {e}); point it at the workdir "
+                          "of the earlier run (it writes config.json when it starts).") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: {key} in {path} is {value!r}, not a section.")
+    return value
+
+
 def load_config(spec: str, overrides: Mapping[str, str] | None = None) -> ml_collections.ConfigDict:
     """'configs/sat.py:tiny' + {'train.num_steps': '10'} -> locked ConfigDict.
 

@@ -84,8 +84,7 @@ class EvalSplit:
                 out = {"image": np.zeros((b, s, s, 3), np.float32),
                        "image_id": np.full((b,), -1, np.int64),
                        "valid": np.zeros((b,), bool)}
-                images = pool.map(lambda i: self._preprocess(
-                    self._images[self._records[int(i)]]), rows)
+                images = pool.map(self.preprocess_image, rows)
                 for k, img in enumerate(images):
                     out["image"][k] = img
                 out["image_id"][:len(rows)] = rows
@@ -139,7 +138,7 @@ class EvalSplit:
                 q = table[qid]
                 if q["image_id"] not in cache:
                     cache.clear()
-                    cache[q["image_id"]] = self._preprocess(self._images[self._records[q["image_id"]]])
+                    cache[q["image_id"]] = self.preprocess_image(q["image_id"])
                 out["image"][r] = cache[q["image_id"]]
                 for k, v in encode(q["question"]).items():
                     out[k][r] = v

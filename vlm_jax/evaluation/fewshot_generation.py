@@ -291,6 +291,7 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
             qf = self._features(params, split, [q.image_id for q in queries])                   # [Q, D]
             rices = (sf, qf)
         lm = self._model.config.lm
+        scorer = jax.process_index() == 0
         results: dict[str, dict[str, Any]] = {}
         metrics: dict[str, float] = {}
         for si, sel in enumerate(self._selections):
@@ -331,7 +332,9 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
                     t0 = time.perf_counter()
                     answers = self._generate(params, prompts, media, length)
                     seconds.append(time.perf_counter() - t0)
-                    trials.append(dict(scores=self._score(split, queries, answers),
+                    # every process generates (the decode is sharded); process 0 alone scores (Java
+                    # METEOR / PTB tokenizer) and writes, as the caption evaluator
+                    trials.append(dict(scores=self._score(split, queries, answers) if scorer else {},
                                        predictions={int(q.key): a for q, a in zip(queries, answers)}))
                 timed = slice(1, None) if len(seconds) > 1 else slice(None)
                 eps = len(queries) * len(seconds[timed]) / max(sum(seconds[timed]), 1e-9)
@@ -376,7 +379,7 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
                 lines.append(f"  {sel:<7} {head} by shots  " + "  ".join(cells))
             lines.append(f"  files: {out_dir}")
             print("\n".join(lines), flush=True)
-        return metrics
+        return metrics if scorer else {}
 
 
 def _unique_images(split, image_ids) -> tuple[list[int], list[np.ndarray]]:

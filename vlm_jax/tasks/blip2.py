@@ -29,10 +29,10 @@ import numpy as np
 
 from vlm_jax.models.blip2 import TEMPERATURE_RANGE, Blip2Config, Blip2QFormerModel, QFormerConfig
 from vlm_jax.objectives.blip2 import parse_objectives, stage1_loss
-from vlm_jax.tasks.base import ImageCaptionTask
+from vlm_jax.tasks.base import ImageCaptionTask, Task
 
 VISION = "vision"
-STAGES = ("qformer", "opt", "t5")
+STAGES = ("qformer", "opt", "t5", "opt_text")     # opt_text: the synthetic stage 0 (a text-only OPT-shaped LM)
 VISION_PRESETS = ("eva_vit_g14", "clip_vit_l14", "clip_vit_b16")
 
 
@@ -296,18 +296,28 @@ def validate(config) -> None:
                           f"config.model.qformer.max_positions={q.max_positions}.")
     seeded = lambda name: name in config.init and config.init[name].source in ("hf", "checkpoint") and \
         bool(config.init[name].path)  # noqa: E731
-    if config.model.stage != "qformer":
+    if config.model.stage == "opt_text":
+        check_positive(config, "model.lm.width", "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim",
+                       "model.lm.max_positions", "data.text.num_docs")
+        weights = {k: float(config.data.text.mixture[k]) for k in config.data.text.mixture}
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ConfigError(f"config.data.text.mixture={weights}: weights must be >= 0 with at least one > 0.")
+    elif config.model.stage != "qformer":
         for name in ("vision", "ln_vision", "qformer"):
             if not seeded(name):
                 raise ConfigError(f"BLIP-2 stage 2 (model.stage={config.model.stage!r}) starts from a stage-1 run, but "
                                   f"config.init.{name} seeds nothing: pass the stage-1 workdir with the config "
                                   "shortcut, e.g. --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1 "
                                   f"(or set config.init.{name}.source=checkpoint and .path).")
-        if config.model.freeze_lm and not lm_init_dir(config):
+        if config.model.freeze_lm and not (lm_init_dir(config) or lm_checkpoint_dir(config)):
             raise ConfigError("config.model.freeze_lm=True but config.init.lm gives no pretrained LM (source='hf', path=a "
-                              "Hugging Face OPT / T5 directory), so the captioner would decode through a frozen random "
+                              "Hugging Face OPT / T5 directory; or source='checkpoint', path=a stage-0 run of "
+                              "configs/blip2.py:lm_opt_synthetic), so the captioner would decode through a frozen random "
                               "LM; set --config.init.lm.path=..., or --config.model.freeze_lm=false (the synthetic "
                               "variants train their small LM).")
+        if lm_checkpoint_dir(config) and config.model.stage != "opt":
+            raise ConfigError(f"config.init.lm.source='checkpoint' seeds an OPT-shaped decoder from a stage-0 run, but "
+                              f"config.model.stage={config.model.stage!r}: use a stage2_opt_* variant.")
         check_positive(config, "evals.caption.beam_size", "evals.caption.max_len", "model.lm.width",
                        "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim")
         if "vqa" in config.evals and config.evals.vqa.enabled:
@@ -355,6 +365,24 @@ def lm_init_dir(config) -> str:
     return ""
 
 
+def lm_checkpoint_dir(config) -> str:
+    """The stage-0 workdir of ``config.init.lm`` (source='checkpoint'), else ''."""
+    if "lm" in config.init and config.init.lm.source == "checkpoint":
+        return config.init.lm.path
+    return ""
+
+
+def stage0_tokenizer(workdir: str):
+    """The word vocabulary a stage-0 text LM was trained with (``<workdir>/vocab.json``)."""
+    from vlm_jax.config_lib import ConfigError
+    from vlm_jax.data.tokenizer import WordTokenizer
+    p = os.path.join(workdir, "vocab.json")
+    if not os.path.exists(p):
+        raise ConfigError(f"config.init.lm.path={workdir!r} has no vocab.json: point it at the workdir of a stage-0 "
+                          "run (configs/blip2.py:lm_opt_synthetic), whose vocabulary the frozen LM was trained with.")
+    return WordTokenizer.load(p)
+
+
 def lm_config(config, vocab_size: int, prefix_len: int):
     """The LM's config: from the HF directory of ``config.init.lm`` (OPT / T5 config.json), or
     built from ``config.model.lm`` (the synthetic variants) with ``vocab_size`` ids."""
@@ -368,10 +396,11 @@ def lm_config(config, vocab_size: int, prefix_len: int):
             hf = json.load(f)
         return (text_convert.opt_config_from_hf(hf) if stage == "opt" else text_convert.t5_config_from_hf(hf))
     m = config.model.lm
-    if stage == "opt":        # OPT-shaped: learned positions (offset 2), ReLU, pre-LN, tied head
+    if stage in ("opt", "opt_text"):        # OPT-shaped: learned positions (offset 2), ReLU, pre-LN, tied head
         return DecoderLMConfig(vocab_size=vocab_size, width=int(m.width), num_layers=int(m.num_layers),
                                num_heads=int(m.num_heads), mlp_dim=int(m.mlp_dim),
-                               max_positions=prefix_len + int(config.data.max_caption_len) + 4, position_offset=2,
+                               max_positions=int(m.get("max_positions", 0)) or prefix_len + int(config.data.max_caption_len) + 4,
+                               position_offset=2,
                                activation="relu", norm_position="pre")
     return T5Config(vocab_size=vocab_size, width=int(m.width), num_heads=int(m.num_heads),
                     head_dim=int(m.width) // int(m.num_heads), mlp_dim=int(m.mlp_dim), num_layers=int(m.num_layers))
@@ -424,16 +453,25 @@ class Blip2GenerationTask(Blip2Task):
         if self.config.model.tokenizer_dir:
             from vlm_jax.data.pretrained_tokenizer import PretrainedTokenizer
             return PretrainedTokenizer.from_dir(self.config.model.tokenizer_dir, added_tokens=("[DEC]",)).vocab_size
-        return Blip2Task.vocab_size.fget(self)
+        if not lm_checkpoint_dir(self.config):
+            return Blip2Task.vocab_size.fget(self)      # LM and Q-Former share the caption vocabulary
+        from vlm_jax.data import pipeline
+        q = self.config.init.qformer
+        stage1 = q.path if q.source == "checkpoint" and q.path and os.path.exists(os.path.join(q.path, "vocab.json")) \
+            else None
+        return pipeline.get_tokenizer(self.config, stage1).vocab_size + 1
 
     @property
     def tokenizer(self):
-        """The LM's tokenizer (``model.lm_tokenizer_dir``) or, without one, the word vocabulary."""
+        """The LM's tokenizer (``model.lm_tokenizer_dir``); an LM from a stage-0 run (init.lm
+        source='checkpoint'): that run's vocabulary; else the word vocabulary of the captions."""
         if self._tokenizer is None:
-            tdir = self.config.model.lm_tokenizer_dir
+            tdir, lm_run = self.config.model.lm_tokenizer_dir, lm_checkpoint_dir(self.config)
             if tdir:
                 from vlm_jax.data.pretrained_tokenizer import PretrainedTokenizer
                 self._tokenizer = PretrainedTokenizer.from_dir(tdir)
+            elif lm_run:
+                self._tokenizer = stage0_tokenizer(lm_run)
             else:
                 from vlm_jax.data import pipeline
                 self._tokenizer = pipeline.get_tokenizer(self.config, self.workdir)
@@ -571,6 +609,108 @@ class Blip2GenerationTask(Blip2Task):
         return out
 
 
+# ----------------------------------------------------------------------------- stage 0 (synthetic)
+class Blip2TextLMTask(Task):
+    """Stage 0 of the synthetic BLIP-2 (``model.stage='opt_text'``): no pretrained LLM exists
+    offline, so the OPT-shaped decoder that stage 2 keeps frozen is first trained text-only on
+    `vlm_jax.data.context_text` documents (a caption in the place of the image prefix, then
+    another caption or an answer to one of the image's questions in the VQA prompt; and the
+    same texts without context). Stage 2 reads it with ``lm=<this workdir>`` (configs/blip2.py).
+
+    batch = dict(tokens i32[B, T], source_index i32[B]) (T = ``model.lm.max_positions``; the
+    index of the document's kind in ``data.text.mixture``); loss = next-token cross-entropy on
+    every real token; metrics per kind (``<kind>/loss``, ``<kind>/accuracy``).
+    Parameters: ``lm/...`` (`DecoderLM`), the subtree stage 2 restores. Tokenizer: the word
+    vocabulary of the training captions, questions, answers and the VQA prompt, saved as
+    ``vocab.json`` (stage 2 loads it from there).
+    """
+
+    name = "blip2_text_lm"
+
+    def __init__(self, config, *, workdir=None, mesh=None):
+        super().__init__(config, workdir=workdir, mesh=mesh)
+        self._tokenizer = self._model = None
+        self.seq_len = int(config.model.lm.max_positions)
+        self.kinds = tuple(k for k in config.data.text.mixture if float(config.data.text.mixture[k]) > 0)
+
+    @property
+    def qa_template(self) -> str:
+        return self.config.evals.vqa.prompt + " {}"
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from vlm_jax.data.datasets import get_dataset
+            from vlm_jax.data.tokenizer import WordTokenizer
+            path = os.path.join(self.workdir, "vocab.json") if self.workdir else ""
+            if path and os.path.exists(path):
+                self._tokenizer = WordTokenizer.load(path)
+            else:
+                meta, d = get_dataset(self.config.data).meta("train"), self.config.data
+                texts = [t for caps in meta.captions for t in caps]
+                texts += [self.qa_template.format(q["question"], q["answer"]) for qs in meta.questions for q in qs]
+                texts.append(self.qa_template.format("", ""))
+                self._tokenizer = WordTokenizer.build(texts, min_count=d.vocab_min_count, max_size=d.vocab_max_size)
+                if path and jax.process_index() == 0:
+                    os.makedirs(self.workdir, exist_ok=True)
+                    self._tokenizer.save(path)
+        return self._tokenizer
+
+    @property
+    def model(self):
+        if self._model is None:
+            from vlm_jax.layers.decoder_lm import DecoderLM
+            self._model = DecoderLM(lm_config(self.config, self.tokenizer.vocab_size, 0),
+                                    dtype=_dtype(self.config.train.dtype, "train.dtype"))
+        return self._model
+
+    def prepare(self) -> None:
+        _ = self.model
+
+    def checkpoint_meta(self) -> dict:
+        return {"vocab_size": int(self.tokenizer.vocab_size), "stage": "opt_text"}
+
+    def sources(self, split: str = "train") -> dict:
+        from vlm_jax.data.context_text import ContextTextSource
+        from vlm_jax.data.datasets import get_dataset
+        meta = get_dataset(self.config.data).meta(split)
+        return {k: ContextTextSource(k, meta.captions, meta.questions, tokenizer=self.tokenizer,
+                                     template=self.qa_template, max_tokens=self.seq_len,
+                                     num_docs=int(self.config.data.text.num_docs), seed=int(self.config.seed))
+                for k in self.kinds}
+
+    def train_iterator(self, *, process_index=None, process_count=None):
+        from vlm_jax.data.mixture import MixtureSource, make_mixture_iterator
+        srcs = self.sources("train")
+        mix = [MixtureSource(k, srcs[k], weight=float(self.config.data.text.mixture[k])) for k in self.kinds]
+        return make_mixture_iterator(mix, global_batch_size=int(self.config.train.batch_size),
+                                     seed=int(self.config.seed), process_index=process_index,
+                                     process_count=process_count, worker_count=int(self.config.data.worker_count))
+
+    def example_batch(self, batch_size: int):
+        return {"tokens": np.zeros((batch_size, self.seq_len), np.int32),
+                "source_index": np.zeros((batch_size,), np.int32)}
+
+    def init(self, rng, batch):
+        tokens = jnp.asarray(batch["tokens"])
+        return {"params": {LM: self.model.init({"params": rng}, tokens)["params"]}, "model_state": {}}
+
+    def loss_fn(self, params, model_state, batch, rng, *, train):
+        from vlm_jax.objectives.captioning import masked_cross_entropy
+        tokens = batch["tokens"]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        valid = targets != self.tokenizer.pad_id
+        out = self.model.apply({"params": params[LM]}, inputs, attention_mask=inputs != self.tokenizer.pad_id,
+                               deterministic=not train, rngs={"dropout": rng} if train else {})
+        x = masked_cross_entropy(out.logits, targets, valid)
+        metrics = {"loss": x.loss, "accuracy": x.accuracy, "num_tokens": x.num_tokens}
+        for i, k in enumerate(self.kinds):       # per kind (source_index follows self.kinds)
+            mk = valid & (batch["source_index"] == i)[:, None]
+            xk = masked_cross_entropy(out.logits, targets, mk)
+            metrics[f"{k}/loss"], metrics[f"{k}/accuracy"] = xk.loss, xk.accuracy
+        return x.loss, (metrics, model_state)
+
+
 def _with_data(config, **fields):
     """A copy of ``config`` whose ``data`` section has ``fields`` replaced (an evaluation set other
     than the training data, e.g. VQAv2 for a captioner)."""
@@ -584,4 +724,6 @@ def _with_data(config, **fields):
 def make_task(config, *, workdir=None, mesh=None) -> Blip2Task:
     if config.model.stage == "qformer":
         return Blip2Task(config, workdir=workdir, mesh=mesh)
+    if config.model.stage == "opt_text":
+        return Blip2TextLMTask(config, workdir=workdir, mesh=mesh)
     return Blip2GenerationTask(config, workdir=workdir, mesh=mesh)

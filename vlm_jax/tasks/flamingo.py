@@ -112,28 +112,15 @@ class FlamingoTask(Task):
     @property
     def model(self) -> fl.Flamingo:
         if self._model is None:
-            from vlm_jax.layers.decoder_lm import DecoderLMConfig
-            from vlm_jax.layers.vit import ViTConfig
-            c, m = self.config, self.config.model
-            v = m.vision
-            vis = ViTConfig(image_size=int(c.data.image_size), patch_size=int(v.patch_size), hidden_size=int(v.width),
-                            num_layers=int(v.num_layers), num_heads=int(v.num_heads), mlp_dim=int(v.mlp_dim),
-                            norm_eps=1e-6, pool="none")
-            r = m.resampler
-            res = fl.PerceiverResamplerConfig(width=int(v.width), depth=int(r.depth), num_heads=int(r.num_heads),
-                                              head_dim=int(r.head_dim), num_latents=int(r.num_latents),
-                                              mlp_dim=int(r.mlp_dim), activation=str(r.activation), max_frames=1)
-            x = m.xattn
-            xattn = fl.GatedXAttnConfig(num_heads=int(x.num_heads), head_dim=int(x.head_dim), mlp_dim=int(x.mlp_dim),
-                                        activation=str(x.activation))
-            lmc = m.lm
-            lm = DecoderLMConfig(vocab_size=self.lm_vocab_size, width=int(lmc.width), num_layers=int(lmc.num_layers),
-                                 num_heads=int(lmc.num_heads), mlp_dim=int(lmc.mlp_dim),
-                                 max_positions=max(self.token_len("docs"), self.token_len("nonce"),
-                                                   self.token_len("pairs")) + 8)
-            cfg = fl.FlamingoConfig(vision=vis, resampler=res, lm=lm, xattn=xattn, xattn_every=int(m.xattn_every),
-                                    feature_layer=int(m.feature_layer), vision_tokens=str(m.vision_tokens))
-            self._model = fl.Flamingo(cfg, dtype=jnp.dtype(c.train.dtype))
+            from vlm_jax.config_lib import ConfigError
+            want = int(self.config.model.lm.get("vocab_size", 0))
+            if want and want != self.lm_vocab_size:
+                raise ConfigError(f"config.model.lm.vocab_size={want} but the tokenizer has {self.lm_vocab_size} ids; "
+                                  "set it to 0 (the tokenizer's) to train.")
+            max_positions = max(self.token_len("docs"), self.token_len("nonce"), self.token_len("pairs")) + 8
+            self._model = fl.Flamingo(model_config(self.config, vocab_size=self.lm_vocab_size,
+                                                   max_positions=max_positions),
+                                      dtype=jnp.dtype(self.config.train.dtype))
         return self._model
 
     @property
@@ -433,8 +420,38 @@ class FlamingoTask(Task):
         return out
 
 
+def model_config(config, *, vocab_size: int, max_positions: int) -> fl.FlamingoConfig:
+    """The `FlamingoConfig` of ``config.model``: ViT (``model.vision``) -> Perceiver Resampler of
+    the vision width -> OPT-shaped `DecoderLM` (``model.lm``; ``vocab_size`` ids, learned positions
+    for ``model.lm.max_positions`` or, when that is 0, ``max_positions``) with GATED XATTN-DENSE
+    blocks before every ``model.xattn_every``-th layer. What the task trains and what
+    benchmarks/flamingo_param_counts.py counts for the paper layouts."""
+    from vlm_jax.layers.decoder_lm import DecoderLMConfig
+    from vlm_jax.layers.vit import ViTConfig
+    m = config.model
+    v, r, x, lmc = m.vision, m.resampler, m.xattn, m.lm
+    vis = ViTConfig(image_size=int(config.data.image_size), patch_size=int(v.patch_size), hidden_size=int(v.width),
+                    num_layers=int(v.num_layers), num_heads=int(v.num_heads), mlp_dim=int(v.mlp_dim),
+                    norm_eps=1e-6, pool="none")
+    res = fl.PerceiverResamplerConfig(width=int(v.width), depth=int(r.depth), num_heads=int(r.num_heads),
+                                      head_dim=int(r.head_dim), num_latents=int(r.num_latents),
+                                      mlp_dim=int(r.mlp_dim), activation=str(r.activation), max_frames=1)
+    xattn = fl.GatedXAttnConfig(num_heads=int(x.num_heads), head_dim=int(x.head_dim), mlp_dim=int(x.mlp_dim),
+                                activation=str(x.activation))
+    lm = DecoderLMConfig(vocab_size=int(vocab_size), width=int(lmc.width), num_layers=int(lmc.num_layers),
+                         num_heads=int(lmc.num_heads), mlp_dim=int(lmc.mlp_dim),
+                         max_positions=int(lmc.get("max_positions", 0)) or int(max_positions))
+    return fl.FlamingoConfig(vision=vis, resampler=res, lm=lm, xattn=xattn, xattn_every=int(m.xattn_every),
+                             feature_layer=int(m.feature_layer), vision_tokens=str(m.vision_tokens))
+
+
 def validate(config) -> None:
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
+    if str(config.get("variant", "")).startswith("paper_"):
+        raise ConfigError(f"configs/flamingo.py:{config.variant} is a shape reference of the paper's model (its parameter "
+                          "counts: python benchmarks/flamingo_param_counts.py); no Chinchilla / NFNet-F6 weights nor "
+                          "M3W data exist for it. Train configs/flamingo.py:synthetic, or evaluate Flamingo-style "
+                          "weights through the IDEFICS importer (README).")
     check_choice(config, "model.stage", STAGES)
     check_positive(config, "data.image_size", "data.max_caption_len", "data.max_images", "data.max_tokens",
                    "data.num_docs", "data.nonce_way", "data.nonce_words", "data.nonce_shots", "model.xattn_every",

@@ -1,0 +1,90 @@
+"""What a BLIP-2 synthetic stage-0 LM (``configs/blip2.py:lm_opt_synthetic``) answers from text:
+VQA accuracy (the project's VQAv2 scoring, per question type) of greedy answers to the test
+split's questions in the VQA prompt, (a) with one of the image's captions in the place of the
+image prefix (``caption <bos> Question: q Short answer:``; caption k = question k mod 6) and (b)
+from the question alone (``<bos> Question: q Short answer:``, what stage 2's ``vqa_blind`` sees).
+(a) says whether the frozen LM can answer from a description in its context — what stage 2's
+image prefix then has to supply; (b) is the answer prior.
+
+    python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600]
+
+Reads the latest checkpoint, writes nothing.
+"""
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default="configs/blip2.py:lm_opt_synthetic")
+    p.add_argument("--questions", type=int, default=600)
+    p.add_argument("--max_len", type=int, default=5)
+    args, rest = p.parse_known_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from vlm_jax import config_lib, eval_lib
+    from vlm_jax.data import pipeline
+    from vlm_jax.data.datasets import get_dataset
+    from vlm_jax.evaluation.vqa import vqa_scores
+    _, overrides = config_lib.split_config_argv(rest)
+    cfg = config_lib.load_config(args.config, overrides)
+    task, step, state = eval_lib.restore(cfg, args.workdir)
+    params = state.full_params()["lm"]
+    tok, t_len = task.tokenizer, task.seq_len
+    meta = get_dataset(cfg.data).meta("test")
+    record = {int(i): r for r, i in enumerate(meta.image_ids)}
+    table = pipeline.load_eval_split(cfg, tok, "test").question_table()
+    table = dict(list(table.items())[: args.questions])
+
+    fwd = jax.jit(lambda t: task.model.apply({"params": params}, t, attention_mask=t != tok.pad_id).logits)
+
+    def answer(prompts):
+        """Greedy continuation of each id list (right padded in one [B, T] array) until <eos>."""
+        b = len(prompts)
+        toks = np.full((b, t_len), tok.pad_id, np.int32)
+        lens = np.array([len(x) for x in prompts])
+        for i, x in enumerate(prompts):
+            toks[i, :len(x)] = x
+        out = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        for _ in range(args.max_len):
+            nxt = np.asarray(jnp.argmax(fwd(jnp.asarray(toks))[np.arange(b), lens - 1], -1))
+            for i in range(b):
+                if not done[i]:
+                    if nxt[i] == tok.eos_id or lens[i] >= t_len:
+                        done[i] = True
+                    else:
+                        out[i].append(int(nxt[i]))
+                        toks[i, lens[i]] = nxt[i]
+                        lens[i] += 1
+        return [tok.decode(o).strip() for o in out]
+
+    rows = {}
+    for name, with_context in (("caption in context", True), ("question alone", False)):
+        prompts = []
+        for qid, q in table.items():
+            ids = [tok.bos_id] + list(tok.encode(cfg.evals.vqa.prompt.format(q["question"]), add_special_tokens=False))
+            if with_context:
+                caps = meta.captions[record[q["image_id"]]]
+                ctx = list(tok.encode(caps[(qid % 1000) % len(caps)], add_special_tokens=False))
+                ids = ctx[max(0, len(ctx) + len(ids) + args.max_len - t_len):] + ids
+            prompts.append(ids)
+        preds = []
+        for lo in range(0, len(prompts), 128):
+            preds += answer(prompts[lo:lo + 128])
+        rows[name] = vqa_scores(dict(zip(table, preds)), table)
+    types = sorted(k.split("/", 1)[1] for k in rows["question alone"] if k.startswith("accuracy/"))
+    print(f"step {step}, {len(table)} test questions, greedy")
+    print("| prompt | overall | " + " | ".join(types) + " |")
+    print("|---|---|" + "---|" * len(types))
+    for name, m in rows.items():
+        print(f"| {name} | {m['accuracy']:.3f} | " + " | ".join(f"{m['accuracy/' + t]:.3f}" for t in types) + " |")
+
+
+if __name__ == "__main__":
+    main()

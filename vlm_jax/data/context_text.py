@@ -1,0 +1,97 @@
+"""Text-only documents that teach a small LM to read a description in its context: the stand-in,
+on the synthetic set, for what BLIP-2 borrows from a web-pretrained LLM.
+
+BLIP-2's stage 2 puts the Q-Former's query outputs in front of a *frozen* LLM as a soft prefix
+and trains only the prefix to make the LLM continue with the caption; zero-shot VQA then works
+because the LLM already answers questions about whatever its context describes. No such LM
+exists offline, so the synthetic stage 0 (`configs/blip2.py:lm_opt_synthetic`) trains the LM
+on documents in which a caption of an image sits exactly where the prefix will sit, before the
+``<bos>`` that starts the text (dimension letter T: padded token length)::
+
+    describe    caption_i <bos> caption_j <eos>                  (another caption of the same image)
+    qa_context  caption_i <bos> Question: q Short answer: a <eos>   (one of the image's questions)
+    caption     <bos> caption_i <eos>                            (the caption prior: no context)
+    qa          <bos> Question: q Short answer: a <eos>          (what the question alone gives:
+                                                                  the blind baseline's knowledge)
+
+Stage 2 then has to make the image prefix do what the caption did (as the nonce episodes of
+`vlm_jax.data.interleaved` make an image do what a colour word did). The answer to a question
+is in the context only when that caption mentions it (captions differ in what they say); the
+LM learns what it can.
+
+`ContextTextSource(kind=...)` is a grain random-access source: index -> {tokens i32[T]},
+deterministic per index, cut to T keeping the closing ``<eos>``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["KINDS", "ContextTextSource"]
+
+KINDS = ("describe", "qa_context", "caption", "qa")
+
+
+class ContextTextSource:
+    """Documents of one ``kind`` (module doc) drawn from the records of a split.
+
+    captions: per record, its captions; questions: per record, dicts with 'question', 'answer'
+    (records without questions are skipped by the QA kinds); template: the QA text with two
+    '{}' (question, answer), the VQA evaluator's prompt + answer; tokenizer: a
+    `vlm_jax.data.tokenizer.WordTokenizer`-like object (bos_id, eos_id, pad_id,
+    ``encode(text, add_special_tokens=False)``).
+    """
+
+    _codes = {k: i for i, k in enumerate(KINDS)}
+
+    def __init__(self, kind: str, captions: Sequence[Sequence[str]], questions: Sequence[Sequence[dict]], *,
+                 tokenizer, template: str, max_tokens: int, num_docs: int, seed: int):
+        if kind not in KINDS:
+            raise ValueError(f"ContextTextSource: kind={kind!r} is not one of {KINDS}.")
+        if template.count("{}") != 2:
+            raise ValueError(f"ContextTextSource: template {template!r} needs two '{{}}' (question, answer).")
+        if max_tokens < 4:
+            raise ValueError(f"ContextTextSource: max_tokens={max_tokens} must be >= 4.")
+        self.kind, self._caps, self._qs, self._tok = kind, captions, questions, tokenizer
+        self._template, self._t, self._n, self._seed = template, int(max_tokens), int(num_docs), int(seed)
+        if kind in ("qa", "qa_context"):
+            self._records = [r for r, qs in enumerate(questions) if qs]
+        else:
+            self._records = [r for r, cs in enumerate(captions) if cs]
+        if not self._records:
+            raise ValueError(f"ContextTextSource({kind}): no record of the split has "
+                             f"{'questions' if 'qa' in kind else 'captions'}.")
+
+    def __len__(self) -> int:
+        return self._n
+
+    def text(self, j: int) -> tuple[str, str]:
+        """Document j as (context, text): the context is '' for 'caption' and 'qa'."""
+        rng = np.random.default_rng([self._seed, self._codes[self.kind], int(j)])
+        r = self._records[int(rng.integers(len(self._records)))]
+        caps = self._caps[r]
+        i = int(rng.integers(len(caps)))
+        if self.kind in ("qa", "qa_context"):
+            q = self._qs[r][int(rng.integers(len(self._qs[r])))]
+            text = self._template.format(q["question"], q["answer"])
+        elif self.kind == "describe" and len(caps) > 1:
+            text = caps[(i + 1 + int(rng.integers(len(caps) - 1))) % len(caps)]     # another caption
+        else:
+            text = caps[i]
+        context = caps[i] if self.kind in ("describe", "qa_context") else ""
+        return context, text
+
+    def __getitem__(self, j):
+        context, text = self.text(j)
+        tok = self._tok
+        ctx = [int(t) for t in tok.encode(context, add_special_tokens=False)] if context else []
+        body = [int(tok.bos_id)] + [int(t) for t in tok.encode(text, add_special_tokens=False)]
+        room = self._t - 1 - len(body)                 # the context gives way first, then the text
+        ids = (ctx[len(ctx) - room:] if room > 0 else []) + body[:self._t - 1] + [int(tok.eos_id)]
+        tokens = np.full((self._t,), tok.pad_id, np.int32)
+        tokens[:len(ids)] = ids
+        return {"tokens": tokens}
+
+    def __repr__(self) -> str:
+        return f"ContextTextSource({self.kind}, docs={self._n}, T={self._t})"
