@@ -76,6 +76,8 @@ def get_config(arg=None):
     # Hard-attention schedules (not in the paper; 0 = the paper's constants; README ablation):
     m.hard_expectation_warmup = 0      # updates over which that prob. falls from 1 to hard_sample_fraction
     m.hard_entropy_decay = 0           # updates over which lambda_e falls linearly to 0
+    m.hard_samples = 1                 # hard attention: K sampled copies of every training caption, each
+                                       # one's REINFORCE baseline the mean of the others (1 = the paper)
     m.hard_decode = "expectation"      # hard attention at test time: 'expectation' (paper) | 'argmax' cell
     m.freeze_encoder = False
 

@@ -308,6 +308,46 @@ def test_reinforce_baseline_and_surrogate_arithmetic():
     np.testing.assert_allclose(float(ref.new_baseline), -1.2, rtol=1e-6)
 
 
+def test_multi_sample_reinforce_leave_one_out_baseline():
+    """K = 3 copies of each of 2 captions: a sampled copy's advantage is its reward minus the mean
+    of the other *sampled* copies of the same caption; a copy with no other sampled copy falls
+    back to the reference (or the running baseline); copies that did not sample add nothing."""
+    reward = jnp.array([-1.0, -2.0, -6.0, -3.0, -5.0, -4.0])
+    sampled = jnp.array([True, True, True, True, False, False])
+    logp = jnp.array([[-1.0], [-2.0], [-0.5], [-1.0], [0.0], [0.0]])
+    mask = jnp.ones((6, 1), bool)
+    res = captioning.reinforce_hard_attention(reward, logp, mask, jnp.float32(-10.0), decay=0.5,
+                                              normalizer=jnp.float32(6.0), sampled=sampled, samples_per_caption=3)
+    # caption 0: -1 - (-2 - 6)/2 = 3; -2 - (-1 - 6)/2 = 1.5; -6 - (-1 - 2)/2 = -4.5
+    # caption 1: copy 0 alone sampled -> the running baseline: -3 - (-10) = 7
+    np.testing.assert_allclose(np.asarray(res.advantage)[:4], [3.0, 1.5, -4.5, 7.0], rtol=1e-6)
+    np.testing.assert_allclose(float(res.loss), -(3.0 * -1 + 1.5 * -2 + -4.5 * -0.5 + 7.0 * -1) / 6, rtol=1e-6)
+    ref = captioning.reinforce_hard_attention(reward, logp, mask, jnp.float32(-10.0), decay=0.5,
+                                              normalizer=jnp.float32(6.0), sampled=sampled, samples_per_caption=3,
+                                              reference=jnp.full((6,), -3.5))
+    np.testing.assert_allclose(np.asarray(ref.advantage)[:4], [3.0, 1.5, -4.5, 0.5], rtol=1e-6)
+    # the leave-one-out advantages of a caption whose copies all sampled sum to 0 (the K/(K-1)
+    # scaled centred rewards)
+    np.testing.assert_allclose(float(jnp.sum(res.advantage[:3])), 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="samples_per_caption"):
+        captioning.reinforce_hard_attention(reward[:5], logp[:5], mask[:5], jnp.float32(0.0), decay=0.5,
+                                            normalizer=jnp.float32(5.0), samples_per_caption=3)
+
+
+def test_multi_sample_hard_loss_tiles_the_batch(hard):
+    """model.hard_samples = 2: the training loss sees every caption twice (twice the tokens), the
+    evaluation loss once; gradients stay finite."""
+    task = sat_task.make_task(tiny_config(model__attention="hard", model__hard_samples=2,
+                                          model__hard_sample_fraction=0.0))
+    _, batch, variables = hard
+    loss, (m, _) = task.loss_fn(variables["params"], variables["model_state"], batch, jax.random.key(0), train=True)
+    _, (m_eval, _) = task.loss_fn(variables["params"], variables["model_state"], batch, jax.random.key(0), train=False)
+    assert float(m["num_tokens"]) == 2 * float(m_eval["num_tokens"])
+    g = jax.grad(lambda p: task.loss_fn(p, variables["model_state"], batch, jax.random.key(0), train=True)[0])(
+        variables["params"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+
+
 def test_hard_loss_metrics_and_attention_gradients(hard):
     """Every caption samples (fraction 0): the attention MLP gets gradient only through REINFORCE
     (non-zero, finite); the cross-entropy alone gives it none, since z = a_{s_t} ignores alpha."""

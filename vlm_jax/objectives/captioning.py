@@ -75,7 +75,8 @@ def caption_log_likelihood(nll: jax.Array) -> jax.Array:
 def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: jax.Array,
                              baseline: jax.Array, *, decay: float, normalizer: jax.Array,
                              sampled: jax.Array | None = None,
-                             reference: jax.Array | None = None) -> ReinforceResult:
+                             reference: jax.Array | None = None,
+                             samples_per_caption: int = 1) -> ReinforceResult:
     """REINFORCE term of hard ("stochastic") attention (paper eq. 11-12) with a moving-average baseline.
 
     The paper's gradient for one caption with sampled locations s~ is
@@ -100,6 +101,14 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     between easy and hard captions, which a single running scalar cannot). It does not depend
     on the sampled s~, so the estimator stays unbiased; b is still tracked, for the log.
 
+    `samples_per_caption` K > 1 (not in the paper; `model.hard_samples`): rows k*... come in
+    groups of K consecutive copies of one caption, each with its own sampled locations (the
+    multi-sample estimate), and a sampled copy's baseline is the mean reward of the *other*
+    sampled copies of the same caption (leave-one-out: it does not depend on the copy's own
+    s~, so the estimator stays unbiased, and it removes the caption's difficulty as the
+    expectation reference does, from samples of the same distribution). A copy with no other
+    sampled copy falls back to ``reference`` (when given) or b.
+
     reward f32[B], sample_logp f32[B, T] (0 where no location was sampled), mask bool[B, T],
     baseline f32[], sampled bool[B] | None, reference f32[B] | None -> ReinforceResult(loss f32[],
     new_baseline f32[], advantage f32[B]).
@@ -115,6 +124,16 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
         if reference.shape != reward.shape:
             raise ValueError(f"reinforce_hard_attention: reference must be [B] like reward; got {reference.shape}.")
         advantage = reward - jax.lax.stop_gradient(reference.astype(jnp.float32))
+    k = int(samples_per_caption)
+    if k > 1:
+        if reward.shape[0] % k:
+            raise ValueError(f"reinforce_hard_attention: {reward.shape[0]} rows are not groups of "
+                             f"samples_per_caption={k} copies.")
+        r = reward.reshape(-1, k)                                                      # [B/K, K]
+        w = (jnp.ones_like(r) if sampled is None else sampled.reshape(-1, k).astype(jnp.float32))
+        others = jnp.sum(w, axis=1, keepdims=True) - w                                 # other sampled copies
+        loo = (jnp.sum(w * r, axis=1, keepdims=True) - w * r) / jnp.maximum(others, 1.0)
+        advantage = jnp.where(others.reshape(-1) > 0, (r - loo).reshape(-1), advantage)
     logp_s = jnp.sum(sample_logp.astype(jnp.float32) * mask.astype(jnp.float32), axis=-1)  # log p(s~ | a)  [B]
     loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
     if sampled is None:

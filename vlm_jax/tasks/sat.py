@@ -190,6 +190,12 @@ class SATTask(ImageCaptionTask):
         """
         mcfg = self.config.model
         images, tokens = batch["image"], batch["tokens"]
+        samples = int(mcfg.get("hard_samples", 1))
+        if self.hard and train and samples > 1:
+            # multi-sample REINFORCE: K consecutive copies of every caption, each sampling its own
+            # locations (`reinforce_hard_attention`'s leave-one-out baseline); the cross-entropy
+            # is their mean, i.e. the same caption weight as with one sample
+            images, tokens = jnp.repeat(images, samples, axis=0), jnp.repeat(tokens, samples, axis=0)
         targets = tokens[:, 1:]
         mask = targets != PAD_ID
         drop_rng, hard_rng = jax.random.split(rng)
@@ -229,7 +235,8 @@ class SATTask(ImageCaptionTask):
                 rf = captioning.reinforce_hard_attention(
                     reward, outputs["sample_logp"], mask, baseline,
                     decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens,
-                    sampled=outputs["sampled"], reference=reference)
+                    sampled=outputs["sampled"], reference=reference,
+                    samples_per_caption=samples if train else 1)
                 reinforce, baseline = rf.loss, rf.new_baseline
                 new_state[BASELINE_KEY] = baseline
                 new_state[UPDATES_KEY] = model_state[UPDATES_KEY] + 1
@@ -323,6 +330,7 @@ def validate(config) -> None:
     check_positive(config, "model.position_scale", "model.grid", "model.annotation_dim", "model.embed_dim", "model.hidden_dim",
                    "model.attention_dim", "evals.caption.beam_size", "evals.caption.max_len",
                    "evals.caption.batch_size", "data.image_size", "data.max_caption_len")
+    check_positive(config, "model.hard_samples")
     check_positive(config, "model.ds_lambda", "model.hard_entropy_weight", "evals.caption.length_penalty",
                    "evals.caption.every", "model.vocab_size", "model.hard_expectation_warmup",
                    "model.hard_entropy_decay", allow_zero=True)
