@@ -43,3 +43,18 @@ def hardware() -> str:
         return d.device_kind
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{cpu_model()}, {len(os.sched_getaffinity(0))} threads, load {load:.1f} at start"
+
+
+def restore_run(config_spec: str, workdir: str, argv_rest):
+    """The latest checkpoint of a trained run, for the probes and evaluation benchmarks:
+    ``config_spec`` ('configs/x.py:VARIANT') + ``--config.a.b=v`` overrides left in ``argv_rest``
+    -> (config, task, step, state), through `vlm_jax.eval_lib.restore` (its checks and errors)."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from vlm_jax import config_lib, eval_lib
+    _, overrides = config_lib.split_config_argv(list(argv_rest))
+    config = config_lib.load_config(config_spec, overrides)
+    task, step, state = eval_lib.restore(config, workdir)
+    return config, task, step, state

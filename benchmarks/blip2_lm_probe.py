@@ -22,18 +22,16 @@ def main(argv=None):
     p.add_argument("--questions", type=int, default=600)
     p.add_argument("--max_len", type=int, default=5)
     args, rest = p.parse_known_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import restore_run
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from vlm_jax import config_lib, eval_lib
+    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
     from vlm_jax.data import pipeline
     from vlm_jax.data.datasets import get_dataset
     from vlm_jax.evaluation.vqa import vqa_scores
-    _, overrides = config_lib.split_config_argv(rest)
-    cfg = config_lib.load_config(args.config, overrides)
-    task, step, state = eval_lib.restore(cfg, args.workdir)
     params = state.full_params()["lm"]
     tok, t_len = task.tokenizer, task.seq_len
     meta = get_dataset(cfg.data).meta("test")

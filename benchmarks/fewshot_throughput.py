@@ -29,12 +29,10 @@ def main(argv=None):
     import os
     import jax
     import numpy as np
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from vlm_jax import config_lib, eval_lib
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import restore_run
+    _, task, step, state = restore_run(args.config, args.workdir, rest)
     from vlm_jax.evaluation import fewshot
-    _, overrides = config_lib.split_config_argv(rest)
-    config = config_lib.load_config(args.config, overrides)
-    task, step, state = eval_lib.restore(config, args.workdir)
     params = state.full_params()
     episodes = task.make_episodes(0, args.episodes)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

@@ -19,13 +19,11 @@ def main(argv=None):
     p.add_argument("--config", default="configs/flamingo.py:lm_synthetic")
     p.add_argument("--episodes", type=int, default=64)
     args, rest = p.parse_known_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import restore_run
     import jax
     import numpy as np
-    from vlm_jax import config_lib, eval_lib
-    _, overrides = config_lib.split_config_argv(rest)
-    cfg = config_lib.load_config(args.config, overrides)
-    task, step, state = eval_lib.restore(cfg, args.workdir)
+    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
     params = state.full_params()
     src = task._sources("train")["nonce"]
     tok, words = task.tokenizer, set(task.nonce_pool())
