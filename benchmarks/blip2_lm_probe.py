@@ -1,10 +1,12 @@
 """What a BLIP-2 synthetic stage-0 LM (``configs/blip2.py:lm_opt_synthetic``) answers from text:
 VQA accuracy (the project's VQAv2 scoring, per question type) of greedy answers to the test
 split's questions in the VQA prompt, (a) with one of the image's captions in the place of the
-image prefix (``caption <bos> Question: q Short answer:``; caption k = question k mod 6) and (b)
-from the question alone (``<bos> Question: q Short answer:``, what stage 2's ``vqa_blind`` sees).
-(a) says whether the frozen LM can answer from a description in its context — what stage 2's
-image prefix then has to supply; (b) is the answer prior.
+image prefix (``caption <bos> Question: q Short answer:``; caption k = question k mod 6), (a')
+the same with a caption that states the answer where only some captions do (position and
+relation questions; `vlm_jax.data.synthetic.answer_evidence`), and (b) from the question alone
+(``<bos> Question: q Short answer:``, what stage 2's ``vqa_blind`` sees). (a) and (a') say
+whether the frozen LM can answer from a description in its context — what stage 2's image
+prefix then has to supply; (b) is the answer prior.
 
     python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600]
 
@@ -62,14 +64,20 @@ def main(argv=None):
                         lens[i] += 1
         return [tok.decode(o).strip() for o in out]
 
+    from vlm_jax.data.synthetic import answer_evidence
     rows = {}
-    for name, with_context in (("caption in context", True), ("question alone", False)):
+    for name, context in (("caption in context", "any"), ("answer-stating caption in context", "stating"),
+                          ("question alone", "")):
         prompts = []
         for qid, q in table.items():
             ids = [tok.bos_id] + list(tok.encode(cfg.evals.vqa.prompt.format(q["question"]), add_special_tokens=False))
-            if with_context:
+            if context:
                 caps = meta.captions[record[q["image_id"]]]
-                ctx = list(tok.encode(caps[(qid % 1000) % len(caps)], add_special_tokens=False))
+                k = (qid % 1000) % len(caps)
+                stating = answer_evidence(q, caps) if context == "stating" else []
+                if stating:                       # the same rule as qa_context_caption='stating'
+                    k = stating[qid % len(stating)]
+                ctx = list(tok.encode(caps[k], add_special_tokens=False))
                 ids = ctx[max(0, len(ctx) + len(ids) + args.max_len - t_len):] + ids
             prompts.append(ids)
         preds = []

@@ -77,6 +77,9 @@ def get_config(arg=None):
     d.text = ml_collections.ConfigDict(dict(num_docs=100_000))
     # (qa_context 2 and 8000 steps: the caption-in-context answers of the README's probe, 0.617 vs 0.447 at 1 / 3000)
     d.text.mixture = ml_collections.ConfigDict(dict(describe=1.0, qa_context=2.0, caption=0.5, qa=0.5))
+    # qa_context documents: 'random' = any caption of the image as the context; 'stating' = one that states
+    # the answer where only some do (position / relation; vlm_jax/data/synthetic.py:answer_evidence)
+    d.text.qa_context_caption = "random"
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()

@@ -13,7 +13,7 @@ Variants (`--config configs/flamingo.py:VARIANT[,key=value,...]`):
                 the gated blocks and the ``<image>`` / ``<|endofchunk|>`` rows train on the
                 mixture pairs (lambda 1) + synthetic interleaved documents (1) + nonce-word
                 episodes (1). Evaluators: few-shot nonce classification (0/4/8/16 shots,
-                random and RICES selection, 3 trials) and captioning.
+                random, RICES and balanced (N-way K-shot) selection, 3 trials) and captioning.
 
   paper_3b / paper_9b
                 the paper's Flamingo-3B / -9B layouts (Alayrac et al. 2022, Tables 4-5): a shape
@@ -124,7 +124,8 @@ def get_config(arg=None):
     f.split = "test"
     f.shots = (0, 4, 8, 16)
     f.trials = 3
-    f.selection = ("random", "rices")
+    # random | rices | balanced (N-way K-shot: the demonstrations spread evenly over the episode's classes)
+    f.selection = ("random", "rices", "balanced")
     f.num_episodes = 100               # queries per trial
     f.support_size = 24                # labelled images per episode (>= the largest shot count)
     f.use_cache = True

@@ -492,6 +492,77 @@ def test_context_text_documents():
         ContextTextSource("qa", caps, [[], []], tokenizer=tok, template=template, max_tokens=24, num_docs=5, seed=0)
 
 
+def test_answer_evidence_finds_the_captions_that_state_the_answer():
+    """`synthetic.answer_evidence` on generated scenes: a position question's captions state that
+    object's answer after its phrase; a relation question's either relate the asked pair
+    consistently with the answer or locate both objects; the other types (stated by every
+    caption) give []; `ContextTextSource(evidence=...)` puts one of those captions in context."""
+    import re
+
+    from vlm_jax.data import synthetic
+    from vlm_jax.data.context_text import ContextTextSource
+    from vlm_jax.data.tokenizer import WordTokenizer
+    inverse = {"to the left of": "to the right of", "to the right of": "to the left of",
+               "above": "below", "below": "above"}
+    rng = np.random.default_rng(0)
+    seen = {"position": 0, "relation_stated": 0, "relation_located": 0, "other": 0}
+    captions, questions = [], []
+    for _ in range(300):
+        _, objs, caps, qs = synthetic.sample_scene(32, rng)
+        captions.append(caps)
+        questions.append(qs)
+        for q in qs:
+            ev = synthetic.answer_evidence(q, caps)
+            assert all(0 <= i < len(caps) for i in ev) and len(set(ev)) == len(ev)
+            if q["qtype"] == "position":
+                c, s = re.match(r"where is the (\w+) (\w+)\?", q["question"]).groups()
+                assert ev, (q, caps)                  # the absolute-position caption always locates every object
+                for i in ev:
+                    assert re.search(rf"\b{c} {s} (at|on|in) the {q['answer']}\b", caps[i]), (q, caps[i])
+                seen["position"] += 1
+            elif q["qtype"] == "relation":
+                ca, sa, asked, cb, sb = re.match(
+                    r"is the (\w+) (\w+) (to the left of|to the right of|above|below) the (\w+) (\w+)\?",
+                    q["question"]).groups()
+                assert ev
+                for i in ev:
+                    rel = "to the left of|to the right of|above|below"
+                    fwd = re.search(rf"\b{ca} {sa} ({rel}) an? (\w+ )?{cb} {sb}\b", caps[i])
+                    bwd = re.search(rf"\b{cb} {sb} ({rel}) an? (\w+ )?{ca} {sa}\b", caps[i])
+                    if fwd or bwd:
+                        stated = fwd.group(1) if fwd else inverse[bwd.group(1)]
+                        assert q["answer"] == ("yes" if stated == asked else "no"), (q, caps[i])
+                        seen["relation_stated"] += 1
+                    else:
+                        for col, shp in ((ca, sa), (cb, sb)):
+                            assert re.search(rf"\b{col} {shp} (at|on|in) the ", caps[i]), (q, caps[i])
+                        seen["relation_located"] += 1
+            else:
+                assert ev == []
+                seen["other"] += 1
+    assert min(seen.values()) > 10, seen
+    assert synthetic.answer_evidence({"question": "where is the red circle?"}, ["a red circle and a blue cross"]) == []
+
+    template = "Question: {} Short answer: {}"
+    tok = WordTokenizer.build([c for cs in captions for c in cs] + [template.format(q["question"], q["answer"])
+                                                                      for qs in questions for q in qs])
+    src = ContextTextSource("qa_context", captions, questions, tokenizer=tok, template=template, max_tokens=64,
+                            num_docs=400, seed=1, evidence=synthetic.answer_evidence)
+    plain = ContextTextSource("qa_context", captions, questions, tokenizer=tok, template=template, max_tokens=64,
+                              num_docs=400, seed=1)
+    moved = 0
+    for j in range(400):
+        context, text = src.text(j)
+        qtext = text.split(" Short answer: ")[0][len("Question: "):]
+        rec = [r for r, caps in enumerate(captions) if context in caps]
+        stating = {c for r in rec for q in questions[r] if q["question"] == qtext
+                   for c in (captions[r][i] for i in synthetic.answer_evidence(q, captions[r]))}
+        if stating:
+            assert context in stating
+        moved += context != plain.text(j)[0]
+    assert moved > 20                                 # the rule changes the context of position/relation docs
+
+
 def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
     """Stage 0 (model.stage='opt_text') trains the OPT-shaped LM alone on context documents and
     saves its vocabulary (captions + questions + answers + the VQA prompt); stage 2 with

@@ -9,9 +9,11 @@ gates nonzero so the images matter) and a WordTokenizer over a few nonce words:
   - `score_classes_cached` == `score_classes_full` (C = 3 candidates of 1-3 tokens, ragged prefixes,
     k-shot and 0-shot prompts, a batch that does not divide the episodes);
   - RICES: nearest by cosine (not dot product), most similar last; random: distinct, seeded;
+    balanced (N-way K-shot): every class once at k = C, as even as the support allows, shuffled;
   - prompt layout: k-shot markers/images in order; 0-shot = 2 text-only demos + the query image;
   - `accuracy_from_scores` on a hand matrix;
-  - the evaluator end to end (2 shot settings x 2 trials x both selections): metrics, JSON, PNG,
+  - the evaluator end to end (2 shot settings x 2 trials x 3 selections): metrics (the share of
+    queries whose class a demonstration shows, and the accuracy on those), JSON, PNG,
     and the clear error for more shots than support images.
 """
 import json
@@ -60,25 +62,31 @@ def setup():
     return dict(model=model, params=_random_params(abstract, seed=1))
 
 
-def _episodes(seed, num, *, support=6, names=CLASSES):
-    """Random images; class names permuted per episode (so candidates differ in length and order)."""
+def _episodes(seed, num, *, support=6, names=CLASSES, every_class=False):
+    """Random images; class names permuted per episode (so candidates differ in length and order);
+    ``every_class``: support labels 0..C-1 repeated (shuffled), so every class has support items."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(num):
         perm = tuple(names[i] for i in rng.permutation(len(names)))
+        labels = (rng.permutation(np.arange(support) % len(names)) if every_class
+                  else rng.integers(0, len(names), size=support))
         out.append(ClassificationEpisode(
             support_images=rng.normal(size=(support, SIDE, SIDE, 3)).astype(np.float32),
-            support_labels=rng.integers(0, len(names), size=support).astype(np.int32),
+            support_labels=labels.astype(np.int32),
             query_image=rng.normal(size=(SIDE, SIDE, 3)).astype(np.float32),
             label=int(rng.integers(len(names))), class_names=perm))
     return out
 
 
 # --------------------------------------------------------------------- task 1: media count
-def test_decode_counts_media_in_the_cache(setup):
+@pytest.mark.parametrize("media", ["every_call", "cached_kv"])
+def test_decode_counts_media_in_the_cache(setup, media):
     """Prefill a prompt with 2 images (row 1 left padded), then step token by token with no
     text_time (a 3rd <image> among the decoded tokens): every step's logits equal the full
-    forward's; the counter reads 2 after the prefill, 3 at the end."""
+    forward's; the counter reads 2 after the prefill, 3 at the end. ``cached_kv``: the latents
+    go to the prefill only (``prefill_inputs``) and the gated blocks read the media keys/values
+    back from their cache: the same logits, with the key/value projections gone from the step."""
     model, params = setup["model"], setup["params"]
     w = {x: TOK.word_to_id(x) for x in WORDS}
     seq0 = [1, IMG, w["this"], w["is"], EOC, IMG, w["a"], w["dax"], w["wug"], EOC, IMG, w["zib"], w["kog"]]
@@ -90,12 +98,22 @@ def test_decode_counts_media_in_the_cache(setup):
     mv = jnp.ones((2, 3), bool)
     full = np.asarray(jax.jit(lambda p: model.apply({"params": p}, tokens, images, attention_mask=mask).logits)(params))
     latents = jax.jit(lambda p, im: model.apply({"params": p}, im, method="encode_images"))(params, images)
+    inputs = (lambda lat: dict(row_inputs={"latents": lat, "media_valid": mv})) if media == "every_call" else \
+        (lambda lat: dict(row_inputs={"media_valid": mv}, prefill_inputs={"latents": lat}))
     prefill = jax.jit(lambda p, prompt, pm, lat: generate.prefill_decoder_lm(
-        model, p, prompt, prompt_mask=pm, max_new_tokens=tokens.shape[1] - t0 + 1,
-        row_inputs={"latents": lat, "media_valid": mv}))
+        model, p, prompt, prompt_mask=pm, max_new_tokens=tokens.shape[1] - t0 + 1, **inputs(lat)))
     first, state = prefill(params, tokens[:, :t0], mask[:, :t0], latents)
     np.testing.assert_array_equal(np.asarray(state["cache"]["media_count"]["count"]), [2, 2])
+    assert ("latents" in state["row_inputs"]) == (media == "every_call")
     step = jax.jit(generate.decoder_lm_step_fn(model, params))
+    # the step's matmuls: the cached path skips the gated block's key and value projections
+    n_dots = lambda st: str(jax.make_jaxpr(generate.decoder_lm_step_fn(model, params))(  # noqa: E731
+        first, st, 0)).count("dot_general[")                # nested jaxprs included in the printout
+    dots = n_dots(state)
+    if media == "cached_kv":
+        row_state = dict(state, row_inputs={"latents": latents, "media_valid": mv})
+        dots_row = n_dots(row_state)
+        assert dots_row - dots == 2, (dots_row, dots)       # one gated block (xattn_every=2, 2 layers): K and V
     feed = jnp.concatenate([first[:, None], tokens[:, t0:]], axis=1)
     got = []
     for i in range(feed.shape[1] - 1):
@@ -166,6 +184,44 @@ def test_rices_nearest_by_cosine_most_similar_last():
         fewshot.select_demonstrations(support, q, 6, method="rices")
 
 
+def test_balanced_selection_is_n_way_k_shot():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 3, 3])   # class 2 has one item
+    feats = np.zeros((10, 1))
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        got = fewshot.select_demonstrations(feats, None, 4, method="balanced", rng=rng, support_labels=labels)
+        assert got.dtype == np.int32 and len(set(got.tolist())) == 4
+        assert sorted(labels[got].tolist()) == [0, 1, 2, 3]          # k = C: every class once
+        six = fewshot.select_demonstrations(feats, None, 6, method="balanced", rng=np.random.default_rng(seed),
+                                            support_labels=labels)
+        counts = np.bincount(labels[six], minlength=4)
+        # 6 over 4 classes: 1 or 2 each, never 2 of class 2 (it has one item), never a repeat
+        assert counts.sum() == 6 and counts.min() == 1 and counts.max() == 2 and counts[2] == 1
+        assert len(set(six.tolist())) == 6
+        two = fewshot.select_demonstrations(feats, None, 2, method="balanced", rng=np.random.default_rng(seed),
+                                            support_labels=labels)
+        assert len(set(labels[two].tolist())) == 2                   # k < C: k distinct classes
+    # class 2 exhausted, the rest filled round-robin: 9 of 10 -> only one item left out
+    nine = fewshot.select_demonstrations(feats, None, 9, method="balanced", rng=np.random.default_rng(0),
+                                         support_labels=labels)
+    assert len(set(nine.tolist())) == 9
+    # random order, not grouped by class: some seed puts a class other than the first drawn first
+    firsts = {int(labels[fewshot.select_demonstrations(feats, None, 4, method="balanced",
+                                                       rng=np.random.default_rng(s), support_labels=labels)[0]])
+              for s in range(20)}
+    assert len(firsts) > 1
+    np.testing.assert_array_equal(
+        fewshot.select_demonstrations(feats, None, 4, method="balanced", rng=np.random.default_rng(3),
+                                      support_labels=labels),
+        fewshot.select_demonstrations(feats, None, 4, method="balanced", rng=np.random.default_rng(3),
+                                      support_labels=labels))
+    with pytest.raises(ValueError, match="support_labels"):
+        fewshot.select_demonstrations(feats, None, 4, method="balanced", rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="3 support labels for 10"):
+        fewshot.select_demonstrations(feats, None, 4, method="balanced", rng=np.random.default_rng(0),
+                                      support_labels=labels[:3])
+
+
 def test_prompt_layout_k_shot_and_zero_shot():
     ep = _episodes(2, 1)[0]
     w = TOK.word_to_id
@@ -178,6 +234,7 @@ def test_prompt_layout_k_shot_and_zero_shot():
     assert list(p.tokens) == want
     np.testing.assert_array_equal(p.images, np.stack([ep.support_images[4], ep.support_images[1], ep.query_image]))
     assert p.candidates == tuple(tuple(w(x) for x in n.split()) for n in ep.class_names) and p.label == ep.label
+    assert p.demo_labels == (int(ep.support_labels[4]), int(ep.support_labels[1]))
 
     z = fewshot.episode_prompt(ep, 0, TOK, image_id=IMG, eoc_id=EOC, method="rices", rng=np.random.default_rng(1))
     toks = list(z.tokens)
@@ -185,6 +242,7 @@ def test_prompt_layout_k_shot_and_zero_shot():
     assert toks[-4:] == [IMG, w("this"), w("is"), w("a")]          # the query keeps its image
     assert toks[1:4] == [w("this"), w("is"), w("a")]               # demos: text only
     np.testing.assert_array_equal(z.images, ep.query_image[None])
+    assert z.demo_labels == ()                                     # text-only demos show no labelled image
 
 
 def test_accuracy_from_scores_by_hand():
@@ -203,27 +261,40 @@ def test_evaluator_end_to_end(setup, tmp_path):
 
     def make_episodes(seed, num):
         calls.append((seed, num))
-        return _episodes(100 + seed, num, names=("dax", "wug", "zib kog"))
+        return _episodes(100 + seed, num, names=("dax", "wug", "zib kog"), every_class=True)
 
     ev = fewshot.FewShotClassificationEvaluator(
         name="nonce", every=0, model=model, tokenizer=TOK, image_id=IMG, eoc_id=EOC, make_episodes=make_episodes,
-        shots=(0, 2), trials=2, selection=("random", "rices"), num_episodes=3, batch_size=2)
+        shots=(0, 3), trials=2, selection=("random", "rices", "balanced"), num_episodes=3, batch_size=2)
     metrics = ev.run(params, {}, step=7, workdir=str(tmp_path), final=True)
     assert calls == [(0, 3), (1, 3)]                     # one set of episodes per trial, shared
     assert metrics["chance"] == pytest.approx(1 / 3)
-    for sel in ("random", "rices"):
-        for k in (0, 2):
+    for sel in ("random", "rices", "balanced"):
+        for k in (0, 3):
             key = f"{sel}/shots_{k}"
             assert 0.0 <= metrics[f"{key}/accuracy_mean"] <= 1.0
             assert 0.0 <= metrics[f"{key}/accuracy_std"] <= 0.5
             assert metrics[f"{key}/examples_per_s"] > 0
+        # 0 shots shows no labelled image: nothing to copy, no conditional accuracy
+        assert metrics[f"{sel}/shots_0/label_in_demos"] == 0.0
+        assert f"{sel}/shots_0/accuracy_given_label_in_demos" not in metrics
+    # 3-way 3-shot balanced: every query's class is shown, so the conditional accuracy is the accuracy
+    assert metrics["balanced/shots_3/label_in_demos"] == 1.0
+    assert metrics["balanced/shots_3/accuracy_given_label_in_demos"] == pytest.approx(
+        metrics["balanced/shots_3/accuracy_mean"])
     # 0 shots does not depend on the selection method
-    assert metrics["random/shots_0/accuracy_mean"] == metrics["rices/shots_0/accuracy_mean"]
+    assert metrics["random/shots_0/accuracy_mean"] == metrics["rices/shots_0/accuracy_mean"] == \
+        metrics["balanced/shots_0/accuracy_mean"]
     out = tmp_path / "eval" / "step_7" / "nonce"
     data = json.loads((out / "fewshot_metrics.json").read_text())
-    per_trial = data["results"]["rices"]["2"]["accuracy"]
+    per_trial = data["results"]["rices"]["3"]["accuracy"]
     assert len(per_trial) == 2 and all(min(abs(a - v) for v in (0, 1 / 3, 2 / 3, 1)) < 1e-9 for a in per_trial)
-    assert data["results"]["rices"]["2"]["accuracy_mean"] == pytest.approx(np.mean(per_trial))
+    assert data["results"]["rices"]["3"]["accuracy_mean"] == pytest.approx(np.mean(per_trial))
+    # label_in_demos is a share of the 2 x 3 queries; None where nothing was shown
+    for sel in ("random", "rices"):
+        cov = data["results"][sel]["3"]["label_in_demos"]
+        assert cov in {i / 6 for i in range(7)}
+        assert data["results"][sel]["0"]["accuracy_given_label_in_demos"] is None
     png = out / "shot_curve.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

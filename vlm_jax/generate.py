@@ -15,7 +15,10 @@ Decoder-only LMs (`DecoderLM`, or any module method with the same decode contrac
     cache       the Flax 'cache' collection (per-layer keys/values [N, S, H, K], cache_index [N])
     key_valid   bool [N, S]  which cache slots hold real tokens (False for padding)
     position    i32 [N]      position id of the token fed next
-    row_inputs  dict of per-row extra inputs passed to every call (e.g. Flamingo media)
+    row_inputs  dict of per-row extra inputs passed to every call (e.g. Flamingo's media_valid)
+  ``prefill_inputs`` (e.g. Flamingo's latents) go to `init_cache` and the prefill only: a model
+  that stores what it derives from them in its cache (cross-attention keys/values) reads them
+  back at every step, so they are neither kept in the state nor re-projected per token.
 Encoder-decoder (`T5`): `prefill_seq2seq` runs the encoder once and makes the decoder cache:
 an empty self-attention cache (length max_new_tokens) and, per decoder layer, the
 cross-attention keys/values of the encoder output ``[B, Se, H, K]``, projected once;
@@ -59,7 +62,7 @@ def _concrete_check(cond, message: str):
 # ------------------------------------------------------------------------ decoder-only
 def prefill_decoder_lm(model, params, prompt_tokens, *, prompt_mask=None, max_new_tokens: int,
                        prefix_embeds=None, method: str | Callable | None = None,
-                       row_inputs: dict | None = None) -> tuple[jax.Array, dict]:
+                       row_inputs: dict | None = None, prefill_inputs: dict | None = None) -> tuple[jax.Array, dict]:
     """Fill a fresh KV cache with the prompt; -> ``(first_tokens i32[B], state)``.
 
     Args:
@@ -72,6 +75,9 @@ def prefill_decoder_lm(model, params, prompt_tokens, *, prompt_mask=None, max_ne
       prefix_embeds: optional ``[B, P, E]`` word-level embeddings put before the prompt
         (BLIP-2's projected queries); always attended.
       row_inputs: per-row extra keyword inputs ``{name: [B, ...]}`` for every call.
+      prefill_inputs: extra keyword inputs for `init_cache` and the prefill call only (module
+        doc; Flamingo: ``{'latents': [B, M, R, D]}`` with ``row_inputs={'media_valid': [B, M]}``,
+        the media keys/values then projected once).
     """
     if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:
         raise ValueError(f"prompt_tokens must be int [B, T0] with T0 >= 1; got shape {prompt_tokens.shape}.")
@@ -90,7 +96,10 @@ def prefill_decoder_lm(model, params, prompt_tokens, *, prompt_mask=None, max_ne
     full_mask = jnp.concatenate([jnp.ones((b, p), bool), mask], axis=1)          # [B, P + T0]
     positions = positions_from_mask(full_mask)                                    # [B, P + T0]
     row_inputs = dict(row_inputs or {})
-    kw = dict(row_inputs, **({} if method is None else {"method": method}))
+    prefill_inputs = dict(prefill_inputs or {})
+    if set(row_inputs) & set(prefill_inputs):
+        raise ValueError(f"row_inputs and prefill_inputs share {sorted(set(row_inputs) & set(prefill_inputs))}.")
+    kw = dict(row_inputs, **prefill_inputs, **({} if method is None else {"method": method}))
     cache = init_cache(model, params, jnp.zeros((b, s), jnp.int32), **kw)
     key_valid = jnp.zeros((b, s), bool).at[:, :filled].set(full_mask[:, :filled])
     if filled > 0:
@@ -211,16 +220,16 @@ def _run(step_fn, state, first_tokens, *, strategy, bos_id, eos_id, pad_id, max_
 def generate(model, params, prompt_tokens, *, prompt_mask=None, max_new_tokens: int, eos_id: int,
              pad_id: int = 0, min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
              length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             prefix_embeds=None, method=None, row_inputs=None) -> decoding.DecodeResult:
+             prefix_embeds=None, method=None, row_inputs=None, prefill_inputs=None) -> decoding.DecodeResult:
     """Continue left-padded prompts ``[B, T0]`` with a decoder-only LM.
 
     Returns `DecodeResult` (tokens ``[B, K, max_new_tokens]``: only the new tokens; eos then
     ``pad_id``). ``min_new_tokens`` forbids eos before that many tokens (HF semantics).
-    See `prefill_decoder_lm` for ``prefix_embeds`` / ``method`` / ``row_inputs``.
+    See `prefill_decoder_lm` for ``prefix_embeds`` / ``method`` / ``row_inputs`` / ``prefill_inputs``.
     """
     first, state = prefill_decoder_lm(model, params, prompt_tokens, prompt_mask=prompt_mask,
                                       max_new_tokens=max_new_tokens, prefix_embeds=prefix_embeds, method=method,
-                                      row_inputs=row_inputs)
+                                      row_inputs=row_inputs, prefill_inputs=prefill_inputs)
     return _run(decoder_lm_step_fn(model, params, method=method), state, first, strategy=strategy,
                 bos_id=pad_id, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens, beam_size=beam_size, length_penalty=length_penalty, rng=rng,

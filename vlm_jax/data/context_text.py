@@ -16,15 +16,20 @@ on documents in which a caption of an image sits exactly where the prefix will s
 
 Stage 2 then has to make the image prefix do what the caption did (as the nonce episodes of
 `vlm_jax.data.interleaved` make an image do what a colour word did). The answer to a question
-is in the context only when that caption mentions it (captions differ in what they say); the
-LM learns what it can.
+is in the context only when that caption mentions it (captions differ in what they say): with
+``evidence`` (a dataset's ``answer_evidence(question, captions) -> caption indices``, e.g.
+`vlm_jax.data.synthetic.answer_evidence`; config ``data.text.qa_context_caption='stating'``)
+a ``qa_context`` document's context is one of the captions that state the answer whenever some
+do (position and relation questions on the synthetic set, which only some captions answer),
+as a reading-comprehension corpus pairs questions with the passage that answers them;
+otherwise (``'random'``) any caption of the image, and the LM learns what it can.
 
 `ContextTextSource(kind=...)` is a grain random-access source: index -> {tokens i32[T]},
 deterministic per index, cut to T keeping the closing ``<eos>``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -38,7 +43,9 @@ class ContextTextSource:
 
     captions: per record, its captions; questions: per record, dicts with 'question', 'answer'
     (records without questions are skipped by the QA kinds); template: the QA text with two
-    '{}' (question, answer), the VQA evaluator's prompt + answer; tokenizer: a
+    '{}' (question, answer), the VQA evaluator's prompt + answer; evidence: optional
+    ``(question dict, captions) -> indices of the captions that state the answer`` (module doc;
+    qa_context only); tokenizer: a
     `vlm_jax.data.tokenizer.WordTokenizer`-like object (bos_id, eos_id, pad_id,
     ``encode(text, add_special_tokens=False)``).
     """
@@ -46,7 +53,8 @@ class ContextTextSource:
     _codes = {k: i for i, k in enumerate(KINDS)}
 
     def __init__(self, kind: str, captions: Sequence[Sequence[str]], questions: Sequence[Sequence[dict]], *,
-                 tokenizer, template: str, max_tokens: int, num_docs: int, seed: int):
+                 tokenizer, template: str, max_tokens: int, num_docs: int, seed: int,
+                 evidence: Callable[[dict, Sequence[str]], Sequence[int]] | None = None):
         if kind not in KINDS:
             raise ValueError(f"ContextTextSource: kind={kind!r} is not one of {KINDS}.")
         if template.count("{}") != 2:
@@ -55,6 +63,7 @@ class ContextTextSource:
             raise ValueError(f"ContextTextSource: max_tokens={max_tokens} must be >= 4.")
         self.kind, self._caps, self._qs, self._tok = kind, captions, questions, tokenizer
         self._template, self._t, self._n, self._seed = template, int(max_tokens), int(num_docs), int(seed)
+        self._evidence = evidence
         if kind in ("qa", "qa_context"):
             self._records = [r for r, qs in enumerate(questions) if qs]
         else:
@@ -75,6 +84,9 @@ class ContextTextSource:
         if self.kind in ("qa", "qa_context"):
             q = self._qs[r][int(rng.integers(len(self._qs[r])))]
             text = self._template.format(q["question"], q["answer"])
+            stating = list(self._evidence(q, caps)) if self._evidence is not None else []
+            if stating:                                # a caption that states the answer (module doc)
+                i = int(stating[int(rng.integers(len(stating)))])
         elif self.kind == "describe" and len(caps) > 1:
             text = caps[(i + 1 + int(rng.integers(len(caps) - 1))) % len(caps)]     # another caption
         else:

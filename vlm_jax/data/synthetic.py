@@ -34,6 +34,7 @@ No TensorFlow is needed: images are yielded as PNG bytes encoded with PIL.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -306,6 +307,43 @@ def make_questions(objs: list[_Obj], image_size: int,
         qs.append(dict(question=f"is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?",
                        answer="yes" if asked == rel else "no", qtype="relation"))
     return qs
+
+
+_RELATIONS = ("to the left of", "to the right of", "above", "below")
+_WHERE = re.compile(r"^where is the (\w+) (\w+)\?$")
+_IS_REL = re.compile(r"^is the (\w+) (\w+) (" + "|".join(_RELATIONS) + r") the (\w+) (\w+)\?$")
+
+
+def answer_evidence(question: dict, captions) -> list[int]:
+    """Indices of the ``captions`` of an image that STATE the answer to ``question`` (a
+    `make_questions` dict), by this module's grammar; [] where none singles one out.
+
+    Every caption names the colour and shape of every object, so colour, shape, count and
+    yes/no answers are in all of them (-> []). Two types are stated by some captions only:
+      position  'where is the red circle?'  the captions that give that object's location
+                ('... red circle at the top left', '... red circle in the top left corner
+                of the image');
+      relation  'is the red circle above the blue square?'  the caption that relates that pair
+                ('a red circle to the left of a small blue square', either order), else the
+                captions that locate both objects.
+    Used by `vlm_jax.data.context_text` (``qa_context_caption='stating'``) to build reading
+    documents whose context holds the answer, the way a reading-comprehension corpus does.
+    """
+    q = str(question.get("question", ""))
+    located = lambda c, s: [i for i, cap in enumerate(captions)          # noqa: E731
+                            if re.search(rf"\b{c} {s} (at|on|in) the ", cap)]
+    m = _WHERE.match(q)
+    if m:
+        return located(m.group(1), m.group(2))
+    m = _IS_REL.match(q)
+    if m:
+        ca, sa, _, cb, sb = m.groups()
+        rel = "|".join(_RELATIONS)
+        pair = lambda c1, s1, c2, s2: rf"\b{c1} {s1} ({rel}) an? (\w+ )?{c2} {s2}\b"   # noqa: E731
+        stated = [i for i, cap in enumerate(captions)
+                  if re.search(pair(ca, sa, cb, sb), cap) or re.search(pair(cb, sb, ca, sa), cap)]
+        return stated or sorted(set(located(ca, sa)) & set(located(cb, sb)))
+    return []
 
 
 def sample_scene(image_size: int, rng: np.random.Generator):

@@ -57,31 +57,41 @@ from vlm_jax.evaluation import evaluator as ev_lib
 
 log = logging.getLogger("vlm_jax")
 
-__all__ = ["SELECTIONS", "ZERO_SHOT_TEXT_DEMOS", "FewShotPrompt", "select_demonstrations", "candidate_tokens",
+__all__ = ["SELECTIONS", "CLASS_SELECTIONS", "ZERO_SHOT_TEXT_DEMOS", "FewShotPrompt", "select_demonstrations", "candidate_tokens",
            "build_prompt", "episode_prompt", "score_classes_full", "score_classes_cached", "accuracy_from_scores",
            "default_vision_features", "batched_features", "round_up", "replicated_jit",
            "FewShotClassificationEvaluator", "save_shot_curve"]
 
 SELECTIONS = ("random", "rices")
+#: classification also has 'balanced' (needs the support labels): N-way K-shot demonstrations.
+CLASS_SELECTIONS = SELECTIONS + ("balanced",)
 #: open_flamingo's 0-shot: this many text-only demonstrations (images removed) before the query.
 ZERO_SHOT_TEXT_DEMOS = 2
 
 
 # ------------------------------------------------------------------------ demonstrations
 def select_demonstrations(support_feats, query_feat, k: int, *, method: str,
-                          rng: np.random.Generator | None = None) -> np.ndarray:
+                          rng: np.random.Generator | None = None, support_labels=None) -> np.ndarray:
     """Indices ``i32[k]`` of the demonstrations among the N support items.
 
     support_feats: f32 ``[N, D]`` (only its length is used by 'random'); query_feat: f32 ``[D]``.
     method: 'random' -> k distinct indices drawn uniformly by ``rng`` (a numpy Generator);
       'rices' -> the k items of highest cosine similarity to the query, in increasing
       similarity (the most similar LAST, closest to the query in the prompt; ties keep the
-      lower index nearer the query). k = 0 -> empty.
+      lower index nearer the query);
+      'balanced' -> N-way K-shot (the few-shot classification protocol of miniImageNet and of
+      Frozen's fast-binding tasks; needs ``support_labels`` i32[N]): the k demonstrations spread
+      over the support set's classes as evenly as it allows -- classes visited round-robin in a
+      random order, one more item each (drawn uniformly without replacement) until k, a class
+      with no item left skipped -- then shuffled, so k >= C covers every class (the query's
+      included) and k < C covers k of them. 'random' covers the query's class only by chance:
+      ``1 - (1 - 1/C)^k`` for uniform labels (0.68 at C = k = 4).
+      k = 0 -> empty.
     """
     n = int(np.shape(support_feats)[0])
     k = int(k)
-    if method not in SELECTIONS:
-        raise ValueError(f"select_demonstrations: method={method!r}; use one of {SELECTIONS}.")
+    if method not in CLASS_SELECTIONS:
+        raise ValueError(f"select_demonstrations: method={method!r}; use one of {CLASS_SELECTIONS}.")
     if k < 0 or k > n:
         raise ValueError(f"select_demonstrations: k={k} demonstrations asked from a support set of {n}.")
     if k == 0:
@@ -90,6 +100,20 @@ def select_demonstrations(support_feats, query_feat, k: int, *, method: str,
         if rng is None:
             raise ValueError("select_demonstrations(method='random') needs rng=np.random.default_rng(...).")
         return np.asarray(rng.choice(n, size=k, replace=False), np.int32)
+    if method == "balanced":
+        if rng is None or support_labels is None:
+            raise ValueError("select_demonstrations(method='balanced') needs rng= and support_labels=[N].")
+        labels = np.asarray(support_labels).reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"select_demonstrations: {labels.shape[0]} support labels for {n} support items.")
+        pools = {int(c): list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
+        order = [int(c) for c in rng.permutation(sorted(pools))]
+        picked: list[int] = []
+        while len(picked) < k:                     # k <= n, so some class always has an item left
+            for c in order:
+                if pools[c] and len(picked) < k:
+                    picked.append(int(pools[c].pop()))
+        return np.asarray(rng.permutation(picked), np.int32)
     s = np.asarray(support_feats, np.float64)
     q = np.asarray(query_feat, np.float64).reshape(-1)
     if s.ndim != 2 or s.shape[1] != q.shape[0]:
@@ -110,6 +134,7 @@ class FewShotPrompt:
     images: np.ndarray
     candidates: tuple[tuple[int, ...], ...]
     label: int
+    demo_labels: tuple[int, ...] = ()     # the classes of the demonstrations WITH images, in prompt order
 
 
 def candidate_tokens(tokenizer, class_names: Sequence[str]) -> tuple[tuple[int, ...], ...]:
@@ -145,7 +170,8 @@ def build_prompt(episode: ClassificationEpisode, demos, tokenizer, *, image_id: 
     if sum(t == image_id for t in ids) != images.shape[0]:
         raise ValueError(f"build_prompt: {sum(t == image_id for t in ids)} <image> markers for {images.shape[0]} "
                          "images (does the template or a class name encode to the image id?).")
-    return FewShotPrompt(tuple(ids), images, candidate_tokens(tokenizer, names), int(episode.label))
+    shown = () if text_only_demos else tuple(int(episode.support_labels[i]) for i in demos)
+    return FewShotPrompt(tuple(ids), images, candidate_tokens(tokenizer, names), int(episode.label), shown)
 
 
 def episode_prompt(episode: ClassificationEpisode, shots: int, tokenizer, *, image_id: int, eoc_id: int,
@@ -160,7 +186,8 @@ def episode_prompt(episode: ClassificationEpisode, shots: int, tokenizer, *, ima
     if method == "rices" and (support_feats is None or query_feat is None):
         raise ValueError("episode_prompt(method='rices') needs support_feats and query_feat.")
     feats = np.zeros((n, 1)) if support_feats is None else support_feats
-    demos = select_demonstrations(feats, query_feat, shots, method=method, rng=rng)
+    demos = select_demonstrations(feats, query_feat, shots, method=method, rng=rng,
+                                  support_labels=episode.support_labels)
     return build_prompt(episode, demos, tokenizer, image_id=image_id, eoc_id=eoc_id)
 
 
@@ -412,7 +439,7 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
       make_episodes: ``(trial_seed, num) -> list[ClassificationEpisode]`` (the task's episodes;
         trial t uses seed ``seed + t`` and its episodes are shared by every shot count and method).
       shots: shot counts K (0 = open_flamingo's text-only demonstrations). trials: seeds.
-      selection: 'random' | 'rices' or a tuple of them (each evaluated).
+      selection: 'random' | 'rices' | 'balanced' (N-way K-shot) or a tuple of them (each evaluated).
       num_episodes: queries per trial. use_cache: `score_classes_cached` (else the full forward).
       batch_size: episodes per scoring call. length_normalize: mean instead of summed log-prob.
       vision_features: ``(params, images f32[n, S, S, 3]) -> f32[n, D]`` for RICES
@@ -421,7 +448,10 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
 
     Metrics: ``{selection}/shots_{K}/accuracy_mean``, ``.../accuracy_std`` (population std over
     trials), ``.../examples_per_s`` (episodes scored per second, the first trial left out when
-    there are several: it includes compilation) and ``chance`` (1 / C).
+    there are several: it includes compilation), ``.../label_in_demos`` (the fraction of queries
+    whose class is among the demonstrations shown with images: all that copying from the
+    prompt can solve) with ``.../accuracy_given_label_in_demos`` (accuracy on those queries;
+    absent when there are none, e.g. 0 shots), and ``chance`` (1 / C).
     """
 
     def __init__(self, *, name: str, every: int, model, tokenizer, image_id: int, eoc_id: int,
@@ -435,9 +465,9 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
         self._make_episodes = make_episodes
         self._shots = tuple(int(k) for k in shots)
         self._selections = (selection,) if isinstance(selection, str) else tuple(selection)
-        bad = [s for s in self._selections if s not in SELECTIONS]
+        bad = [s for s in self._selections if s not in CLASS_SELECTIONS]
         if bad or not self._selections:
-            raise ValueError(f"{name}: selection={selection!r}; use any of {SELECTIONS}.")
+            raise ValueError(f"{name}: selection={selection!r}; use any of {CLASS_SELECTIONS}.")
         if any(k < 0 for k in self._shots) or not self._shots:
             raise ValueError(f"{name}: shots={tuple(shots)} must be non-empty and >= 0.")
         if int(trials) < 1 or int(num_episodes) < 1 or int(batch_size) < 1:
@@ -475,7 +505,8 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
     def run(self, params, model_state, *, step: int, workdir: str, final: bool) -> dict[str, float]:
         del model_state, final
         score = score_classes_cached if self._use_cache else score_classes_full
-        results = {s: {k: dict(accuracy=[], score_seconds=[], episodes=[]) for k in self._shots}
+        results = {s: {k: dict(accuracy=[], score_seconds=[], episodes=[], covered=[], covered_correct=[])
+                       for k in self._shots}
                    for s in self._selections}
         t_start = time.time()
         trials = []                                     # per trial: (episodes, labels, RICES features)
@@ -513,6 +544,11 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
                                    pad_id=self._pad_id, mesh=self._mesh, prefix_len=prefix_len, cand_len=cand_len)
                     r["score_seconds"].append(time.perf_counter() - t0)
                     r["accuracy"].append(accuracy_from_scores(scores, labels))
+                    # the query's class among the demonstrations' (with images): what copying can solve
+                    covered = np.asarray([p.label in p.demo_labels for p in prompts])
+                    correct = np.argmax(np.asarray(scores), axis=1) == labels
+                    r["covered"].append(int(covered.sum()))
+                    r["covered_correct"].append(int((covered & correct).sum()))
                     r["episodes"].append(len(prompts))
 
         metrics: dict[str, float] = {"chance": 1.0 / num_classes}
@@ -523,13 +559,21 @@ class FewShotClassificationEvaluator(ev_lib.Evaluator):
                 acc = np.asarray(r["accuracy"])
                 timed = slice(1, None) if len(acc) > 1 else slice(None)
                 eps = float(np.sum(r["episodes"][timed]) / max(np.sum(r["score_seconds"][timed]), 1e-9))
+                n_cov, n_all = int(np.sum(r["covered"])), int(np.sum(r["episodes"]))
+                label_in_demos = n_cov / max(n_all, 1)
+                acc_covered = float(np.sum(r["covered_correct"]) / n_cov) if n_cov else None
                 summary[sel][str(k)] = dict(accuracy=[float(a) for a in acc], accuracy_mean=float(acc.mean()),
                                             accuracy_std=float(acc.std()), examples_per_s=eps,
-                                            score_seconds=[float(s) for s in r["score_seconds"]])
+                                            score_seconds=[float(s) for s in r["score_seconds"]],
+                                            label_in_demos=float(label_in_demos),
+                                            accuracy_given_label_in_demos=acc_covered)
                 key = f"{sel}/shots_{k}"
                 metrics[f"{key}/accuracy_mean"] = float(acc.mean())
                 metrics[f"{key}/accuracy_std"] = float(acc.std())
                 metrics[f"{key}/examples_per_s"] = eps
+                metrics[f"{key}/label_in_demos"] = float(label_in_demos)
+                if acc_covered is not None:
+                    metrics[f"{key}/accuracy_given_label_in_demos"] = acc_covered
         log.info("%s: %s (%.1fs)", self.name, {k: round(v, 4) for k, v in metrics.items()}, time.time() - t_start)
 
         if jax.process_index() == 0:

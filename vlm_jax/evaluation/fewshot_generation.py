@@ -136,7 +136,8 @@ def _generator(model, beam_size: int, max_len: int, length_penalty: float, eoc_i
         latents = model.apply({"params": params}, images, method="encode_images")         # [B, M, R, D]
         res = gen.generate(model, params, prompt, prompt_mask=mask, max_new_tokens=max_len, eos_id=eoc_id,
                            pad_id=pad_id, strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
-                           length_penalty=length_penalty, row_inputs={"latents": latents, "media_valid": media_valid})
+                           length_penalty=length_penalty, prefill_inputs={"latents": latents},
+                           row_inputs={"media_valid": media_valid})      # media keys/values projected once
         return res.tokens[:, 0]
     return fewshot.replicated_jit(run, mesh)
 

@@ -69,7 +69,9 @@ Cross-attention blocks store the keys/values of ``encoded`` in the cross-attenti
 when ``encoded`` is passed, and reuse them when ``encoded`` is None, so a decoding loop
 fills the cache once (e.g. with `vlm_jax.layers.attention.init_cache` given ``encoded``)
 and then steps without the encoder output and without re-projecting it. Inserted blocks
-get their ``inserted_inputs`` on every call (also while decoding).
+get their ``inserted_inputs`` on every call (also while decoding), and the decode flag too
+when their `InsertSpec` has ``pass_decode`` (Flamingo's gated blocks cache the media keys/values
+that way).
 """
 from __future__ import annotations
 
@@ -179,7 +181,9 @@ class InsertSpec:
 
     module: a Flax module class, built as ``module(**kwargs, dtype=..., param_dtype=...)``
       when ``pass_dtypes`` (default) else ``module(**kwargs)``, and called as
-      ``inserted(x [B, T, D], *inserted_inputs, deterministic=bool) -> [B, T, D]``.
+      ``inserted(x [B, T, D], *inserted_inputs, deterministic=bool) -> [B, T, D]`` (with
+      ``pass_decode`` also ``decode=bool``: the stack's decode flag, for an inserted block that
+      keeps its own cache, e.g. Flamingo's cross-attention keys/values).
     kwargs: its attributes (a mapping; stored as sorted ``(key, value)`` pairs so the spec
       stays hashable).
     every, offset: insert before layer i iff ``i % every == offset`` (0 <= offset < every).
@@ -190,6 +194,7 @@ class InsertSpec:
     every: int = 1
     offset: int = 0
     pass_dtypes: bool = True
+    pass_decode: bool = False
 
     def __post_init__(self):
         if isinstance(self.kwargs, Mapping):
@@ -317,12 +322,14 @@ def _static_block(cls: type) -> type:
 
 
 @functools.cache
-def _static_inserted(cls: type) -> type:
+def _static_inserted(cls: type, pass_decode: bool = False) -> type:
     class StaticInserted(cls):
         deterministic: bool = True
+        decode: bool = False
 
         def __call__(self, x, *inputs):
-            return cls.__call__(self, x, *inputs, deterministic=self.deterministic)
+            extra = {"decode": self.decode} if pass_decode else {}
+            return cls.__call__(self, x, *inputs, deterministic=self.deterministic, **extra)
     StaticInserted.__name__ = StaticInserted.__qualname__ = f"Static{cls.__name__}"
     return StaticInserted
 
@@ -354,11 +361,11 @@ class _Plan:
 
     def inserted(self, name: str) -> nn.Module:
         spec = self.insert
-        cls = _maybe_remat(_static_inserted(spec.module), self.remat_policy, scanned=self.scanned)
+        cls = _maybe_remat(_static_inserted(spec.module, spec.pass_decode), self.remat_policy, scanned=self.scanned)
         kw = dict(spec.kwargs)
         if spec.pass_dtypes:
             kw.update(dtype=self.dtype, param_dtype=self.param_dtype)
-        return cls(**kw, deterministic=self.deterministic, name=name)
+        return cls(**kw, deterministic=self.deterministic, decode=self.decode, name=name)
 
     def run_block(self, blk, i, x, args):
         mask, encoded, cross_mask, attn_bias, cross_bias, positions = args

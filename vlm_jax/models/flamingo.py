@@ -262,20 +262,31 @@ class GatedCrossAttentionBlock(nn.Module):
     ``query_norm`` / ``key_norm`` (`MultiHeadAttention(qk_norm=...)`).
 
     Built by `TransformerStack` from ``InsertSpec(module=GatedCrossAttentionBlock,
-    kwargs={'config': cfg}, ...)`` (`gated_xattn_insert`); ``media_mask`` None lets every
-    token see every media latent.
+    kwargs={'config': cfg}, pass_decode=True, ...)`` (`gated_xattn_insert`); ``media_mask`` None
+    lets every token see every media latent.
+
+    Decoding (``decode=True``): a call with ``media`` projects the media keys/values and stores
+    them in the 'cache' collection (``cross_attn/cached_cross_key|value [B, M*R, H, K]``, as
+    `MultiHeadAttention` does for T5's encoder); a call with ``media=None`` reads them back, so
+    a generation loop projects each image's latents once (at `init_cache` / the prefill), not at
+    every new token. Only the mask (which image each new token sees) is needed per step.
     """
     config: GatedXAttnConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, media, media_mask=None, *, deterministic: bool = True):
+    def __call__(self, x, media, media_mask=None, *, deterministic: bool = True, decode: bool = False):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if x.ndim != 3 or media.ndim != 3 or media.shape[0] != x.shape[0]:
+        from_cache = media is None
+        if from_cache and not decode:
+            raise ValueError("GatedCrossAttentionBlock: media=None reads the cached media keys/values, which needs "
+                             "decode=True after a decode call that passed the media (init_cache / the prefill).")
+        if x.ndim != 3 or (not from_cache and (media.ndim != 3 or media.shape[0] != x.shape[0])):
             raise ValueError(f"GatedCrossAttentionBlock: x must be [B, T, Dt] and media [B, M*R, Dm] with the same B; "
-                             f"got {x.shape} and {media.shape} (flatten resampler latents [B, M, R, D] with "
+                             f"got {x.shape} and {None if from_cache else media.shape} (flatten resampler latents "
+                             "[B, M, R, D] with "
                              "cross_attention_inputs).")
         shape, axes = ((), ()) if c.gate == "scalar" else ((x.shape[-1],), ("norm",))
         gate = lambda name: jnp.tanh(self.param(  # noqa: E731
@@ -287,7 +298,9 @@ class GatedCrossAttentionBlock(nn.Module):
                                   qk_norm=c.norm_type if c.qk_norm else None, qk_norm_eps=c.norm_eps,
                                   name="cross_attn", **kw)
         h = make_norm(c.norm_type, c.norm_eps, name="cross_norm", **kw)(x)
-        y = x + gate("alpha_xattn") * attn(h, media.astype(self.dtype), mask=media_mask, deterministic=deterministic)
+        kv = None if from_cache else media.astype(self.dtype)
+        y = x + gate("alpha_xattn") * attn(h, kv, mask=media_mask, deterministic=deterministic, decode=decode,
+                                           kv_from_cache=from_cache)
         mlp = MLP(hidden_dim=c.mlp_dim, activation=c.activation, use_bias=c.use_bias, name="mlp", **kw)
         y = y + gate("alpha_dense") * mlp(make_norm(c.norm_type, c.norm_eps, name="mlp_norm", **kw)(y),
                                           deterministic=deterministic)
@@ -299,7 +312,7 @@ def gated_xattn_insert(config: GatedXAttnConfig, every: int, offset: int | None 
     ``offset`` None -> ``every - 1`` (open_flamingo's layout: before layers N-1, 2N-1, ..);
     IDEFICS uses 0."""
     return InsertSpec(module=GatedCrossAttentionBlock, kwargs={"config": config}, every=every,
-                      offset=every - 1 if offset is None else offset)
+                      offset=every - 1 if offset is None else offset, pass_decode=True)
 
 
 # ------------------------------------------------------------------------------ media inputs
@@ -545,7 +558,11 @@ class Flamingo(nn.Module):
           attention_mask: ``[B, T]`` 1 = real token (`DecoderLM`).
           media_valid: bool ``[B, M]`` which media slots hold an image (default all).
           latents: ``[B, M, R, D]`` precomputed `encode_images` output instead of ``images`` (decoding).
-            With neither, no token sees an image (the cross-attention output is 0 everywhere).
+            With neither, no token sees an image (the cross-attention output is 0 everywhere) --
+            except while decoding with ``media_valid`` given: then the gated blocks read the media
+            keys/values an earlier decode call stored from its latents (`init_cache` with
+            ``latents``, or the prefill: `vlm_jax.generate`'s ``prefill_inputs``), so each image is
+            projected once per generation, not once per new token.
           text_time: int ``[B, T]`` override of ``media_text_time(tokens == image_id)``. While decoding
             (``decode=True``) the default counts the markers already in the KV cache too: the cache
             holds ``media_count/count i32[B]`` (`MediaCounter`), advanced by every decode call
@@ -555,7 +572,8 @@ class Flamingo(nn.Module):
         Returns `TextOutput`: ``logits`` f32 ``[B, T, V + X]``, ``hidden [B, T, E]``.
         """
         c = self.config
-        if latents is None:
+        from_cache = decode and latents is None and images is None and media_valid is not None
+        if latents is None and not from_cache:
             if images is not None:
                 latents = self.encode_images(images, deterministic=deterministic)
             else:
@@ -570,7 +588,11 @@ class Flamingo(nn.Module):
                 text_time = media_text_time(tokens == c.image_id) + count[:, None]
         elif text_time is None:
             text_time = media_text_time(tokens == c.image_id)
-        inserted = cross_attention_inputs(latents, text_time, media_valid)
+        if from_cache:       # the media keys/values sit in the gated blocks' cache; only the mask is new
+            media_valid = jnp.asarray(media_valid, bool)
+            inserted = (None, masks_lib.flamingo_media_mask(text_time, media_valid, c.resampler.num_latents))
+        else:
+            inserted = cross_attention_inputs(latents, text_time, media_valid)
         out = self.lm(inputs_embeds=self.embed_tokens(tokens), attention_mask=attention_mask,
                       position_ids=position_ids, inserted_inputs=inserted, deterministic=deterministic,
                       decode=decode, key_valid=key_valid)

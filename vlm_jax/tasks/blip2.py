@@ -302,6 +302,10 @@ def validate(config) -> None:
         weights = {k: float(config.data.text.mixture[k]) for k in config.data.text.mixture}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ConfigError(f"config.data.text.mixture={weights}: weights must be >= 0 with at least one > 0.")
+        check_choice(config, "data.text.qa_context_caption", ("random", "stating"))
+        if config.data.text.qa_context_caption == "stating" and config.data.name != "synthetic_shapes":
+            raise ConfigError(f"config.data.text.qa_context_caption='stating' needs a dataset whose grammar says which "
+                              f"caption states an answer (synthetic_shapes); data.name={config.data.name!r}: use 'random'.")
     elif config.model.stage != "qformer":
         for name in ("vision", "ln_vision", "qformer"):
             if not seeded(name):
@@ -674,9 +678,13 @@ class Blip2TextLMTask(Task):
         from vlm_jax.data.context_text import ContextTextSource
         from vlm_jax.data.datasets import get_dataset
         meta = get_dataset(self.config.data).meta(split)
+        evidence = None
+        if self.config.data.text.get("qa_context_caption", "random") == "stating":
+            from vlm_jax.data.synthetic import answer_evidence as evidence
         return {k: ContextTextSource(k, meta.captions, meta.questions, tokenizer=self.tokenizer,
                                      template=self.qa_template, max_tokens=self.seq_len,
-                                     num_docs=int(self.config.data.text.num_docs), seed=int(self.config.seed))
+                                     num_docs=int(self.config.data.text.num_docs), seed=int(self.config.seed),
+                                     evidence=evidence)
                 for k in self.kinds}
 
     def train_iterator(self, *, process_index=None, process_count=None):

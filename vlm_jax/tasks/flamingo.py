@@ -314,7 +314,8 @@ class FlamingoTask(Task):
         res = gen.generate(self.model, params, prompt, max_new_tokens=max_len, eos_id=self.eoc_id, pad_id=tok.pad_id,
                            strategy="beam" if beam_size > 1 else "greedy", beam_size=beam_size,
                            length_penalty=length_penalty,
-                           row_inputs={"latents": latents, "media_valid": jnp.full(latents.shape[:2], not blind)})
+                           prefill_inputs={"latents": latents},     # media keys/values projected once
+                           row_inputs={"media_valid": jnp.full(latents.shape[:2], not blind)})
         tokens = res.tokens[:, 0]
         tokens = jnp.where(tokens == self.eoc_id, tok.eos_id, tokens)
         return {"tokens": tokens, "scores": res.scores[:, 0]}
