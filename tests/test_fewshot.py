@@ -136,6 +136,81 @@ def test_decode_counts_media_in_the_cache(setup, media):
     assert np.abs(np.asarray(explicit) - np.asarray(auto)).max() > 1e-4
 
 
+# ------------------------------------------------------------------ multi-image dialogue
+def _cross_keys(cache):
+    """{path: cached_cross_key [B, M*R, H, K]} of every gated block."""
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(cache)
+            if "cached_cross_key" in jax.tree_util.keystr(p)}
+
+
+def test_dialogue_turns_equal_the_whole_conversation_from_scratch(setup):
+    """Three turns (an image in each of the first two, text only in the third; rows padded
+    differently) through one `Dialogue` session: after every turn the next-token logits equal a
+    full forward of the whole conversation so far (turns and the replies written back), and each
+    greedy reply equals `generate` from scratch on that conversation with all its images. Each
+    image is encoded and projected once: the call that adds image 2 gets only its latents, image
+    1's cached keys stay bit-identical, and image 2's equal the keys a fresh cache projects."""
+    from vlm_jax.tasks.flamingo import Dialogue
+    model, params = setup["model"], setup["params"]
+    w = {x: TOK.word_to_id(x) for x in WORDS}
+    rng = np.random.default_rng(7)
+    images = rng.normal(size=(2, 2, SIDE, SIDE, 3)).astype(np.float32)        # [B, 2 images, S, S, 3]
+    turns = [  # (row 0, row 1) real tokens; padded on the left to one width
+        ([1, IMG, w["this"], w["is"]], [1, IMG, w["red"]]),
+        ([IMG, w["a"], w["dax"]], [w["blue"], IMG, w["lem"], w["mup"], w["fep"]]),
+        ([w["zib"], w["kog"]], [w["wug"]]),
+    ]
+    d = Dialogue(model, params, batch_size=2, max_len=48, max_images=2, image_id=IMG, eoc_id=EOC, pad_id=PAD)
+    history = [[], []]
+    keys_after = []
+    step = jax.jit(generate.decoder_lm_step_fn(model, params))
+
+    @jax.jit
+    def from_scratch(p, full, seen):     # -> the last token's logits, the greedy continuation
+        ref = model.apply({"params": p}, full, seen, attention_mask=full != PAD).logits[:, -1]
+        latents = model.apply({"params": p}, seen, method="encode_images")
+        want = generate.generate(model, p, full, prompt_mask=full != PAD, max_new_tokens=3, eos_id=EOC, pad_id=PAD,
+                                 prefill_inputs={"latents": latents},
+                                 row_inputs={"media_valid": jnp.ones(latents.shape[:2], bool)}).tokens[:, 0]
+        return ref, want
+
+    for n, (r0, r1) in enumerate(turns):
+        width = max(len(r0), len(r1))
+        toks = np.array([[PAD] * (width - len(r)) + r for r in (r0, r1)], np.int32)
+        new_images = images[:, n:n + 1] if n < 2 else None
+        d.add(toks, new_images, mask=toks != PAD)
+        history = [h + list(r) for h, r in zip(history, (r0, r1))]
+        keys_after.append(_cross_keys(d.session["cache"]))
+        # the conversation so far from scratch: left padded, every image so far
+        full_w = max(map(len, history))
+        full = jnp.asarray([[PAD] * (full_w - len(h)) + h for h in history], jnp.int32)
+        seen = jnp.asarray(images[:, :min(n + 1, 2)])
+        ref, want = from_scratch(params, full, seen)
+        state = {k: d.session[k] for k in ("cache", "key_valid", "position", "row_inputs")}
+        got = step(d.session["pending"], state, 0)[0]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=f"turn {n}")
+        reply = d.reply(max_new_tokens=3)
+        np.testing.assert_array_equal(reply, np.asarray(want), err_msg=f"turn {n}")
+        for b in range(2):                 # the reply through its eos joins the conversation
+            r = list(reply[b])
+            history[b] += r[:r.index(EOC) + 1] if EOC in r else r
+    r = CFG.resampler.num_latents
+    k1, k2 = keys_after[0], keys_after[1]
+    fresh = _cross_keys(generate.init_cache(model, params, jnp.zeros((2, 8), jnp.int32),
+                                            latents=model.apply({"params": params}, jnp.asarray(images),
+                                                                method="encode_images"),
+                                            media_valid=jnp.ones((2, 2), bool)))
+    assert k1.keys() == k2.keys() == fresh.keys() and k1
+    for path in k1:
+        np.testing.assert_array_equal(k2[path][:, :r], k1[path][:, :r])          # image 1: written once
+        np.testing.assert_allclose(k2[path][:, r:], fresh[path][:, r:], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(keys_after[2][path], k2[path])              # text-only turn: untouched
+    with pytest.raises(ValueError, match="exceed max_images=2"):
+        d.add(np.array([[IMG], [IMG]], np.int32), images[:, :1])
+    with pytest.raises(ValueError, match="markers"):
+        d.add(np.array([[w["a"]], [w["a"]]], np.int32), images[:, :1])
+
+
 # -------------------------------------------------------------------------- scoring
 def test_cached_scores_equal_full_scores(setup):
     model, params = setup["model"], setup["params"]

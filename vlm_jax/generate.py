@@ -19,6 +19,9 @@ Decoder-only LMs (`DecoderLM`, or any module method with the same decode contrac
   ``prefill_inputs`` (e.g. Flamingo's latents) go to `init_cache` and the prefill only: a model
   that stores what it derives from them in its cache (cross-attention keys/values) reads them
   back at every step, so they are neither kept in the state nor re-projected per token.
+Sessions (`session_start` / `session_extend` / `session_respond`): one decoder-only cache kept
+across the turns of a dialogue; each turn's tokens (and a new image's keys/values) are written
+once, replies decode from the cache as it stands.
 Encoder-decoder (`T5`): `prefill_seq2seq` runs the encoder once and makes the decoder cache:
 an empty self-attention cache (length max_new_tokens) and, per decoder layer, the
 cross-attention keys/values of the encoder output ``[B, Se, H, K]``, projected once;
@@ -157,6 +160,105 @@ def _cache_length(cache) -> int:
     scanned stack."""
     key = _cache_leaf(cache, "cached_key")
     return key.shape[1] if key.ndim == 4 else key.shape[2]
+
+
+# ------------------------------------------------------------------ decoding sessions
+# A session keeps one decoder-only KV cache across calls (a multi-turn dialogue): each turn's
+# tokens are written once, after the earlier ones, and replies are decoded from the cache as it
+# stands, so a turn costs its own tokens (and its own media), not the whole conversation again.
+#   session = dict(cache, key_valid bool[B, S], position i32[B], row_inputs, pending i32[B] | None)
+# ``pending`` is the last token given and not yet written (`prefill_decoder_lm` keeps its
+# prompt's last token the same way): `session_respond` feeds it first; the next
+# `session_extend` writes it before the new tokens. ``position`` is its position id.
+
+def session_start(model, params, *, batch_size: int, max_len: int, method: str | Callable | None = None,
+                  row_inputs: dict | None = None, cache_inputs: dict | None = None) -> dict:
+    """An empty session whose cache holds ``max_len`` tokens (S: every turn and every reply).
+
+    ``row_inputs`` are passed to every call (Flamingo: ``media_valid [B, M]``, all False at the
+    start); ``cache_inputs`` only to `init_cache`, to shape the cross-attention caches (Flamingo:
+    ``latents [B, M, R, D]`` of zeros for the M media slots the dialogue may fill)."""
+    row_inputs = dict(row_inputs or {})
+    kw = dict(row_inputs, **dict(cache_inputs or {}), **({} if method is None else {"method": method}))
+    cache = init_cache(model, params, jnp.zeros((batch_size, max_len), jnp.int32), **kw)
+    return dict(cache=cache, key_valid=jnp.zeros((batch_size, max_len), bool),
+                position=jnp.zeros((batch_size,), jnp.int32), row_inputs=row_inputs, pending=None)
+
+
+def session_extend(model, params, session: dict, tokens, *, mask=None, method: str | Callable | None = None,
+                   row_inputs: dict | None = None, call_inputs: dict | None = None) -> dict:
+    """Append ``tokens [B, T]`` (``mask`` 1 = real; any padding pattern, the last column real) to
+    the conversation -> the new session. Writes the pending token and ``tokens[:, :-1]`` into the
+    cache at its index (positions continue each row's real tokens; padding slots stay invalid) and
+    keeps ``tokens[:, -1]`` pending. ``row_inputs`` replace the session's (from this call on);
+    ``call_inputs`` go to this call only (Flamingo: a new image's ``latents`` and
+    ``media_offset``, so only its keys/values are projected). The earlier turns are not
+    recomputed: their keys/values are read from the cache."""
+    tokens = jnp.asarray(tokens).astype(jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"session_extend: tokens must be int [B, T] with T >= 1; got shape {tokens.shape}.")
+    b, t = tokens.shape
+    mask = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
+    if mask.shape != (b, t):
+        raise ValueError(f"session_extend: mask must be [B, T] = [{b}, {t}]; got {mask.shape}.")
+    _concrete_check(jnp.all(mask[:, -1]), "session_extend: mask[:, -1] has padding; the last column must be real "
+                                          "(it is kept pending for the reply).")
+    if session["key_valid"].shape[0] != b:
+        raise ValueError(f"session_extend: the session holds batch {session['key_valid'].shape[0]}, tokens {b}.")
+    row_inputs = dict(session["row_inputs"] if row_inputs is None else row_inputs)
+    pending = session["pending"]
+    if pending is None:                       # the first turn: positions from 0
+        seq, smask, base = tokens, mask, jnp.zeros((b,), jnp.int32)
+    else:                                     # the pending token (real) goes first, at its position
+        seq = jnp.concatenate([pending[:, None], tokens], axis=1)
+        smask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
+        base = session["position"]
+    positions = base[:, None] + jnp.cumsum(smask.astype(jnp.int32), axis=1) - 1        # [B, T'] (pads: unused)
+    write, wmask, n = seq[:, :-1], smask[:, :-1], seq.shape[1] - 1
+    cache, key_valid = session["cache"], session["key_valid"]
+    if n:
+        s = key_valid.shape[1]
+        index = _cache_index(cache)                                                     # i32[B]
+        _concrete_check(jnp.all(index + n <= s), f"session_extend: {n} new tokens overflow the session's cache of "
+                                                 f"{s} (session_start(max_len=...)).")
+        slot = jnp.arange(s)[None, :] - index[:, None]                                  # [B, S] offset in this write
+        new = jnp.take_along_axis(wmask, jnp.clip(slot, 0, n - 1), axis=1) & (slot >= 0) & (slot < n)
+        key_valid = key_valid | new
+        kw = dict(row_inputs, **dict(call_inputs or {}), **({} if method is None else {"method": method}))
+        _, new_vars = model.apply({"params": params, "cache": cache}, tokens=write, position_ids=positions[:, :-1],
+                                  key_valid=key_valid, decode=True, mutable=["cache"], **kw)
+        cache = new_vars["cache"]
+    elif call_inputs:
+        raise ValueError("session_extend: call_inputs need at least one token to write (pass the turn's tokens "
+                         "with them).")
+    return dict(cache=cache, key_valid=key_valid, position=positions[:, -1], row_inputs=row_inputs,
+                pending=seq[:, -1])
+
+
+def session_used(session: dict) -> int:
+    """How many cache slots the session has written (host int; its capacity is
+    ``session['key_valid'].shape[1]``)."""
+    return int(jax.device_get(_cache_index(session["cache"])).max())
+
+
+def session_respond(model, params, session: dict, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+                    min_new_tokens: int = 0, strategy: str = "greedy", beam_size: int = 4,
+                    length_penalty: float = 0.0, rng=None, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, method: str | Callable | None = None) -> decoding.DecodeResult:
+    """Decode a reply from the session's cache (the pending token first), as `generate` does from
+    a prefilled prompt. The session itself is unchanged: pass the chosen reply (up to its eos)
+    with the next turn's tokens to `session_extend`, which writes it once."""
+    if session["pending"] is None:
+        raise ValueError("session_respond: the session is empty; session_extend it with a prompt first.")
+    s = session["key_valid"].shape[1]
+    _concrete_check(jnp.all(_cache_index(session["cache"]) + max_new_tokens <= s),
+                    f"session_respond: max_new_tokens={max_new_tokens} overflows the session's cache of {s} "
+                    "(session_start(max_len=...)).")
+    state = {k: session[k] for k in ("cache", "key_valid", "position", "row_inputs")}
+    return _run(decoder_lm_step_fn(model, params, method=method), state, session["pending"], strategy=strategy,
+                bos_id=pad_id, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens, beam_size=beam_size, length_penalty=length_penalty, rng=rng,
+                temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 # ---------------------------------------------------------------------- encoder-decoder

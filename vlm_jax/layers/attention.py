@@ -75,7 +75,10 @@ attends over them. Later calls with ``decode=True, kv_from_cache=True`` reuse th
 key/value projections are not computed and ``inputs_kv`` may be None (if given it is
 ignored). There is no index and no implicit mask; pass the encoder padding mask
 ``[B, 1, 1, S]`` (or a media mask ``[B, 1, T, S]``) with every call. `init_cache` returns
-these leaves already filled from the ``inputs_kv`` among its arguments.
+these leaves already filled from the ``inputs_kv`` among its arguments. A call with
+``inputs_kv [B, Sn, Dkv]`` and ``cross_cache_offset=o`` projects only those Sn and writes them
+at slots o..o+Sn-1, leaving the others as they are (media that arrive one at a time: a
+dialogue's new image is projected once, the earlier ones are never re-projected).
 """
 from __future__ import annotations
 
@@ -237,7 +240,8 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, inputs_q, inputs_kv=None, mask=None, bias=None, *,
                  deterministic: bool = True, decode: bool = False, is_causal: bool = False,
-                 key_value_lengths=None, kv_from_cache: bool = False, positions=None):
+                 key_value_lengths=None, kv_from_cache: bool = False, positions=None,
+                 cross_cache_offset=None):
         """Attention.
 
         Args:
@@ -260,6 +264,11 @@ class MultiHeadAttention(nn.Module):
             ``inputs_kv`` is then optional and ignored).
           positions: int ``[B|1, T]`` rotary positions of the queries/new keys (only with
             ``rope_theta``; default ``0..T-1``, or the cache index onwards while decoding).
+          cross_cache_offset: int (or i32 scalar) while decoding cross-attention with
+            ``inputs_kv [B, Sn, Dkv]``: write the Sn new keys/values at slots ``offset ..
+            offset+Sn-1`` of the existing cross cache ``[B, S, H, K]`` (made by `init_cache` for
+            the full length S) instead of replacing it, and attend over all S slots (``mask``
+            ``[B|1, 1, T, S]``). Grows the media cache one image at a time (multi-image dialogue).
         Returns:
           ``[B, T, Dout]``.
         """
@@ -315,7 +324,10 @@ class MultiHeadAttention(nn.Module):
                 mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
                 is_causal = False
         elif decode and not kv_from_cache:
-            k, v = self._store_cross_kv(k, v)            # what kv_from_cache calls will read back
+            k, v = self._store_cross_kv(k, v, cross_cache_offset)   # what kv_from_cache calls will read back
+        elif cross_cache_offset is not None:
+            raise ValueError("MultiHeadAttention(cross_cache_offset=...) writes new keys/values into the cross cache "
+                             "and needs decode=True with inputs_kv (not kv_from_cache).")
 
         b, t, s = q.shape[0], q.shape[1], k.shape[1]
         mask = _check_mask(mask, "mask", b, t, s)
@@ -375,9 +387,28 @@ class MultiHeadAttention(nn.Module):
             probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
         return jnp.einsum("bhts,bshk->bthk", probs.astype(self.dtype), v)
 
-    def _store_cross_kv(self, k, v):
-        """Store cross-attention ``k, v [B, S, H, K]`` in the cache (create on the first call);
-        -> the stored values."""
+    def _store_cross_kv(self, k, v, offset=None):
+        """Store cross-attention ``k, v [B, S, H, K]`` in the cache (create on the first call), or
+        with ``offset`` write ``[B, Sn, H, K]`` into slots offset..offset+Sn-1 of the existing
+        ``[B, S, H, K]`` one; -> the stored values (all S slots)."""
+        if offset is not None:
+            if not self.has_variable("cache", "cached_cross_key"):
+                raise ValueError("cross_cache_offset writes into an existing cross-attention KV cache; make it first "
+                                 "with init_cache(...) given inputs of the full encoder/media length.")
+            cached_key = self.variable("cache", "cached_cross_key")
+            cached_value = self.variable("cache", "cached_cross_value")
+            full = cached_key.value.shape
+            if k.shape[0] != full[0] or k.shape[2:] != full[2:] or k.shape[1] > full[1]:
+                raise ValueError(f"cross_cache_offset: new keys {k.shape} [B, Sn, H, K] do not fit the cross cache "
+                                 f"{full} [B, S, H, K].")
+            off = jnp.asarray(offset, jnp.int32)
+            _concrete_le(off + k.shape[1], full[1], f"cross_cache_offset={offset} + {k.shape[1]} new slots exceeds "
+                                                    f"the cross cache length {full[1]}.")
+            cached_key.value = jax.lax.dynamic_update_slice_in_dim(
+                cached_key.value, k.astype(cached_key.value.dtype), off, axis=1)
+            cached_value.value = jax.lax.dynamic_update_slice_in_dim(
+                cached_value.value, v.astype(cached_value.value.dtype), off, axis=1)
+            return cached_key.value, cached_value.value
         cached_key = self.variable("cache", "cached_cross_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_cross_value", jnp.zeros, v.shape, v.dtype)
         if cached_key.value.shape != k.shape:
@@ -436,6 +467,16 @@ CROSS_CACHE_LEAVES = ("cached_cross_key", "cached_cross_value")
 
 def _is_cross_leaf(path) -> bool:
     return getattr(path[-1], "key", None) in CROSS_CACHE_LEAVES
+
+
+def _concrete_le(a, b, message: str) -> None:
+    """Raise ValueError(message) when ``a <= b`` is concretely False (skipped under jit)."""
+    try:
+        ok = bool(a <= b)
+    except jax.errors.ConcretizationTypeError:
+        return
+    if not ok:
+        raise ValueError(message)
 
 
 def init_cache(module: nn.Module, params, *args, **kwargs):

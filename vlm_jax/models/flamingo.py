@@ -269,14 +269,18 @@ class GatedCrossAttentionBlock(nn.Module):
     them in the 'cache' collection (``cross_attn/cached_cross_key|value [B, M*R, H, K]``, as
     `MultiHeadAttention` does for T5's encoder); a call with ``media=None`` reads them back, so
     a generation loop projects each image's latents once (at `init_cache` / the prefill), not at
-    every new token. Only the mask (which image each new token sees) is needed per step.
+    every new token. Only the mask (which image each new token sees) is needed per step. With
+    ``media_offset`` o (slots, i.e. media index x R) the call's ``media [B, Mn*R, Dm]`` is written
+    at slots o.. of the cache made for all M*R slots and ``media_mask`` covers all of them: a
+    dialogue adds each new image's keys/values without re-projecting the earlier ones.
     """
     config: GatedXAttnConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, media, media_mask=None, *, deterministic: bool = True, decode: bool = False):
+    def __call__(self, x, media, media_mask=None, media_offset=None, *, deterministic: bool = True,
+                 decode: bool = False):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         from_cache = media is None
@@ -299,8 +303,11 @@ class GatedCrossAttentionBlock(nn.Module):
                                   name="cross_attn", **kw)
         h = make_norm(c.norm_type, c.norm_eps, name="cross_norm", **kw)(x)
         kv = None if from_cache else media.astype(self.dtype)
+        if media_offset is not None and (from_cache or not decode):
+            raise ValueError("GatedCrossAttentionBlock: media_offset writes new media keys/values into the cache and "
+                             "needs decode=True with media.")
         y = x + gate("alpha_xattn") * attn(h, kv, mask=media_mask, deterministic=deterministic, decode=decode,
-                                           kv_from_cache=from_cache)
+                                           kv_from_cache=from_cache, cross_cache_offset=media_offset)
         mlp = MLP(hidden_dim=c.mlp_dim, activation=c.activation, use_bias=c.use_bias, name="mlp", **kw)
         y = y + gate("alpha_dense") * mlp(make_norm(c.norm_type, c.norm_eps, name="mlp_norm", **kw)(y),
                                           deterministic=deterministic)
@@ -551,7 +558,8 @@ class Flamingo(nn.Module):
         return jnp.concatenate([logits, extra.astype(jnp.float32)], axis=-1)
 
     def __call__(self, tokens, images=None, *, attention_mask=None, media_valid=None, latents=None, text_time=None,
-                 position_ids=None, deterministic: bool = True, decode: bool = False, key_valid=None) -> TextOutput:
+                 position_ids=None, deterministic: bool = True, decode: bool = False, key_valid=None,
+                 media_offset=None) -> TextOutput:
         """Args:
           tokens: int ``[B, T]`` interleaved text with ``<image>`` markers (and ``<|endofchunk|>``).
           images: ``[B, M, S, S, C]`` / ``[B, M, F, S, S, C]``: image m belongs to the (m+1)-th marker.
@@ -568,6 +576,10 @@ class Flamingo(nn.Module):
             holds ``media_count/count i32[B]`` (`MediaCounter`), advanced by every decode call
             after the one that creates the cache (`vlm_jax.layers.attention.init_cache`); an
             explicit ``text_time`` wins (the counter still advances).
+          media_offset: int (or i32 scalar), decoding only, with ``images`` / ``latents`` of Mn new
+            media and ``media_valid [B, M]`` for all M slots of the cache: the new media are slots
+            media_offset .. media_offset+Mn-1; only their keys/values are projected and written
+            (the others stay cached), and the new tokens see every valid slot (`vlm_jax.dialogue`).
           position_ids, decode, key_valid: as `DecoderLM`.
         Returns `TextOutput`: ``logits`` f32 ``[B, T, V + X]``, ``hidden [B, T, E]``.
         """
@@ -591,6 +603,14 @@ class Flamingo(nn.Module):
         if from_cache:       # the media keys/values sit in the gated blocks' cache; only the mask is new
             media_valid = jnp.asarray(media_valid, bool)
             inserted = (None, masks_lib.flamingo_media_mask(text_time, media_valid, c.resampler.num_latents))
+        elif media_offset is not None:      # new media written at their slots of the cache
+            if not decode or media_valid is None:
+                raise ValueError("Flamingo(media_offset=...) adds media to the decode cache: it needs decode=True and "
+                                 "media_valid [B, M] for every slot of the cache.")
+            b, mn, r, d = latents.shape
+            media_valid = jnp.asarray(media_valid, bool)
+            inserted = (latents.reshape(b, mn * r, d), masks_lib.flamingo_media_mask(text_time, media_valid, r),
+                        jnp.asarray(media_offset, jnp.int32) * r)
         else:
             inserted = cross_attention_inputs(latents, text_time, media_valid)
         out = self.lm(inputs_embeds=self.embed_tokens(tokens), attention_mask=attention_mask,

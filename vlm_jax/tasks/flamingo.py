@@ -320,6 +320,16 @@ class FlamingoTask(Task):
         tokens = jnp.where(tokens == self.eoc_id, tok.eos_id, tokens)
         return {"tokens": tokens, "scores": res.scores[:, 0]}
 
+    def dialogue(self, params, *, batch_size: int = 1, max_len: int | None = None,
+                 max_images: int | None = None) -> "Dialogue":
+        """A multi-image `Dialogue` with this task's model and ids (cache of ``max_len`` tokens,
+        default the model's positions; ``max_images`` default ``data.max_images``)."""
+        d = self.config.data
+        return Dialogue(self.model, params, batch_size=batch_size,
+                        max_len=int(max_len or self.model.config.lm.max_positions),
+                        max_images=int(max_images or d.max_images), image_id=self.image_id, eoc_id=self.eoc_id,
+                        pad_id=self.tokenizer.pad_id)
+
     def make_episodes(self, trial_seed: int, num: int, *, split: str | None = None):
         """``num`` nonce classification episodes of the eval split (`ClassificationEpisode`): per
         episode ``data.nonce_way`` colours with fresh nonce names, ``evals.fewshot.support_size``
@@ -419,6 +429,92 @@ class FlamingoTask(Task):
                 max_len=int(e.max_len), batch_size=int(e.batch_size), mesh=self.mesh, seed=int(c.seed),
                 **({"demo_caption": str(e.demo_caption)} if kind == "caption" else {})))
         return out
+
+
+class Dialogue:
+    """A multi-image conversation with a `Flamingo` model through one decoding session
+    (`vlm_jax.generate.session_*`): every turn's tokens are written to the KV cache once, and each
+    image is encoded (ViT + resampler) and its keys/values projected in every gated block once,
+    when its turn arrives (`Flamingo(media_offset=...)` writes them at the image's slots of the
+    cross-attention cache made for ``max_images``); replies decode from the cache as it stands.
+    Each text token sees the most recent preceding image, as in training.
+
+      d = Dialogue(model, params, batch_size=B, max_len=S, max_images=M, image_id=.., eoc_id=.., pad_id=..)
+      d.add(tokens [B, T], images [B, Mn, S, S, C])   # a turn with Mn new images (Mn <image> markers a row)
+      reply = d.reply(max_new_tokens=L)               # [B, L]; written with the next add()
+      d.add(next_tokens); ...
+
+    ``tokens`` may be padded anywhere (``mask`` 1 = real) but the last column must be real.
+    `FlamingoTask.dialogue` makes one with the task's ids."""
+
+    def __init__(self, model: fl.Flamingo, params, *, batch_size: int, max_len: int, max_images: int,
+                 image_id: int, eoc_id: int, pad_id: int):
+        from vlm_jax import generate as gen
+        c = model.config
+        self.model, self.params, self.image_id, self.eoc_id, self.pad_id = model, params, image_id, eoc_id, pad_id
+        self.max_images, self.num_images = int(max_images), 0
+        self.media_valid = np.zeros((batch_size, max_images), bool)
+        shape = (batch_size, max_images, c.resampler.num_latents, c.resampler.width)
+        self.session = jax.jit(lambda p, mv, lat: gen.session_start(
+            model, p, batch_size=batch_size, max_len=max_len, row_inputs={"media_valid": mv},
+            cache_inputs={"latents": lat}))(params, jnp.asarray(self.media_valid), jnp.zeros(shape, model.dtype))
+        self._reply = None           # (tokens, mask) of the last reply, written with the next turn
+        # jitted once per shape: a turn of the same width (and the same number of new images) reuses it
+        self._encode = jax.jit(lambda p, im: model.apply({"params": p}, im, method=fl.Flamingo.encode_images))
+        self._extend = jax.jit(lambda p, sess, tok, m, mv, call: gen.session_extend(
+            model, p, sess, tok, mask=m, row_inputs={"media_valid": mv}, call_inputs=call))
+        self._respond = jax.jit(lambda p, sess, rng, kw: gen.session_respond(model, p, sess, rng=rng, **dict(kw)),
+                                static_argnums=3)
+
+    def add(self, tokens, images=None, *, mask=None) -> None:
+        """Append a turn (after the last reply, if any): ``tokens [B, T]`` with one ``<image>`` marker
+        a row per new image, ``images [B, Mn, S, S, C]`` (or None)."""
+        from vlm_jax import generate as gen
+        tokens = np.asarray(tokens, np.int32)
+        mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
+        mn = 0 if images is None else int(np.shape(images)[1])
+        markers = ((tokens == self.image_id) & mask).sum(1)
+        if not (markers == mn).all():
+            raise ValueError(f"Dialogue.add: {mn} new image(s) but the rows hold {markers.tolist()} <image> markers; "
+                             "give one marker per new image in every row.")
+        if self.num_images + mn > self.max_images:
+            raise ValueError(f"Dialogue.add: {self.num_images} + {mn} images exceed max_images={self.max_images}; "
+                             "start the dialogue with a larger max_images.")
+        if self._reply is not None:
+            rt, rm = self._reply
+            tokens, mask = np.concatenate([rt, tokens], 1), np.concatenate([rm, mask], 1)
+            self._reply = None
+        used, cap = gen.session_used(self.session), self.session["key_valid"].shape[1]
+        if used + tokens.shape[1] + (self.session["pending"] is not None) - 1 > cap:
+            raise ValueError(f"Dialogue.add: a turn of {tokens.shape[1]} tokens overflows the dialogue's cache of "
+                             f"{cap} tokens ({used} used); start it with a larger max_len.")
+        call_inputs = {}
+        if mn:
+            latents = self._encode(self.params, jnp.asarray(images))                       # [B, Mn, R, D] only
+            call_inputs = {"latents": latents, "media_offset": jnp.int32(self.num_images)}
+            self.media_valid[:, self.num_images:self.num_images + mn] = True
+            self.num_images += mn
+        self.session = self._extend(self.params, self.session, jnp.asarray(tokens), jnp.asarray(mask),
+                                    jnp.asarray(self.media_valid), call_inputs)
+
+    def reply(self, *, max_new_tokens: int, eos_id: int | None = None, **decode_kw) -> np.ndarray:
+        """Decode a reply -> tokens ``i32[B, max_new_tokens]`` (eos, default ``<|endofchunk|>``, then
+        pad); the reply up to its eos is kept and written with the next `add`. ``decode_kw``:
+        `vlm_jax.generate.session_respond`'s strategy, beam_size, length_penalty, ..."""
+        from vlm_jax import generate as gen
+        eos = self.eoc_id if eos_id is None else int(eos_id)
+        rng = decode_kw.pop("rng", None)                      # a key (traced); the rest is static
+        kw = tuple(sorted(dict(decode_kw, max_new_tokens=int(max_new_tokens), eos_id=eos, pad_id=self.pad_id).items()))
+        cache_end = gen.session_used(self.session)
+        if cache_end + max_new_tokens > self.session["key_valid"].shape[1]:
+            raise ValueError(f"Dialogue.reply: max_new_tokens={max_new_tokens} overflows the dialogue's cache of "
+                             f"{self.session['key_valid'].shape[1]} tokens ({cache_end} used); start it with a larger "
+                             "max_len.")
+        res = self._respond(self.params, self.session, rng, kw)
+        tokens = np.asarray(res.tokens[:, 0])
+        ended = np.cumsum(tokens == eos, axis=1) - (tokens == eos)           # eos seen strictly before
+        self._reply = (tokens, ended == 0)                                    # the reply through its eos
+        return tokens
 
 
 def model_config(config, *, vocab_size: int, max_positions: int) -> fl.FlamingoConfig:
