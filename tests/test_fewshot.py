@@ -209,6 +209,16 @@ def test_dialogue_turns_equal_the_whole_conversation_from_scratch(setup):
         d.add(np.array([[IMG], [IMG]], np.int32), images[:, :1])
     with pytest.raises(ValueError, match="markers"):
         d.add(np.array([[w["a"]], [w["a"]]], np.int32), images[:, :1])
+    # a second conversation of the same model and shapes compiles nothing (module-level jits, model static)
+    from vlm_jax.tasks import flamingo as task_fl
+    jits = (task_fl._dialogue_start, task_fl._dialogue_encode, task_fl._dialogue_extend, task_fl._dialogue_respond)
+    before = [f._cache_size() for f in jits]
+    d2 = Dialogue(model, params, batch_size=2, max_len=48, max_images=2, image_id=IMG, eoc_id=EOC, pad_id=PAD)
+    r0, r1 = turns[0]
+    toks = np.array([[PAD] * (len(r0) - len(r)) + r for r in (r0, r1)], np.int32)
+    d2.add(toks, images[:, :1], mask=toks != PAD)
+    d2.reply(max_new_tokens=3)
+    assert [f._cache_size() for f in jits] == before
 
 
 # -------------------------------------------------------------------------- scoring

@@ -32,6 +32,7 @@ Flamingo stage through ``config.init.lm`` (source='checkpoint').
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -431,6 +432,34 @@ class FlamingoTask(Task):
         return out
 
 
+# The dialogue's compiled calls, at module level with the model static (Flax modules hash by
+# their config): every `Dialogue` of the same model and shapes reuses them, so a new conversation
+# compiles nothing; a turn of a new width (or number of new images) compiles once.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _dialogue_start(model, batch_size, max_len, params, media_valid, latents):
+    from vlm_jax import generate as gen
+    return gen.session_start(model, params, batch_size=batch_size, max_len=max_len,
+                             row_inputs={"media_valid": media_valid}, cache_inputs={"latents": latents})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dialogue_encode(model, params, images):
+    return model.apply({"params": params}, images, method=fl.Flamingo.encode_images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dialogue_extend(model, params, session, tokens, mask, media_valid, call_inputs):
+    from vlm_jax import generate as gen
+    return gen.session_extend(model, params, session, tokens, mask=mask, row_inputs={"media_valid": media_valid},
+                              call_inputs=call_inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _dialogue_respond(model, params, session, rng, kw):
+    from vlm_jax import generate as gen
+    return gen.session_respond(model, params, session, rng=rng, **dict(kw))
+
+
 class Dialogue:
     """A multi-image conversation with a `Flamingo` model through one decoding session
     (`vlm_jax.generate.session_*`): every turn's tokens are written to the KV cache once, and each
@@ -449,22 +478,14 @@ class Dialogue:
 
     def __init__(self, model: fl.Flamingo, params, *, batch_size: int, max_len: int, max_images: int,
                  image_id: int, eoc_id: int, pad_id: int):
-        from vlm_jax import generate as gen
         c = model.config
         self.model, self.params, self.image_id, self.eoc_id, self.pad_id = model, params, image_id, eoc_id, pad_id
         self.max_images, self.num_images = int(max_images), 0
         self.media_valid = np.zeros((batch_size, max_images), bool)
         shape = (batch_size, max_images, c.resampler.num_latents, c.resampler.width)
-        self.session = jax.jit(lambda p, mv, lat: gen.session_start(
-            model, p, batch_size=batch_size, max_len=max_len, row_inputs={"media_valid": mv},
-            cache_inputs={"latents": lat}))(params, jnp.asarray(self.media_valid), jnp.zeros(shape, model.dtype))
+        self.session = _dialogue_start(model, batch_size, max_len, params, jnp.asarray(self.media_valid),
+                                       jnp.zeros(shape, model.dtype))
         self._reply = None           # (tokens, mask) of the last reply, written with the next turn
-        # jitted once per shape: a turn of the same width (and the same number of new images) reuses it
-        self._encode = jax.jit(lambda p, im: model.apply({"params": p}, im, method=fl.Flamingo.encode_images))
-        self._extend = jax.jit(lambda p, sess, tok, m, mv, call: gen.session_extend(
-            model, p, sess, tok, mask=m, row_inputs={"media_valid": mv}, call_inputs=call))
-        self._respond = jax.jit(lambda p, sess, rng, kw: gen.session_respond(model, p, sess, rng=rng, **dict(kw)),
-                                static_argnums=3)
 
     def add(self, tokens, images=None, *, mask=None) -> None:
         """Append a turn (after the last reply, if any): ``tokens [B, T]`` with one ``<image>`` marker
@@ -490,12 +511,12 @@ class Dialogue:
                              f"{cap} tokens ({used} used); start it with a larger max_len.")
         call_inputs = {}
         if mn:
-            latents = self._encode(self.params, jnp.asarray(images))                       # [B, Mn, R, D] only
+            latents = _dialogue_encode(self.model, self.params, jnp.asarray(images))        # [B, Mn, R, D] only
             call_inputs = {"latents": latents, "media_offset": jnp.int32(self.num_images)}
             self.media_valid[:, self.num_images:self.num_images + mn] = True
             self.num_images += mn
-        self.session = self._extend(self.params, self.session, jnp.asarray(tokens), jnp.asarray(mask),
-                                    jnp.asarray(self.media_valid), call_inputs)
+        self.session = _dialogue_extend(self.model, self.params, self.session, jnp.asarray(tokens),
+                                        jnp.asarray(mask), jnp.asarray(self.media_valid), call_inputs)
 
     def reply(self, *, max_new_tokens: int, eos_id: int | None = None, **decode_kw) -> np.ndarray:
         """Decode a reply -> tokens ``i32[B, max_new_tokens]`` (eos, default ``<|endofchunk|>``, then
@@ -510,7 +531,7 @@ class Dialogue:
             raise ValueError(f"Dialogue.reply: max_new_tokens={max_new_tokens} overflows the dialogue's cache of "
                              f"{self.session['key_valid'].shape[1]} tokens ({cache_end} used); start it with a larger "
                              "max_len.")
-        res = self._respond(self.params, self.session, rng, kw)
+        res = _dialogue_respond(self.model, self.params, self.session, rng, kw)
         tokens = np.asarray(res.tokens[:, 0])
         ended = np.cumsum(tokens == eos, axis=1) - (tokens == eos)           # eos seen strictly before
         self._reply = (tokens, ended == 0)                                    # the reply through its eos
