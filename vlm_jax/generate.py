@@ -45,21 +45,11 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import decoding
-from vlm_jax.layers.attention import init_cache
+from vlm_jax.layers.attention import concrete_check, init_cache
 from vlm_jax.layers.text_common import positions_from_mask
 
 PyTree = Any
 STRATEGIES = ("greedy", "beam", "sample")
-
-
-def _concrete_check(cond, message: str):
-    """Raise ValueError(message) when ``cond`` is a concrete False (skipped under jit)."""
-    try:
-        ok = bool(cond)
-    except jax.errors.ConcretizationTypeError:
-        return
-    if not ok:
-        raise ValueError(message)
 
 
 # ------------------------------------------------------------------------ decoder-only
@@ -89,7 +79,7 @@ def prefill_decoder_lm(model, params, prompt_tokens, *, prompt_mask=None, max_ne
     mask = jnp.ones((b, t0), bool) if prompt_mask is None else jnp.asarray(prompt_mask).astype(bool)
     if mask.shape != (b, t0):
         raise ValueError(f"prompt_mask must be [B, T0] = [{b}, {t0}]; got {mask.shape}.")
-    _concrete_check(jnp.all(mask[:, -1]), "prompt_mask[:, -1] has padding: generation needs LEFT-padded prompts "
+    concrete_check(jnp.all(mask[:, -1]), "prompt_mask[:, -1] has padding: generation needs LEFT-padded prompts "
                                           "(pad at the start, real tokens last).")
     p = 0 if prefix_embeds is None else prefix_embeds.shape[1]
     if prefix_embeds is not None and (prefix_embeds.ndim != 3 or prefix_embeds.shape[0] != b):
@@ -201,7 +191,7 @@ def session_extend(model, params, session: dict, tokens, *, mask=None, method: s
     mask = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask).astype(bool)
     if mask.shape != (b, t):
         raise ValueError(f"session_extend: mask must be [B, T] = [{b}, {t}]; got {mask.shape}.")
-    _concrete_check(jnp.all(mask[:, -1]), "session_extend: mask[:, -1] has padding; the last column must be real "
+    concrete_check(jnp.all(mask[:, -1]), "session_extend: mask[:, -1] has padding; the last column must be real "
                                           "(it is kept pending for the reply).")
     if session["key_valid"].shape[0] != b:
         raise ValueError(f"session_extend: the session holds batch {session['key_valid'].shape[0]}, tokens {b}.")
@@ -219,7 +209,7 @@ def session_extend(model, params, session: dict, tokens, *, mask=None, method: s
     if n:
         s = key_valid.shape[1]
         index = _cache_index(cache)                                                     # i32[B]
-        _concrete_check(jnp.all(index + n <= s), f"session_extend: {n} new tokens overflow the session's cache of "
+        concrete_check(jnp.all(index + n <= s), f"session_extend: {n} new tokens overflow the session's cache of "
                                                  f"{s} (session_start(max_len=...)).")
         slot = jnp.arange(s)[None, :] - index[:, None]                                  # [B, S] offset in this write
         new = jnp.take_along_axis(wmask, jnp.clip(slot, 0, n - 1), axis=1) & (slot >= 0) & (slot < n)
@@ -251,7 +241,7 @@ def session_respond(model, params, session: dict, *, max_new_tokens: int, eos_id
     if session["pending"] is None:
         raise ValueError("session_respond: the session is empty; session_extend it with a prompt first.")
     s = session["key_valid"].shape[1]
-    _concrete_check(jnp.all(_cache_index(session["cache"]) + max_new_tokens <= s),
+    concrete_check(jnp.all(_cache_index(session["cache"]) + max_new_tokens <= s),
                     f"session_respond: max_new_tokens={max_new_tokens} overflows the session's cache of {s} "
                     "(session_start(max_len=...)).")
     state = {k: session[k] for k in ("cache", "key_valid", "position", "row_inputs")}

@@ -402,8 +402,8 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"cross_cache_offset: new keys {k.shape} [B, Sn, H, K] do not fit the cross cache "
                                  f"{full} [B, S, H, K].")
             off = jnp.asarray(offset, jnp.int32)
-            _concrete_le(off + k.shape[1], full[1], f"cross_cache_offset={offset} + {k.shape[1]} new slots exceeds "
-                                                    f"the cross cache length {full[1]}.")
+            concrete_check(off + k.shape[1] <= full[1],
+                           f"cross_cache_offset={offset} + {k.shape[1]} new slots exceeds the cross cache length {full[1]}.")
             cached_key.value = jax.lax.dynamic_update_slice_in_dim(
                 cached_key.value, k.astype(cached_key.value.dtype), off, axis=1)
             cached_value.value = jax.lax.dynamic_update_slice_in_dim(
@@ -469,10 +469,11 @@ def _is_cross_leaf(path) -> bool:
     return getattr(path[-1], "key", None) in CROSS_CACHE_LEAVES
 
 
-def _concrete_le(a, b, message: str) -> None:
-    """Raise ValueError(message) when ``a <= b`` is concretely False (skipped under jit)."""
+def concrete_check(cond, message: str) -> None:
+    """Raise ValueError(message) when ``cond`` is a concrete False (skipped under jit: traced
+    values cannot be checked on the host)."""
     try:
-        ok = bool(a <= b)
+        ok = bool(cond)
     except jax.errors.ConcretizationTypeError:
         return
     if not ok:

@@ -579,7 +579,8 @@ class Flamingo(nn.Module):
           media_offset: int (or i32 scalar), decoding only, with ``images`` / ``latents`` of Mn new
             media and ``media_valid [B, M]`` for all M slots of the cache: the new media are slots
             media_offset .. media_offset+Mn-1; only their keys/values are projected and written
-            (the others stay cached), and the new tokens see every valid slot (`vlm_jax.dialogue`).
+            (the others stay cached), and the new tokens see every valid slot
+            (`vlm_jax.tasks.flamingo.Dialogue`).
           position_ids, decode, key_valid: as `DecoderLM`.
         Returns `TextOutput`: ``logits`` f32 ``[B, T, V + X]``, ``hidden [B, T, E]``.
         """
