@@ -1,4 +1,4 @@
-"""What a BLIP-2 synthetic stage-0 LM (``configs/blip2.py:lm_opt_synthetic``) answers from text:
+"""What a BLIP-2 synthetic stage-0 LM (``configs/blip2.py:lm_opt_synthetic`` / ``lm_t5_synthetic``) answers from text:
 VQA accuracy (the project's VQAv2 scoring, per question type) of greedy answers to the test
 split's questions in the VQA prompt, (a) with one of the image's captions in the place of the
 image prefix (``caption <bos> Question: q Short answer:``; caption k = question k mod 6), (a')
@@ -6,9 +6,11 @@ the same with a caption that states the answer where only some captions do (posi
 relation questions; `vlm_jax.data.synthetic.answer_evidence`), and (b) from the question alone
 (``<bos> Question: q Short answer:``, what stage 2's ``vqa_blind`` sees). (a) and (a') say
 whether the frozen LM can answer from a description in its context — what stage 2's image
-prefix then has to supply; (b) is the answer prior.
+prefix then has to supply; (b) is the answer prior. A T5 stage 0 reads the same text in its
+encoder and generates the answer with its decoder (the prefix-LM split of stage 2).
 
     python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600]
+    python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm_t5 --config configs/blip2.py:lm_t5_synthetic
 
 Reads the latest checkpoint, writes nothing.
 """
@@ -42,6 +44,23 @@ def main(argv=None):
     table = dict(list(table.items())[: args.questions])
 
     fwd = jax.jit(lambda t: task.model.apply({"params": params}, t, attention_mask=t != tok.pad_id).logits)
+
+    from vlm_jax import generate as gen
+    from vlm_jax.models.blip2 import Blip2LMConfig
+    t5_greedy = jax.jit(lambda t: gen.generate_seq2seq(
+        task.model, params, t, input_mask=t != tok.pad_id, max_new_tokens=args.max_len, eos_id=tok.eos_id,
+        pad_id=tok.pad_id, decoder_start_id=Blip2LMConfig.decoder_start_id).tokens[:, 0])
+
+    def answer_seq2seq(prompts):
+        """T5: the encoder reads each id list (right padded), the decoder answers greedily."""
+        toks = np.full((len(prompts), t_len), tok.pad_id, np.int32)
+        for i, x in enumerate(prompts):
+            toks[i, :len(x)] = x
+        out = []
+        for row in np.asarray(t5_greedy(jnp.asarray(toks))).tolist():
+            row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+            out.append(tok.decode(row).strip())
+        return out
 
     def answer(prompts):
         """Greedy continuation of each id list (right padded in one [B, T] array) until <eos>."""
@@ -78,11 +97,12 @@ def main(argv=None):
                 if stating:                       # the same rule as qa_context_caption='stating'
                     k = stating[qid % len(stating)]
                 ctx = list(tok.encode(caps[k], add_special_tokens=False))
-                ids = ctx[max(0, len(ctx) + len(ids) + args.max_len - t_len):] + ids
+                room = 0 if task.seq2seq else args.max_len       # T5's answer goes to the decoder
+                ids = ctx[max(0, len(ctx) + len(ids) + room - t_len):] + ids
             prompts.append(ids)
         preds = []
         for lo in range(0, len(prompts), 128):
-            preds += answer(prompts[lo:lo + 128])
+            preds += (answer_seq2seq if task.seq2seq else answer)(prompts[lo:lo + 128])
         rows[name] = vqa_scores(dict(zip(table, preds)), table)
     types = sorted(k.split("/", 1)[1] for k in rows["question alone"] if k.startswith("accuracy/"))
     print(f"step {step}, {len(table)} test questions, greedy")

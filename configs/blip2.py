@@ -26,6 +26,10 @@ Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
                     in the VQA prompt, after it; and both without context): the stand-in for the
                     web-pretrained LLM BLIP-2 keeps frozen. ``stage2_opt_synthetic,...,lm=<its
                     workdir>`` then keeps it frozen, as the paper does.
+  lm_t5_synthetic   the same stage 0 for the T5 path (``model.stage='t5_text'``): a small T5
+                    encoder-decoder trained on the same documents split as stage 2 splits its
+                    input (context + <bos> + prompt in the encoder, the rest from the decoder);
+                    ``stage2_t5_synthetic,...,lm=<its workdir>`` keeps it frozen.
   stage2_opt_paper / stage2_t5_paper
                     the paper's stage 2: from the stage-1 run, frozen OPT-2.7B / Flan-T5-XL read
                     from ``config.init.lm.path`` (+ ``model.lm_tokenizer_dir``), 80k steps, batch
@@ -47,6 +51,9 @@ Commands:
   python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm
   python train.py --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1,lm=runs/blip2_lm \
       --workdir runs/blip2_opt_frozen
+  python train.py --config configs/blip2.py:lm_t5_synthetic --workdir runs/blip2_lm_t5
+  python train.py --config configs/blip2.py:stage2_t5_synthetic,stage1=runs/blip2_stage1,lm=runs/blip2_lm_t5 \
+      --workdir runs/blip2_t5_frozen
   python train.py --config configs/blip2.py:tiny --workdir /tmp/blip2_tiny
   python train.py --config configs/blip2.py:stage1_paper --workdir runs/blip2_paper \\
       --config.data.manual_dir=/data/coco --config.init.vision.path=/ckpt/blip2-vision-eva-g \\
@@ -56,11 +63,15 @@ import ml_collections
 
 from vlm_jax import config_lib
 
-VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper", "lm_opt_synthetic", "stage2_opt_synthetic",
-            "stage2_t5_synthetic", "stage2_opt_paper", "stage2_t5_paper")
-SYNTHETIC = ("tiny", "stage1_synthetic", "lm_opt_synthetic", "stage2_opt_synthetic", "stage2_t5_synthetic")
-# The synthetic stage-0 LM (lm_opt_synthetic; stage 2 reads its shape back with lm=<workdir>)
+VARIANTS = ("tiny", "stage1_synthetic", "stage1_paper", "lm_opt_synthetic", "lm_t5_synthetic",
+            "stage2_opt_synthetic", "stage2_t5_synthetic", "stage2_opt_paper", "stage2_t5_paper")
+SYNTHETIC = ("tiny", "stage1_synthetic", "lm_opt_synthetic", "lm_t5_synthetic", "stage2_opt_synthetic",
+             "stage2_t5_synthetic")
+# The synthetic stage-0 LMs (lm_opt_synthetic / lm_t5_synthetic; stage 2 reads the shape back with
+# lm=<workdir>). OPT: max_positions = the whole document; T5: the encoder's length (context +
+# prompt), num_layers in each of encoder and decoder (2 + 2 layers ~ the OPT's 4 in parameters)
 STAGE0_LM = dict(width=96, num_layers=4, num_heads=4, mlp_dim=384, max_positions=64)
+STAGE0_T5 = dict(width=96, num_layers=2, num_heads=4, mlp_dim=256, max_positions=48)
 
 
 def get_config(arg=None):
@@ -273,10 +284,10 @@ def get_config(arg=None):
             d.num_train = d.num_val = d.num_test = 0
             d.mean = (0.48145466, 0.4578275, 0.40821073)
             d.std = (0.26862954, 0.26130258, 0.27577711)
-    if variant == "lm_opt_synthetic":
-        # stage 0: the OPT-shaped decoder alone, text only (vlm_jax/data/context_text.py)
-        m.stage = "opt_text"
-        m.lm.update(STAGE0_LM)
+    if variant in ("lm_opt_synthetic", "lm_t5_synthetic"):
+        # stage 0: the OPT-shaped decoder / T5 alone, text only (vlm_jax/data/context_text.py)
+        m.stage = "opt_text" if variant == "lm_opt_synthetic" else "t5_text"
+        m.lm.update(STAGE0_LM if m.stage == "opt_text" else STAGE0_T5)
         o.lr, o.warmup_steps, o.end_lr_fraction, o.weight_decay, o.grad_clip = 1e-3, 100, 0.05, 0.05, 1.0
         t.batch_size = 64
         t.num_steps = 8000
@@ -289,7 +300,7 @@ def get_config(arg=None):
             c.init[name].source, c.init[name].path = "checkpoint", stage1
     lm = overrides.pop("lm", "")
     if lm:
-        # stage 2 over a stage-0 LM (lm_opt_synthetic), frozen as in the paper: its shape comes from
+        # stage 2 over a stage-0 LM (lm_opt_synthetic / lm_t5_synthetic), frozen as in the paper: its shape comes from
         # that run's config.json, its vocabulary from its vocab.json (vlm_jax/tasks/blip2.py)
         c.init.lm.source, c.init.lm.path = "checkpoint", lm
         m.lm.update(config_lib.run_config_section(lm, "model.lm", what=f"configs/blip2.py lm={lm}"))

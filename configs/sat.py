@@ -78,6 +78,9 @@ def get_config(arg=None):
     m.hard_entropy_decay = 0           # updates over which lambda_e falls linearly to 0
     m.hard_samples = 1                 # hard attention: K sampled copies of every training caption, each
                                        # one's REINFORCE baseline the mean of the others (1 = the paper)
+    m.hard_reward = "caption"          # 'caption' (paper: every step's sample scored with log p(y | s, a)) |
+                                       # 'to_go': step t's with the words from t on (needs a per-caption baseline)
+    m.hard_reward_discount = 1.0       # 'to_go': r_t = sum_{t'>=t} discount^(t'-t) log p(y_t'); 1 = unbiased
     m.hard_decode = "expectation"      # hard attention at test time: 'expectation' (paper) | 'argmax' cell
     m.freeze_encoder = False
 

@@ -55,6 +55,19 @@ def sat_config(data_dir, arg="tiny", **overrides):
     return family_config("sat", data_dir, arg, **overrides)
 
 
+def final_params(config, workdir):
+    """(task, host params) of the last checkpoint of the run in ``workdir`` trained with ``config``:
+    what tests compare across stages (a frozen tower bit-identical, a trained one moved)."""
+    import jax
+    from vlm_jax import checkpoint as ckpt_lib, train_lib
+    task, mesh = train_lib.make_task_and_mesh(config, workdir)
+    prog = train_lib.build_program(config, task, mesh)
+    ck = ckpt_lib.Checkpointer(workdir, async_save=False)
+    _, state, _ = train_lib.restore_state(prog, ck, config, task, data_state=False)
+    ck.close()
+    return task, jax.device_get(state.full_params())
+
+
 def random_params(abstract, seed, *, random_gates: bool = False):
     """Fill an abstract (`jax.eval_shape`) param tree from numpy: norms near 1 / 0, kernels
     N(0, 1/fan_in), tables N(0, 1); Flamingo's tanh gates ``alpha_*`` 0 (as the module inits them)

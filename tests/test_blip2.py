@@ -492,6 +492,46 @@ def test_context_text_documents():
         ContextTextSource("qa", caps, [[], []], tokenizer=tok, template=template, max_tokens=24, num_docs=5, seed=0)
 
 
+def test_context_text_documents_seq2seq_layout():
+    """layout='seq2seq' (the T5 stage 0): the encoder gets context <bos> prompt, the decoder's
+    targets the rest + <eos>; the same draws as the decoder layout; cut from the context's start."""
+    from vlm_jax.data.context_text import ContextTextSource
+    from vlm_jax.data.tokenizer import WordTokenizer
+    caps = [["a red circle", "one red circle on gray"], ["two blue squares", "a pair of blue squares"]]
+    qs = [[{"question": "what color is the circle?", "answer": "red"}], []]
+    template = "Question: {} Short answer: {}"
+    tok = WordTokenizer.build([c for cs in caps for c in cs] + [template.format(q["question"], q["answer"])
+                                                                  for x in qs for q in x])
+    words = lambda ids: " ".join(tok.id_to_word(int(i)) for i in ids if i != tok.pad_id)  # noqa: E731
+    norm = lambda text: " ".join(tok.id_to_word(i) for i in tok.encode(text, add_special_tokens=False))  # noqa: E731
+    for kind in ("describe", "qa_context", "caption", "qa"):
+        kw = dict(tokenizer=tok, template=template, max_tokens=20, num_docs=30, seed=3)
+        src = ContextTextSource(kind, caps, qs, layout="seq2seq", max_target_tokens=8, **kw)
+        dec = ContextTextSource(kind, caps, qs, **kw)
+        for j in range(15):
+            ex = src[j]
+            assert ex["enc_tokens"].shape == (20,) and ex["tokens"].shape == (8,)
+            context, prompt, target = src.parts(j)
+            assert (context, ) == (dec.text(j)[0], )                     # the same document as the decoder layout
+            enc = [int(t) for t in ex["enc_tokens"] if t != tok.pad_id]
+            b = enc.index(tok.bos_id)
+            assert words(enc[:b]) == norm(context) and words(enc[b + 1:]) == norm(prompt)
+            assert words(ex["tokens"]) == (norm(target) + " <eos>").strip()
+            if kind.startswith("qa"):
+                assert prompt == "Question: what color is the circle? Short answer:" and target == "red"
+                assert dec.text(j)[1] == f"{prompt} {target}"
+            else:
+                assert prompt == "" and target == dec.text(j)[1]
+    cut = ContextTextSource("qa_context", caps, qs, tokenizer=tok, template=template, max_tokens=12, num_docs=5,
+                            seed=0, layout="seq2seq", max_target_tokens=2)[0]
+    # the context gives way first; the decoder keeps one target word and <eos>
+    assert words(cut["enc_tokens"]).endswith("<bos> question what color is the circle short answer")
+    assert words(cut["tokens"]) == "red <eos>"
+    with pytest.raises(ValueError, match="max_target_tokens"):
+        ContextTextSource("qa", caps, qs, tokenizer=tok, template=template, max_tokens=12, num_docs=5, seed=0,
+                          layout="seq2seq")
+
+
 def test_answer_evidence_finds_the_captions_that_state_the_answer():
     """`synthetic.answer_evidence` on generated scenes: a position question's captions state that
     object's answer after its phrase; a relation question's either relate the asked pair
@@ -571,7 +611,7 @@ def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
     training steps, while the projection moves; the captioner and zero-shot VQA evaluate."""
     import json
 
-    from vlm_jax import checkpoint as ckpt_lib
+    from conftest import final_params
     from vlm_jax.data.tokenizer import WordTokenizer
     stage1_dir, _ = stage1_run
     w0 = str(tmp_path / "stage0")
@@ -582,14 +622,6 @@ def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
     assert {"describe/loss", "qa_context/accuracy", "caption/loss", "qa/loss"} <= set(lines[-1])
     vocab = WordTokenizer.load(os.path.join(w0, "vocab.json"))
     assert {"question", "short", "answer", "yes", "no"} <= set(vocab.words)
-
-    def final_params(config, workdir):
-        task, mesh = train_lib.make_task_and_mesh(config, workdir)
-        prog = train_lib.build_program(config, task, mesh)
-        ck = ckpt_lib.Checkpointer(workdir, async_save=False)
-        _, s, _ = train_lib.restore_state(prog, ck, config, task, data_state=False)
-        ck.close()
-        return task, jax.device_get(s.full_params())
 
     _, p0 = final_params(c0, w0)
     c2 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="opt", train__num_steps=2,
@@ -605,3 +637,43 @@ def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
     assert p2["language_projection"]["kernel"].std() > 0
     with pytest.raises(config_lib.ConfigError, match="cannot read model.lm"):
         blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={tmp_path / 'nowhere'}", model__stage="opt")
+
+
+def test_t5_stage0_lm_then_frozen_t5_stage2(stage1_run, data_dir, tmp_path):
+    """Stage 0 for the T5 path (model.stage='t5_text', odd sizes: 22 wide, 2 heads of 11, 3 + 3
+    layers): the encoder reads context <bos> prompt, the decoder learns the rest (per-kind
+    metrics); stage 2 with ``lm=<that workdir>`` (model.stage='t5') reads the shape and vocabulary,
+    keeps the LM bit-identical while the Q-Former and projection train, and answers zero-shot
+    through the shared seq2seq decoding. An OPT stage 2 over a T5 stage 0 is refused."""
+    import json
+
+    from conftest import final_params
+    from vlm_jax.data.tokenizer import WordTokenizer
+    stage1_dir, _ = stage1_run
+    w0 = str(tmp_path / "stage0_t5")
+    c0 = blip2_config(data_dir, "tiny", model__stage="t5_text", model__lm__width=22, model__lm__num_heads=2,
+                      model__lm__num_layers=3, model__lm__mlp_dim=30, model__lm__max_positions=36, train__num_steps=2)
+    train_lib.train(c0, w0)
+    lines = [json.loads(x) for x in open(os.path.join(w0, "metrics.jsonl"))]
+    assert {"describe/loss", "qa_context/accuracy", "caption/loss", "qa/loss"} <= set(lines[-1])
+    assert np.isfinite(lines[-1]["loss"])
+    vocab = WordTokenizer.load(os.path.join(w0, "vocab.json"))
+
+    _, p0 = final_params(c0, w0)
+    c2 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="t5", train__num_steps=2)
+    assert c2.model.freeze_lm and c2.model.lm.width == 22 and c2.model.lm.num_layers == 3
+    w2 = str(tmp_path / "stage2_t5")
+    train_lib.train(c2, w2)
+    task2, p2 = final_params(c2, w2)
+    assert task2.tokenizer == vocab and task2.model.config.seq2seq
+    for a, b in zip(jax.tree.leaves(p0["lm"]), jax.tree.leaves(p2["lm"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    q = task2.encode_question("what color is the circle?")
+    batch = {"image": np.zeros((2, c2.data.image_size, c2.data.image_size, 3), np.float32),
+             "prompt": np.stack([q["prompt"]] * 2), "prompt_mask": np.stack([q["prompt_mask"]] * 2)}
+    out = task2.answer(p2, {}, batch, beam_size=2, max_len=3, length_penalty=0.0)
+    assert out["tokens"].shape == (2, 3)
+    from vlm_jax.tasks import blip2 as blip2_task
+    opt_over_t5 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="opt")
+    with pytest.raises(config_lib.ConfigError, match="lm_t5_synthetic -> stage2_t5_synthetic"):
+        blip2_task.validate(opt_over_t5)

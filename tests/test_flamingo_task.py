@@ -135,7 +135,8 @@ def test_two_stages_text_lm_then_flamingo_with_it_frozen(data_dir, tmp_path):
     the ViT) bit-identical while the resampler, gated blocks and the new token rows move, and
     runs both evaluators."""
     import jax
-    from vlm_jax import checkpoint as ckpt_lib, train_lib
+    from conftest import final_params
+    from vlm_jax import train_lib
     lm_dir, fl_dir = str(tmp_path / "lm"), str(tmp_path / "fl")
     # two sources per stage keep the compiled step small (all three are checked in test_task_batches_and_loss_mask)
     cfg0 = flamingo_config(data_dir, "tiny", model__stage="lm", data__mixture__docs__weight=0, train__num_steps=2)
@@ -149,15 +150,7 @@ def test_two_stages_text_lm_then_flamingo_with_it_frozen(data_dir, tmp_path):
             assert np.isfinite(metrics["fewshot_caption"][f"{sel}/shots_{k}/CIDEr_mean"])
             assert 0.0 <= metrics["fewshot_vqa"][f"{sel}/shots_{k}/accuracy_mean"] <= 1.0
 
-    def final_params(workdir, cfg):
-        task, mesh = train_lib.make_task_and_mesh(cfg, workdir)
-        prog = train_lib.build_program(cfg, task, mesh)
-        ck = ckpt_lib.Checkpointer(workdir, async_save=False)
-        _, state, _ = train_lib.restore_state(prog, ck, cfg, task, data_state=False)
-        ck.close()
-        return jax.device_get(state.full_params())
-
-    p0, p1 = final_params(lm_dir, cfg0), final_params(fl_dir, cfg1)
+    (_, p0), (_, p1) = final_params(cfg0, lm_dir), final_params(cfg1, fl_dir)
     flat0 = {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_leaves_with_path(p0)}
     flat1 = {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_leaves_with_path(p1)}
     assert flat0.keys() == flat1.keys()

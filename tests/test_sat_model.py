@@ -334,6 +334,65 @@ def test_multi_sample_reinforce_leave_one_out_baseline():
                                             normalizer=jnp.float32(5.0), samples_per_caption=3)
 
 
+def test_reward_to_go_and_per_step_reinforce():
+    """model.hard_reward='to_go': step t's sample is weighted by the log-likelihood of the words
+    from t on (discounted by gamma), minus the same sum under the reference / the other copies."""
+    nll = jnp.array([[1.0, 2.0, 4.0, 0.0], [0.5, 0.5, 0.0, 0.0]])   # 0 at pad
+    np.testing.assert_allclose(np.asarray(captioning.reward_to_go(nll)),
+                               [[-7.0, -6.0, -4.0, 0.0], [-1.0, -0.5, 0.0, 0.0]], rtol=1e-6)
+    # gamma 0.5: r_0 = -(1 + 0.5*2 + 0.25*4) = -3, r_1 = -(2 + 0.5*4) = -4, r_2 = -4
+    np.testing.assert_allclose(np.asarray(captioning.reward_to_go(nll, 0.5))[0], [-3.0, -4.0, -4.0, 0.0], rtol=1e-6)
+    # gamma 0: each step's own word only
+    np.testing.assert_allclose(np.asarray(captioning.reward_to_go(nll, 0.0)), -np.asarray(nll), rtol=1e-6)
+    # r_b0 with gamma 1 is the caption's log-likelihood
+    np.testing.assert_allclose(np.asarray(captioning.reward_to_go(nll))[:, 0],
+                               np.asarray(captioning.caption_log_likelihood(nll)), rtol=1e-6)
+
+    mask = nll > 0
+    reward = captioning.reward_to_go(nll)
+    reference = captioning.reward_to_go(jnp.array([[2.0, 1.0, 3.0, 0.0], [0.5, 0.25, 0.0, 0.0]]))
+    logp = jnp.array([[-1.0, -2.0, -0.5, -9.0], [-0.25, -1.0, -9.0, -9.0]])
+    res = captioning.reinforce_hard_attention(reward, logp, mask, jnp.float32(-1.0), decay=0.5,
+                                              normalizer=jnp.float32(5.0), reference=reference)
+    # advantages: [-7+6, -6+4, -4+3] = [-1, -2, -1]; [-1+0.75, -0.5+0.25] = [-0.25, -0.25]
+    np.testing.assert_allclose(np.asarray(res.advantage)[0, :3], [-1.0, -2.0, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(res.advantage)[1, :2], [-0.25, -0.25], rtol=1e-6)
+    want = -(-1.0 * -1 + -2.0 * -2 + -1.0 * -0.5 + -0.25 * -0.25 + -0.25 * -1.0) / 5   # pad steps add nothing
+    np.testing.assert_allclose(float(res.loss), want, rtol=1e-6)
+    # a step's gradient is minus its own advantage / 5 (the paper's: the caption's, -7 + 6 = -1, at every step)
+    g = jax.grad(lambda lp: captioning.reinforce_hard_attention(
+        reward, lp, mask, jnp.float32(-1.0), decay=0.5, normalizer=jnp.float32(5.0), reference=reference).loss)(logp)
+    np.testing.assert_allclose(np.asarray(g)[0], [0.2, 0.4, 0.2, 0.0], rtol=1e-6)
+    # the running baseline still tracks the caption log-likelihood r_b0: 0.5 * -1 + 0.5 * mean(-7, -1)
+    np.testing.assert_allclose(float(res.new_baseline), -2.5, rtol=1e-6)
+    # leave-one-out per step: 2 copies of caption 0 -> each step's advantage is r_t minus the other's r_t
+    two = jnp.stack([reward[0], reference[0]])
+    loo = captioning.reinforce_hard_attention(two, logp[:1].repeat(2, 0), mask[:1].repeat(2, 0), jnp.float32(0.0),
+                                              decay=0.5, normalizer=jnp.float32(3.0), samples_per_caption=2)
+    np.testing.assert_allclose(np.asarray(loo.advantage)[:, :3], [[-1.0, -2.0, -1.0], [1.0, 2.0, 1.0]], rtol=1e-6)
+    # per-step rewards without a per-caption baseline are refused
+    with pytest.raises(ValueError, match="per-caption baseline"):
+        captioning.reinforce_hard_attention(reward, logp, mask, jnp.float32(0.0), decay=0.5, normalizer=jnp.float32(5.0))
+
+
+def test_hard_reward_to_go_config_trains_and_is_checked(hard):
+    cfg = tiny_config(model__attention="hard", model__hard_reward="to_go", model__hard_baseline="expectation",
+                      model__hard_sample_fraction=0.0)
+    sat_task.validate(cfg)
+    task = sat_task.make_task(cfg)
+    _, batch, variables = hard
+    grads, (m, _) = jax.grad(lambda p: task.loss_fn(p, variables["model_state"], batch, jax.random.key(1), train=True),
+                             has_aux=True)(variables["params"])
+    assert np.isfinite(float(m["reinforce"])) and float(m["advantage_abs"]) > 0
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    from vlm_jax.config_lib import ConfigError
+    with pytest.raises(ConfigError, match="hard_baseline=expectation"):
+        sat_task.validate(tiny_config(model__attention="hard", model__hard_reward="to_go"))
+    with pytest.raises(ConfigError, match="hard_reward_discount"):
+        sat_task.validate(tiny_config(model__attention="hard", model__hard_reward="to_go",
+                                       model__hard_baseline="expectation", model__hard_reward_discount=1.5))
+
+
 def test_multi_sample_hard_loss_tiles_the_batch(hard):
     """model.hard_samples = 2: the training loss sees every caption twice (twice the tokens), the
     evaluation loss once; gradients stay finite."""

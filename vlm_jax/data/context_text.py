@@ -24,8 +24,20 @@ do (position and relation questions on the synthetic set, which only some captio
 as a reading-comprehension corpus pairs questions with the passage that answers them;
 otherwise (``'random'``) any caption of the image, and the LM learns what it can.
 
-`ContextTextSource(kind=...)` is a grain random-access source: index -> {tokens i32[T]},
-deterministic per index, cut to T keeping the closing ``<eos>``.
+For an encoder-decoder LM (T5, ``layout='seq2seq'``; `configs/blip2.py:lm_t5_synthetic`) the
+same documents are split the way BLIP-2's T5 stage 2 splits its input (prefix-LM: the prefix and
+the prompt go to the encoder, the decoder generates the rest), with the caption in the
+prefix's place at the start of the encoder input (Te encoder, Td decoder tokens)::
+
+    describe    encoder: caption_i <bos>                          decoder: caption_j <eos>
+    qa_context  encoder: caption_i <bos> Question: q Short answer:   decoder: a <eos>
+    caption     encoder: <bos>                                    decoder: caption_i <eos>
+    qa          encoder: <bos> Question: q Short answer:           decoder: a <eos>
+
+`ContextTextSource(kind=...)` is a grain random-access source: index -> {tokens i32[T]}
+(decoder layout; seq2seq: {enc_tokens i32[Te], tokens i32[Td]}, the decoder's targets),
+deterministic per index, cut to length keeping the closing ``<eos>`` (and the encoder's
+``<bos>`` + prompt: the context gives way first).
 """
 from __future__ import annotations
 
@@ -33,9 +45,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["KINDS", "ContextTextSource"]
+__all__ = ["KINDS", "LAYOUTS", "ContextTextSource"]
 
 KINDS = ("describe", "qa_context", "caption", "qa")
+LAYOUTS = ("decoder", "seq2seq")
 
 
 class ContextTextSource:
@@ -47,16 +60,24 @@ class ContextTextSource:
     ``(question dict, captions) -> indices of the captions that state the answer`` (module doc;
     qa_context only); tokenizer: a
     `vlm_jax.data.tokenizer.WordTokenizer`-like object (bos_id, eos_id, pad_id,
-    ``encode(text, add_special_tokens=False)``).
+    ``encode(text, add_special_tokens=False)``); layout: 'decoder' (one sequence of
+    ``max_tokens``) | 'seq2seq' (encoder ``max_tokens``, decoder ``max_target_tokens``; module doc).
     """
 
     _codes = {k: i for i, k in enumerate(KINDS)}
 
     def __init__(self, kind: str, captions: Sequence[Sequence[str]], questions: Sequence[Sequence[dict]], *,
                  tokenizer, template: str, max_tokens: int, num_docs: int, seed: int,
-                 evidence: Callable[[dict, Sequence[str]], Sequence[int]] | None = None):
+                 evidence: Callable[[dict, Sequence[str]], Sequence[int]] | None = None,
+                 layout: str = "decoder", max_target_tokens: int = 0):
         if kind not in KINDS:
             raise ValueError(f"ContextTextSource: kind={kind!r} is not one of {KINDS}.")
+        if layout not in LAYOUTS:
+            raise ValueError(f"ContextTextSource: layout={layout!r} is not one of {LAYOUTS}.")
+        if layout == "seq2seq" and max_target_tokens < 2:
+            raise ValueError(f"ContextTextSource: layout='seq2seq' needs max_target_tokens >= 2 (got "
+                             f"{max_target_tokens}).")
+        self.layout, self._td = layout, int(max_target_tokens)
         if template.count("{}") != 2:
             raise ValueError(f"ContextTextSource: template {template!r} needs two '{{}}' (question, answer).")
         if max_tokens < 4:
@@ -77,10 +98,25 @@ class ContextTextSource:
 
     def text(self, j: int) -> tuple[str, str]:
         """Document j as (context, text): the context is '' for 'caption' and 'qa'."""
+        context, text, _ = self._draw(j)
+        return context, text
+
+    def parts(self, j: int) -> tuple[str, str, str]:
+        """Document j as (context, prompt, target), the seq2seq split: for the QA kinds the prompt
+        is the template up to the answer ("Question: q Short answer:") and the target the answer;
+        otherwise the prompt is '' and the target the text."""
+        context, text, q = self._draw(j)
+        if q is None:
+            return context, "", text
+        head = self._template.rsplit("{}", 1)[0]
+        return context, head.format(q["question"]).strip(), str(q["answer"])
+
+    def _draw(self, j: int) -> tuple[str, str, dict | None]:
         rng = np.random.default_rng([self._seed, self._codes[self.kind], int(j)])
         r = self._records[int(rng.integers(len(self._records)))]
         caps = self._caps[r]
         i = int(rng.integers(len(caps)))
+        q = None
         if self.kind in ("qa", "qa_context"):
             q = self._qs[r][int(rng.integers(len(self._qs[r])))]
             text = self._template.format(q["question"], q["answer"])
@@ -92,9 +128,11 @@ class ContextTextSource:
         else:
             text = caps[i]
         context = caps[i] if self.kind in ("describe", "qa_context") else ""
-        return context, text
+        return context, text, q
 
     def __getitem__(self, j):
+        if self.layout == "seq2seq":
+            return self._seq2seq(j)
         context, text = self.text(j)
         tok = self._tok
         ctx = [int(t) for t in tok.encode(context, add_special_tokens=False)] if context else []
@@ -104,6 +142,21 @@ class ContextTextSource:
         tokens = np.full((self._t,), tok.pad_id, np.int32)
         tokens[:len(ids)] = ids
         return {"tokens": tokens}
+
+    def _seq2seq(self, j):
+        context, prompt, target = self.parts(j)
+        tok = self._tok
+        enc = lambda text: [int(t) for t in tok.encode(text, add_special_tokens=False)] if text else []  # noqa: E731
+        ctx, head = enc(context), [int(tok.bos_id)] + enc(prompt)
+        head = head[:1] + head[1:][-(self._t - 1):]          # a long prompt keeps its end (as at evaluation)
+        room = self._t - len(head)                             # the context gives way first
+        ids = (ctx[len(ctx) - room:] if room > 0 else []) + head
+        target = enc(target)[:self._td - 1] + [int(tok.eos_id)]
+        enc_tokens = np.full((self._t,), tok.pad_id, np.int32)
+        enc_tokens[:len(ids)] = ids
+        tokens = np.full((self._td,), tok.pad_id, np.int32)
+        tokens[:len(target)] = target
+        return {"enc_tokens": enc_tokens, "tokens": tokens}
 
     def __repr__(self) -> str:
         return f"ContextTextSource({self.kind}, docs={self._n}, T={self._t})"

@@ -72,6 +72,25 @@ def caption_log_likelihood(nll: jax.Array) -> jax.Array:
     return -jnp.sum(nll, axis=-1)
 
 
+def reward_to_go(nll: jax.Array, discount: float = 1.0) -> jax.Array:
+    """Per-step reward r_bt = sum_{t' >= t} discount^(t' - t) log p(y_bt' | ...): nll f32[B, T] (0 at
+    pad) -> f32[B, T].
+
+    The location s_t sampled at step t cannot change the words before t (they were predicted
+    before z_t existed), so scoring log p(s_t | a) with the whole caption's log-likelihood (the
+    paper) adds the noise of words 1..t-1 to its weight for nothing. The reward-to-go with
+    discount 1 drops exactly those terms: the gradient's expectation is unchanged (causality) and
+    its variance smaller. A discount < 1 also shrinks the weight of later words, which s_t reaches
+    only through the LSTM state: lower variance, at the price of a bias. r_b0 with discount 1 is
+    ``caption_log_likelihood`` of the caption.
+    """
+    t = nll.shape[-1]
+    i = jnp.arange(t)
+    lag = (i[None, :] - i[:, None]).astype(jnp.float32)                         # [T, T]: t' - t
+    weights = jnp.where(lag >= 0, jnp.float32(discount) ** jnp.maximum(lag, 0.0), 0.0)
+    return jnp.einsum("bs,ts->bt", -nll.astype(jnp.float32), weights)
+
+
 def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: jax.Array,
                              baseline: jax.Array, *, decay: float, normalizer: jax.Array,
                              sampled: jax.Array | None = None,
@@ -109,39 +128,61 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     expectation reference does, from samples of the same distribution). A copy with no other
     sampled copy falls back to ``reference`` (when given) or b.
 
-    reward f32[B], sample_logp f32[B, T] (0 where no location was sampled), mask bool[B, T],
-    baseline f32[], sampled bool[B] | None, reference f32[B] | None -> ReinforceResult(loss f32[],
-    new_baseline f32[], advantage f32[B]).
+    Per-step rewards (`reward_to_go`, `model.hard_reward='to_go'`; not in the paper): reward and
+    reference f32[B, T], step t's sample scored with its own advantage r_bt - (baseline of step
+    t): loss = -sum_bt stop_grad(A_bt) m_bt log alpha_{t, s_bt} / normalizer. The leave-one-out
+    baseline then averages the other copies' r_bt step by step; the scalar b (which tracks
+    r_b0, the caption's log-likelihood) is not a per-step baseline, so per-step rewards need a
+    reference or K > 1 (each row is then a copy with another sampled copy or a reference).
+
+    reward f32[B] | f32[B, T], sample_logp f32[B, T] (0 where no location was sampled), mask
+    bool[B, T], baseline f32[], sampled bool[B] | None, reference like reward | None ->
+    ReinforceResult(loss f32[], new_baseline f32[], advantage like reward).
     """
-    if sample_logp.shape != mask.shape or reward.shape != sample_logp.shape[:1]:
-        raise ValueError(f"reinforce_hard_attention: reward must be [B] and sample_logp, mask [B, T]; got "
-                         f"{reward.shape}, {sample_logp.shape}, {mask.shape}.")
+    per_step = reward.ndim == 2
+    if sample_logp.shape != mask.shape or reward.shape[0] != sample_logp.shape[0] or (
+            reward.shape[1:] not in ((), sample_logp.shape[1:])):
+        raise ValueError(f"reinforce_hard_attention: reward must be [B] or [B, T] and sample_logp, mask [B, T]; "
+                         f"got {reward.shape}, {sample_logp.shape}, {mask.shape}.")
     reward = jax.lax.stop_gradient(reward.astype(jnp.float32))
     baseline = jax.lax.stop_gradient(jnp.asarray(baseline, jnp.float32))
+    k = int(samples_per_caption)
     if reference is None:
+        if per_step and k == 1:
+            raise ValueError("reinforce_hard_attention: per-step rewards [B, T] need a per-caption baseline: "
+                             "a reference (model.hard_baseline='expectation') or model.hard_samples > 1.")
         advantage = reward - baseline
     else:
         if reference.shape != reward.shape:
-            raise ValueError(f"reinforce_hard_attention: reference must be [B] like reward; got {reference.shape}.")
+            raise ValueError(f"reinforce_hard_attention: reference must have the reward's shape {reward.shape}; "
+                             f"got {reference.shape}.")
         advantage = reward - jax.lax.stop_gradient(reference.astype(jnp.float32))
-    k = int(samples_per_caption)
     if k > 1:
         if reward.shape[0] % k:
             raise ValueError(f"reinforce_hard_attention: {reward.shape[0]} rows are not groups of "
                              f"samples_per_caption={k} copies.")
-        r = reward.reshape(-1, k)                                                      # [B/K, K]
-        w = (jnp.ones_like(r) if sampled is None else sampled.reshape(-1, k).astype(jnp.float32))
+        r = reward.reshape((-1, k) + reward.shape[1:])                                 # [B/K, K(, T)]
+        w = (jnp.ones((r.shape[0], k), jnp.float32) if sampled is None
+             else sampled.reshape(-1, k).astype(jnp.float32))                          # [B/K, K]
         others = jnp.sum(w, axis=1, keepdims=True) - w                                 # other sampled copies
+        if per_step:
+            w, others = w[..., None], others[..., None]                                # [B/K, K, 1]
         loo = (jnp.sum(w * r, axis=1, keepdims=True) - w * r) / jnp.maximum(others, 1.0)
-        advantage = jnp.where(others.reshape(-1) > 0, (r - loo).reshape(-1), advantage)
-    logp_s = jnp.sum(sample_logp.astype(jnp.float32) * mask.astype(jnp.float32), axis=-1)  # log p(s~ | a)  [B]
-    loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
+        has_other = jnp.broadcast_to(others > 0, r.shape).reshape(reward.shape)
+        advantage = jnp.where(has_other, (r - loo).reshape(reward.shape), advantage)
+    logp_steps = sample_logp.astype(jnp.float32) * mask.astype(jnp.float32)            # log alpha_{t, s~_t}  [B, T]
+    if per_step:
+        loss = -jnp.sum(advantage * logp_steps) / jnp.maximum(normalizer, 1.0)
+    else:
+        logp_s = jnp.sum(logp_steps, axis=-1)                                          # log p(s~ | a)  [B]
+        loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
+    caption_reward = reward[:, 0] if per_step else reward                              # [B]
     if sampled is None:
-        new_baseline = decay * baseline + (1.0 - decay) * jnp.mean(reward)
+        new_baseline = decay * baseline + (1.0 - decay) * jnp.mean(caption_reward)
     else:
         w = sampled.astype(jnp.float32)
         n = jnp.sum(w)
-        mean_sampled = jnp.sum(w * reward) / jnp.maximum(n, 1.0)
+        mean_sampled = jnp.sum(w * caption_reward) / jnp.maximum(n, 1.0)
         new_baseline = jnp.where(n > 0, decay * baseline + (1.0 - decay) * mean_sampled, baseline)
     return ReinforceResult(loss=loss, new_baseline=new_baseline, advantage=advantage)
 

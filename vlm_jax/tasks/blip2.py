@@ -32,7 +32,8 @@ from vlm_jax.objectives.blip2 import parse_objectives, stage1_loss
 from vlm_jax.tasks.base import ImageCaptionTask, Task
 
 VISION = "vision"
-STAGES = ("qformer", "opt", "t5", "opt_text")     # opt_text: the synthetic stage 0 (a text-only OPT-shaped LM)
+STAGES = ("qformer", "opt", "t5", "opt_text", "t5_text")   # *_text: the synthetic stage 0 (a text-only LM)
+TEXT_STAGES = {"opt_text": "opt", "t5_text": "t5"}          # stage 0 -> the stage 2 that keeps its LM frozen
 VISION_PRESETS = ("eva_vit_g14", "clip_vit_l14", "clip_vit_b16")
 
 
@@ -296,7 +297,7 @@ def validate(config) -> None:
                           f"config.model.qformer.max_positions={q.max_positions}.")
     seeded = lambda name: name in config.init and config.init[name].source in ("hf", "checkpoint") and \
         bool(config.init[name].path)  # noqa: E731
-    if config.model.stage == "opt_text":
+    if config.model.stage in TEXT_STAGES:
         check_positive(config, "model.lm.width", "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim",
                        "model.lm.max_positions", "data.text.num_docs")
         weights = {k: float(config.data.text.mixture[k]) for k in config.data.text.mixture}
@@ -316,12 +317,19 @@ def validate(config) -> None:
         if config.model.freeze_lm and not (lm_init_dir(config) or lm_checkpoint_dir(config)):
             raise ConfigError("config.model.freeze_lm=True but config.init.lm gives no pretrained LM (source='hf', path=a "
                               "Hugging Face OPT / T5 directory; or source='checkpoint', path=a stage-0 run of "
-                              "configs/blip2.py:lm_opt_synthetic), so the captioner would decode through a frozen random "
+                              "configs/blip2.py:lm_opt_synthetic / lm_t5_synthetic), so the captioner would decode through a frozen random "
                               "LM; set --config.init.lm.path=..., or --config.model.freeze_lm=false (the synthetic "
                               "variants train their small LM).")
-        if lm_checkpoint_dir(config) and config.model.stage != "opt":
-            raise ConfigError(f"config.init.lm.source='checkpoint' seeds an OPT-shaped decoder from a stage-0 run, but "
-                              f"config.model.stage={config.model.stage!r}: use a stage2_opt_* variant.")
+        if lm_checkpoint_dir(config):
+            run = lm_checkpoint_dir(config)
+            from vlm_jax.config_lib import run_config_section
+            stage0 = run_config_section(run, "model", what=f"config.init.lm.path={run!r}").get("stage")
+            if TEXT_STAGES.get(stage0) != config.model.stage:
+                want = {v: k for k, v in TEXT_STAGES.items()}.get(config.model.stage)
+                raise ConfigError(f"config.init.lm.path={run!r} is a run of model.stage={stage0!r}, but this stage 2 is "
+                                  f"model.stage={config.model.stage!r}, which needs a stage-0 LM of model.stage={want!r} "
+                                  "(configs/blip2.py:lm_opt_synthetic -> stage2_opt_synthetic, lm_t5_synthetic -> "
+                                  "stage2_t5_synthetic).")
         check_positive(config, "evals.caption.beam_size", "evals.caption.max_len", "model.lm.width",
                        "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim")
         if "vqa" in config.evals and config.evals.vqa.enabled:
@@ -615,16 +623,21 @@ class Blip2GenerationTask(Blip2Task):
 
 # ----------------------------------------------------------------------------- stage 0 (synthetic)
 class Blip2TextLMTask(Task):
-    """Stage 0 of the synthetic BLIP-2 (``model.stage='opt_text'``): no pretrained LLM exists
-    offline, so the OPT-shaped decoder that stage 2 keeps frozen is first trained text-only on
-    `vlm_jax.data.context_text` documents (a caption in the place of the image prefix, then
-    another caption or an answer to one of the image's questions in the VQA prompt; and the
-    same texts without context). Stage 2 reads it with ``lm=<this workdir>`` (configs/blip2.py).
+    """Stage 0 of the synthetic BLIP-2 (``model.stage='opt_text'`` or ``'t5_text'``): no pretrained
+    LLM exists offline, so the OPT-shaped decoder / T5 encoder-decoder that stage 2 keeps frozen
+    is first trained text-only on `vlm_jax.data.context_text` documents (a caption in the place
+    of the image prefix, then another caption or an answer to one of the image's questions in
+    the VQA prompt; and the same texts without context). Stage 2 reads it with ``lm=<this
+    workdir>`` (configs/blip2.py).
 
-    batch = dict(tokens i32[B, T], source_index i32[B]) (T = ``model.lm.max_positions``; the
+    OPT: batch = dict(tokens i32[B, T], source_index i32[B]) (T = ``model.lm.max_positions``; the
     index of the document's kind in ``data.text.mixture``); loss = next-token cross-entropy on
-    every real token; metrics per kind (``<kind>/loss``, ``<kind>/accuracy``).
-    Parameters: ``lm/...`` (`DecoderLM`), the subtree stage 2 restores. Tokenizer: the word
+    every real token. T5 (the prefix-LM split of stage 2: context + ``<bos>`` + prompt in the
+    encoder, the rest generated): batch = dict(enc_tokens i32[B, Te], tokens i32[B, Td],
+    source_index) (Te = ``model.lm.max_positions``, Td = ``data.max_caption_len`` + 2); loss =
+    cross-entropy of the decoder's ``tokens`` (decoder input: the start id 0, then ``tokens``
+    shifted right). Metrics per kind (``<kind>/loss``, ``<kind>/accuracy``).
+    Parameters: ``lm/...`` (`DecoderLM` / `T5`), the subtree stage 2 restores. Tokenizer: the word
     vocabulary of the training captions, questions, answers and the VQA prompt, saved as
     ``vocab.json`` (stage 2 loads it from there).
     """
@@ -635,6 +648,8 @@ class Blip2TextLMTask(Task):
         super().__init__(config, workdir=workdir, mesh=mesh)
         self._tokenizer = self._model = None
         self.seq_len = int(config.model.lm.max_positions)
+        self.seq2seq = config.model.stage == "t5_text"
+        self.target_len = int(config.data.max_caption_len) + 2 if self.seq2seq else 0
         self.kinds = tuple(k for k in config.data.text.mixture if float(config.data.text.mixture[k]) > 0)
 
     @property
@@ -664,15 +679,17 @@ class Blip2TextLMTask(Task):
     def model(self):
         if self._model is None:
             from vlm_jax.layers.decoder_lm import DecoderLM
-            self._model = DecoderLM(lm_config(self.config, self.tokenizer.vocab_size, 0),
-                                    dtype=_dtype(self.config.train.dtype, "train.dtype"))
+            from vlm_jax.layers.t5 import T5
+            cls = T5 if self.seq2seq else DecoderLM
+            self._model = cls(lm_config(self.config, self.tokenizer.vocab_size, 0),
+                              dtype=_dtype(self.config.train.dtype, "train.dtype"))
         return self._model
 
     def prepare(self) -> None:
         _ = self.model
 
     def checkpoint_meta(self) -> dict:
-        return {"vocab_size": int(self.tokenizer.vocab_size), "stage": "opt_text"}
+        return {"vocab_size": int(self.tokenizer.vocab_size), "stage": self.config.model.stage}
 
     def sources(self, split: str = "train") -> dict:
         from vlm_jax.data.context_text import ContextTextSource
@@ -684,7 +701,8 @@ class Blip2TextLMTask(Task):
         return {k: ContextTextSource(k, meta.captions, meta.questions, tokenizer=self.tokenizer,
                                      template=self.qa_template, max_tokens=self.seq_len,
                                      num_docs=int(self.config.data.text.num_docs), seed=int(self.config.seed),
-                                     evidence=evidence)
+                                     evidence=evidence, layout="seq2seq" if self.seq2seq else "decoder",
+                                     max_target_tokens=self.target_len)
                 for k in self.kinds}
 
     def train_iterator(self, *, process_index=None, process_count=None):
@@ -696,20 +714,36 @@ class Blip2TextLMTask(Task):
                                      process_count=process_count, worker_count=int(self.config.data.worker_count))
 
     def example_batch(self, batch_size: int):
+        if self.seq2seq:
+            return {"enc_tokens": np.zeros((batch_size, self.seq_len), np.int32),
+                    "tokens": np.zeros((batch_size, self.target_len), np.int32),
+                    "source_index": np.zeros((batch_size,), np.int32)}
         return {"tokens": np.zeros((batch_size, self.seq_len), np.int32),
                 "source_index": np.zeros((batch_size,), np.int32)}
 
     def init(self, rng, batch):
         tokens = jnp.asarray(batch["tokens"])
-        return {"params": {LM: self.model.init({"params": rng}, tokens)["params"]}, "model_state": {}}
+        args = (jnp.asarray(batch["enc_tokens"]), tokens) if self.seq2seq else (tokens,)
+        return {"params": {LM: self.model.init({"params": rng}, *args)["params"]}, "model_state": {}}
 
     def loss_fn(self, params, model_state, batch, rng, *, train):
+        from vlm_jax.models.blip2 import Blip2LMConfig
         from vlm_jax.objectives.captioning import masked_cross_entropy
-        tokens = batch["tokens"]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        valid = targets != self.tokenizer.pad_id
-        out = self.model.apply({"params": params[LM]}, inputs, attention_mask=inputs != self.tokenizer.pad_id,
-                               deterministic=not train, rngs={"dropout": rng} if train else {})
+        pad, tokens = self.tokenizer.pad_id, batch["tokens"]
+        kw = dict(deterministic=not train, rngs={"dropout": rng} if train else {})
+        if self.seq2seq:
+            # as stage 2's T5 path (Blip2LMModel.text_logits): decoder [start; text[:-1]] predicts text
+            enc, targets = batch["enc_tokens"], tokens
+            valid = targets != pad
+            start = jnp.full((tokens.shape[0], 1), Blip2LMConfig.decoder_start_id, tokens.dtype)
+            dec_in = jnp.concatenate([start, tokens[:, :-1]], axis=1)
+            dec_mask = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid[:, :-1]], axis=1)
+            out = self.model.apply({"params": params[LM]}, enc, dec_in, attention_mask=enc != pad,
+                                   decoder_mask=dec_mask, **kw)
+        else:
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            valid = targets != pad
+            out = self.model.apply({"params": params[LM]}, inputs, attention_mask=inputs != pad, **kw)
         x = masked_cross_entropy(out.logits, targets, valid)
         metrics = {"loss": x.loss, "accuracy": x.accuracy, "num_tokens": x.num_tokens}
         for i, k in enumerate(self.kinds):       # per kind (source_index follows self.kinds)
@@ -732,6 +766,6 @@ def _with_data(config, **fields):
 def make_task(config, *, workdir=None, mesh=None) -> Blip2Task:
     if config.model.stage == "qformer":
         return Blip2Task(config, workdir=workdir, mesh=mesh)
-    if config.model.stage == "opt_text":
+    if config.model.stage in TEXT_STAGES:
         return Blip2TextLMTask(config, workdir=workdir, mesh=mesh)
     return Blip2GenerationTask(config, workdir=workdir, mesh=mesh)

@@ -225,12 +225,18 @@ class SATTask(ImageCaptionTask):
         if self.hard:
             baseline = model_state[BASELINE_KEY]
             if train:
-                reward = captioning.caption_log_likelihood(xent.nll)
+                if mcfg.get("hard_reward", "caption") == "to_go":
+                    # per step: r_bt = sum_{t' >= t} gamma^(t'-t) log p(y_bt'), the words s_t can change
+                    gamma = float(mcfg.get("hard_reward_discount", 1.0))
+                    reward_of = lambda nll: captioning.reward_to_go(nll, gamma)    # [B, T]
+                else:
+                    reward_of = captioning.caption_log_likelihood                   # the paper: [B]
+                reward = reward_of(xent.nll)
                 reference = None
                 if with_reference:
                     # r^_b = log p(y_b | expected context at every step): same annotations and dropout
                     # masks as the main pass (one encoder forward); no gradient
-                    reference = jax.lax.stop_gradient(captioning.caption_log_likelihood(
+                    reference = jax.lax.stop_gradient(reward_of(
                         captioning.masked_cross_entropy(outputs["reference_logits"], targets, mask).nll))
                 rf = captioning.reinforce_hard_attention(
                     reward, outputs["sample_logp"], mask, baseline,
@@ -245,7 +251,11 @@ class SATTask(ImageCaptionTask):
             loss = loss + reinforce - sched.entropy_weight * entropy
             if train:
                 n_sampled = jnp.maximum(jnp.sum(outputs["sampled"]), 1)
-                metrics["advantage_abs"] = jnp.sum(jnp.abs(rf.advantage) * outputs["sampled"]) / n_sampled
+                adv = rf.advantage                                                  # [B] or [B, T]
+                if adv.ndim == 2:   # per-step rewards: each caption's mean |A_t| over its tokens
+                    m = mask.astype(jnp.float32)
+                    adv = jnp.sum(jnp.abs(adv) * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+                metrics["advantage_abs"] = jnp.sum(jnp.abs(adv) * outputs["sampled"]) / n_sampled
             metrics.update(reinforce=reinforce, entropy=entropy, baseline=baseline,
                            expectation_prob=sched.expectation_prob, entropy_weight=sched.entropy_weight)
         metrics["loss"] = loss
@@ -317,6 +327,17 @@ def validate(config) -> None:
 
     check_choice(config, "model.attention", ("soft", "hard"))
     check_choice(config, "model.hard_baseline", ("moving_average", "expectation"))
+    if "hard_reward" in config.model:   # (run configs written before these keys existed lack them)
+        check_choice(config, "model.hard_reward", ("caption", "to_go"))
+        gamma = float(config.model.get("hard_reward_discount", 1.0))
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"config.model.hard_reward_discount={gamma!r} must lie in [0, 1] "
+                              "(1 = the unbiased reward-to-go).")
+        if (config.model.attention == "hard" and config.model.hard_reward == "to_go"
+                and config.model.hard_baseline != "expectation" and int(config.model.hard_samples) <= 1):
+            raise ConfigError("model.hard_reward='to_go' scores each step with its own reward, which the "
+                              "scalar moving-average baseline cannot centre; set "
+                              "--config.model.hard_baseline=expectation or --config.model.hard_samples=K (K > 1).")
     check_choice(config, "model.hard_decode", ("expectation", "argmax"))
     check_positive(config, "model.position_dim", allow_zero=True)
     pdim = int(config.model.position_dim) or int(config.model.annotation_dim)
