@@ -365,6 +365,13 @@ def test_reward_to_go_and_per_step_reinforce():
     np.testing.assert_allclose(np.asarray(g)[0], [0.2, 0.4, 0.2, 0.0], rtol=1e-6)
     # the running baseline still tracks the caption log-likelihood r_b0: 0.5 * -1 + 0.5 * mean(-7, -1)
     np.testing.assert_allclose(float(res.new_baseline), -2.5, rtol=1e-6)
+    # with a discount, r_b0 is no longer log p(y): the caller passes the caption's own
+    disc = captioning.reinforce_hard_attention(captioning.reward_to_go(nll, 0.5), logp, mask, jnp.float32(-1.0),
+                                               decay=0.5, normalizer=jnp.float32(5.0),
+                                               reference=captioning.reward_to_go(nll, 0.5),
+                                               caption_reward=captioning.caption_log_likelihood(nll))
+    np.testing.assert_allclose(float(disc.new_baseline), -2.5, rtol=1e-6)
+    assert float(disc.loss) == 0.0                    # reward == reference: no advantage anywhere
     # leave-one-out per step: 2 copies of caption 0 -> each step's advantage is r_t minus the other's r_t
     two = jnp.stack([reward[0], reference[0]])
     loo = captioning.reinforce_hard_attention(two, logp[:1].repeat(2, 0), mask[:1].repeat(2, 0), jnp.float32(0.0),
@@ -385,9 +392,18 @@ def test_hard_reward_to_go_config_trains_and_is_checked(hard):
                              has_aux=True)(variables["params"])
     assert np.isfinite(float(m["reinforce"])) and float(m["advantage_abs"]) > 0
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    # the same rng and samples scored the paper's way give another REINFORCE term
+    paper = sat_task.make_task(tiny_config(model__attention="hard", model__hard_baseline="expectation",
+                                           model__hard_sample_fraction=0.0))
+    _, (mp, _) = paper.loss_fn(variables["params"], variables["model_state"], batch, jax.random.key(1), train=True)
+    assert float(mp["xent"]) == float(m["xent"]) and float(mp["reinforce"]) != float(m["reinforce"])
     from vlm_jax.config_lib import ConfigError
     with pytest.raises(ConfigError, match="hard_baseline=expectation"):
         sat_task.validate(tiny_config(model__attention="hard", model__hard_reward="to_go"))
+    with pytest.raises(ConfigError, match="hard_sample_fraction=0"):   # K copies, but some may not sample
+        sat_task.validate(tiny_config(model__attention="hard", model__hard_reward="to_go", model__hard_samples=4))
+    sat_task.validate(tiny_config(model__attention="hard", model__hard_reward="to_go", model__hard_samples=4,
+                                  model__hard_sample_fraction=0.0))
     with pytest.raises(ConfigError, match="hard_reward_discount"):
         sat_task.validate(tiny_config(model__attention="hard", model__hard_reward="to_go",
                                        model__hard_baseline="expectation", model__hard_reward_discount=1.5))

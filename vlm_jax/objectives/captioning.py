@@ -95,7 +95,8 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
                              baseline: jax.Array, *, decay: float, normalizer: jax.Array,
                              sampled: jax.Array | None = None,
                              reference: jax.Array | None = None,
-                             samples_per_caption: int = 1) -> ReinforceResult:
+                             samples_per_caption: int = 1,
+                             caption_reward: jax.Array | None = None) -> ReinforceResult:
     """REINFORCE term of hard ("stochastic") attention (paper eq. 11-12) with a moving-average baseline.
 
     The paper's gradient for one caption with sampled locations s~ is
@@ -131,9 +132,11 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     Per-step rewards (`reward_to_go`, `model.hard_reward='to_go'`; not in the paper): reward and
     reference f32[B, T], step t's sample scored with its own advantage r_bt - (baseline of step
     t): loss = -sum_bt stop_grad(A_bt) m_bt log alpha_{t, s_bt} / normalizer. The leave-one-out
-    baseline then averages the other copies' r_bt step by step; the scalar b (which tracks
-    r_b0, the caption's log-likelihood) is not a per-step baseline, so per-step rewards need a
-    reference or K > 1 (each row is then a copy with another sampled copy or a reference).
+    baseline then averages the other copies' r_bt step by step. The scalar b tracks the
+    caption's log-likelihood (`caption_reward` f32[B], default r_b0, which is that only with
+    discount 1) and is not a per-step baseline: per-step rewards need a reference, or K > 1 with
+    every copy sampling (a sampled copy with no other sampled copy and no reference falls back to
+    r_bt - b, unbiased but not centred; `tasks.sat.validate` refuses configs that allow it).
 
     reward f32[B] | f32[B, T], sample_logp f32[B, T] (0 where no location was sampled), mask
     bool[B, T], baseline f32[], sampled bool[B] | None, reference like reward | None ->
@@ -176,7 +179,9 @@ def reinforce_hard_attention(reward: jax.Array, sample_logp: jax.Array, mask: ja
     else:
         logp_s = jnp.sum(logp_steps, axis=-1)                                          # log p(s~ | a)  [B]
         loss = -jnp.sum(advantage * logp_s) / jnp.maximum(normalizer, 1.0)
-    caption_reward = reward[:, 0] if per_step else reward                              # [B]
+    if caption_reward is None:
+        caption_reward = reward[:, 0] if per_step else reward                          # [B]
+    caption_reward = jax.lax.stop_gradient(caption_reward.astype(jnp.float32))
     if sampled is None:
         new_baseline = decay * baseline + (1.0 - decay) * jnp.mean(caption_reward)
     else:

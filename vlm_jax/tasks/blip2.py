@@ -300,6 +300,9 @@ def validate(config) -> None:
     if config.model.stage in TEXT_STAGES:
         check_positive(config, "model.lm.width", "model.lm.num_layers", "model.lm.num_heads", "model.lm.mlp_dim",
                        "model.lm.max_positions", "data.text.num_docs")
+        if int(config.model.lm.max_positions) < 4:
+            raise ConfigError(f"config.model.lm.max_positions={config.model.lm.max_positions}: a stage-0 document "
+                              "needs at least 4 tokens (context, <bos>, text, <eos>); use e.g. 64.")
         weights = {k: float(config.data.text.mixture[k]) for k in config.data.text.mixture}
         if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ConfigError(f"config.data.text.mixture={weights}: weights must be >= 0 with at least one > 0.")

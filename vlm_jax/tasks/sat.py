@@ -186,7 +186,9 @@ class SATTask(ImageCaptionTask):
         metrics: loss, xent, ds_reg, accuracy, num_tokens, entropy (mean H[alpha_t] over target
         tokens); hard attention also reinforce, baseline (after the update), the scheduled
         expectation_prob and entropy_weight of this update, and (training) advantage_abs, the
-        mean |advantage| of the captions that sampled (how noisy the REINFORCE weights are).
+        mean |advantage| of the captions that sampled (how noisy the REINFORCE weights are; with
+        ``hard_reward='to_go'`` each caption's mean |A_t| over its tokens, so it is not comparable
+        with a 'caption' run's per-caption |A|).
         """
         mcfg = self.config.model
         images, tokens = batch["image"], batch["tokens"]
@@ -242,7 +244,8 @@ class SATTask(ImageCaptionTask):
                     reward, outputs["sample_logp"], mask, baseline,
                     decay=float(mcfg.hard_baseline_decay), normalizer=xent.num_tokens,
                     sampled=outputs["sampled"], reference=reference,
-                    samples_per_caption=samples if train else 1)
+                    samples_per_caption=samples if train else 1,
+                    caption_reward=captioning.caption_log_likelihood(xent.nll))   # b tracks log p(y | s, a)
                 reinforce, baseline = rf.loss, rf.new_baseline
                 new_state[BASELINE_KEY] = baseline
                 new_state[UPDATES_KEY] = model_state[UPDATES_KEY] + 1
@@ -333,11 +336,16 @@ def validate(config) -> None:
         if not 0.0 <= gamma <= 1.0:
             raise ConfigError(f"config.model.hard_reward_discount={gamma!r} must lie in [0, 1] "
                               "(1 = the unbiased reward-to-go).")
-        if (config.model.attention == "hard" and config.model.hard_reward == "to_go"
-                and config.model.hard_baseline != "expectation" and int(config.model.hard_samples) <= 1):
-            raise ConfigError("model.hard_reward='to_go' scores each step with its own reward, which the "
-                              "scalar moving-average baseline cannot centre; set "
-                              "--config.model.hard_baseline=expectation or --config.model.hard_samples=K (K > 1).")
+        m = config.model
+        every_copy_samples = (int(m.hard_samples) > 1 and float(m.hard_sample_fraction) == 0.0
+                              and int(m.hard_expectation_warmup) == 0)
+        if m.attention == "hard" and m.hard_reward == "to_go" and m.hard_baseline != "expectation" \
+                and not every_copy_samples:
+            raise ConfigError("model.hard_reward='to_go' scores each step with its own reward, which the scalar "
+                              "moving-average baseline cannot centre; set --config.model.hard_baseline=expectation, "
+                              "or --config.model.hard_samples=K (K > 1) with --config.model.hard_sample_fraction=0 "
+                              "--config.model.hard_expectation_warmup=0 (every copy samples, so each has others to "
+                              "compare with), or --config.model.hard_reward=caption (the paper's estimator).")
     check_choice(config, "model.hard_decode", ("expectation", "argmax"))
     check_positive(config, "model.position_dim", allow_zero=True)
     pdim = int(config.model.position_dim) or int(config.model.annotation_dim)
