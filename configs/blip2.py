@@ -36,7 +36,8 @@ Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
                     1920 / 1520, the stage-1 optimiser settings.
 
 Shortcut inside the arg: ``stage1=<workdir>`` sets config.init.{vision, ln_vision, qformer} to
-that stage-1 run's final checkpoint (source='checkpoint'); ``lm=<workdir>`` (stage 2, OPT) sets
+that stage-1 run's final checkpoint (source='checkpoint') and builds the tower with that run's
+``model.vision.posemb`` (its config.json); ``lm=<workdir>`` (stage 2, OPT) sets
 config.init.lm to that stage-0 run, reads its LM shape (config.json) and vocabulary (vocab.json)
 and freezes the LM (``model.freeze_lm=True``).
 
@@ -89,7 +90,8 @@ def get_config(arg=None):
     # (qa_context 2 and 8000 steps: the caption-in-context answers of the README's probe, 0.617 vs 0.447 at 1 / 3000)
     d.text.mixture = ml_collections.ConfigDict(dict(describe=1.0, qa_context=2.0, caption=0.5, qa=0.5))
     # qa_context documents: 'random' = any caption of the image as the context; 'stating' = one that states
-    # the answer where only some do (position / relation; vlm_jax/data/synthetic.py:answer_evidence)
+    # the answer where only some do (position / relation; vlm_jax/data/synthetic.py:answer_evidence); the
+    # lm_*_synthetic variants set 'stating'
     d.text.qa_context_caption = "random"
 
     # ---------------------------------------------------------------- model
@@ -107,8 +109,10 @@ def get_config(arg=None):
     m.vision_dtype = "float32"         # compute dtype of the image tower ('bfloat16' / 'float16' on accelerators)
     m.vision_param_dtype = ""          # storage dtype of the frozen tower ('' = train.param_dtype)
     # Image tower built from config when config.init.vision is not 'hf' (the synthetic variants).
+    # posemb: 'learned' (a pretrained tower's table) | 'sincos2d' (fixed 2-D code; the synthetic variants, whose ViT
+    # trains from scratch: with a learned table its features carried no layout, README "Where the layout was lost")
     m.vision = ml_collections.ConfigDict(dict(patch_size=8, width=96, num_layers=3, num_heads=4, mlp_dim=192,
-                                              preset=""))   # preset: 'eva_vit_g14' | 'clip_vit_l14' | ...
+                                              preset="", posemb="learned"))   # preset: 'eva_vit_g14' | 'clip_vit_l14' | ...
     # Stage 2 (model.stage 'opt' | 't5'): the LM, built from model.lm when config.init.lm is not 'hf'.
     # max_positions: 0 = prefix + max_caption_len + 4 (what the captions need)
     m.lm = ml_collections.ConfigDict(dict(width=96, num_layers=2, num_heads=4, mlp_dim=192, max_positions=0))
@@ -202,6 +206,7 @@ def get_config(arg=None):
 
     if variant in SYNTHETIC:
         m.freeze_vision = False        # deviation: no pretrained image tower offline (see the docstring)
+        m.vision.posemb = "sincos2d"   # the from-scratch ViT's layout (README, BLIP-2: where the layout was lost)
         m.embed_dim = 64
         q.num_queries = 8
         q.width, q.num_layers, q.num_heads, q.mlp_dim = 96, 2, 4, 192
@@ -287,6 +292,9 @@ def get_config(arg=None):
     if variant in ("lm_opt_synthetic", "lm_t5_synthetic"):
         # stage 0: the OPT-shaped decoder / T5 alone, text only (vlm_jax/data/context_text.py)
         m.stage = "opt_text" if variant == "lm_opt_synthetic" else "t5_text"
+        # a reading corpus whose contexts state the answer (position / relation), so the stand-in LLM reads layout
+        # from text as a web-pretrained one does (README, BLIP-2: stage 0 with answer-stating contexts)
+        d.text.qa_context_caption = "stating"
         m.lm.update(STAGE0_LM if m.stage == "opt_text" else STAGE0_T5)
         o.lr, o.warmup_steps, o.end_lr_fraction, o.weight_decay, o.grad_clip = 1e-3, 100, 0.05, 0.05, 1.0
         t.batch_size = 64
@@ -298,6 +306,9 @@ def get_config(arg=None):
     if stage1:
         for name in ("vision", "ln_vision", "qformer"):
             c.init[name].source, c.init[name].path = "checkpoint", stage1
+        # the tower is restored, so it must be built as stage 1 built it (runs from before the key: 'learned')
+        m.vision.posemb = config_lib.run_config_section(stage1, "model.vision",
+                                                        what=f"configs/blip2.py stage1={stage1}").get("posemb", "learned")
     lm = overrides.pop("lm", "")
     if lm:
         # stage 2 over a stage-0 LM (lm_opt_synthetic / lm_t5_synthetic), frozen as in the paper: its shape comes from

@@ -141,13 +141,16 @@ def test_two_stages_text_lm_then_flamingo_with_it_frozen(data_dir, tmp_path):
     # two sources per stage keep the compiled step small (all three are checked in test_task_batches_and_loss_mask)
     cfg0 = flamingo_config(data_dir, "tiny", model__stage="lm", data__mixture__docs__weight=0, train__num_steps=2)
     train_lib.train(cfg0, lm_dir)
-    cfg1 = flamingo_config(data_dir, f"tiny,lm={lm_dir}", data__mixture__pairs__weight=0, train__num_steps=2)
+    # suite time: fewshot_caption (Java PTB + METEOR for every scoring) has its own end-to-end test
+    # (tests/test_fewshot.py); fewshot_vqa takes the same path through the real eval/train splits
+    cfg1 = flamingo_config(data_dir, f"tiny,lm={lm_dir}", data__mixture__pairs__weight=0, train__num_steps=2,
+                           evals__fewshot_caption__enabled="false")
     metrics = train_lib.train_and_evaluate(cfg1, fl_dir)
-    assert {"fewshot", "caption", "caption_blind", "fewshot_caption", "fewshot_vqa"} <= set(metrics)
+    assert {"fewshot", "caption", "caption_blind", "fewshot_vqa"} <= set(metrics)
+    assert "fewshot_caption" not in metrics
     assert "CIDEr" in metrics["caption"] and "CIDEr" in metrics["caption_blind"] and metrics["fewshot"]
     for sel in ("random", "rices"):
         for k in (0, 1):   # open-ended few-shot generation from the real eval/train splits
-            assert np.isfinite(metrics["fewshot_caption"][f"{sel}/shots_{k}/CIDEr_mean"])
             assert 0.0 <= metrics["fewshot_vqa"][f"{sel}/shots_{k}/accuracy_mean"] <= 1.0
 
     (_, p0), (_, p1) = final_params(cfg0, lm_dir), final_params(cfg1, fl_dir)

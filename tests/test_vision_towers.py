@@ -163,6 +163,37 @@ def test_vit_rejects_wrong_image_size(hf_dirs):
         module.apply(variables, jnp.zeros((1, 48, 48, 3)))
 
 
+def test_sincos2d_position_code_by_hand():
+    """posemb='sincos2d': no pos_embed parameter; the code of patch (row r, column c) is
+    [sin(c w), cos(c w), sin(r w), cos(r w)] at w_i = 10000^(-i/(D/4)) (checked entry by entry on a
+    3 x 3 grid, D = 12), [CLS] gets zeros; every patch of a blank image then comes out different
+    while with a zero learned table all patches are equal; widths not divisible by 4 are refused."""
+    from vlm_jax.layers.vit import ViTConfig, sincos2d_posemb
+    table = np.asarray(sincos2d_posemb(3, 12))
+    assert table.shape == (9, 12)
+    w = 10_000.0 ** (-np.arange(3) / 3)
+    for r in range(3):
+        for c in range(3):
+            want = np.concatenate([np.sin(c * w), np.cos(c * w), np.sin(r * w), np.cos(r * w)])
+            np.testing.assert_allclose(table[3 * r + c], want, atol=1e-6)
+    cfg = dict(image_size=12, patch_size=4, hidden_size=12, num_layers=1, num_heads=3, mlp_dim=20, pool="none")
+    fixed = VisionTransformer(ViTConfig(**cfg, posemb="sincos2d"))
+    blank = jnp.full((1, 12, 12, 3), 0.3)
+    variables = nn.unbox(fixed.init(jax.random.key(0), blank))
+    assert "pos_embed" not in variables["params"]
+    tokens = np.asarray(fixed.apply(variables, blank).features[0, 1:])         # [9, D]
+    assert min(np.abs(tokens[i] - tokens[j]).max() for i in range(9) for j in range(i)) > 1e-3
+    learned = VisionTransformer(ViTConfig(**cfg))
+    lv = nn.unbox(learned.init(jax.random.key(0), blank))
+    lv = {"params": {**lv["params"], "pos_embed": jnp.zeros_like(lv["params"]["pos_embed"])}}
+    flat = np.asarray(learned.apply(lv, blank).features[0, 1:])
+    np.testing.assert_allclose(flat, np.broadcast_to(flat[:1], flat.shape), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ViTConfig(**{**cfg, "hidden_size": 18, "num_heads": 3}, posemb="sincos2d")
+    with pytest.raises(ValueError, match="posemb='rope'"):
+        ViTConfig(**cfg, posemb="rope")
+
+
 # --------------------------------------------------------------------- ResNet parity
 @pytest.mark.parametrize("kind", ["resnet", "resnet_basic"])
 def test_resnet_matches_hf(hf_dirs, kind):

@@ -17,7 +17,8 @@ Images are NHWC ``[B, S, S, C]``, already normalised (mean/std of the checkpoint
 Tokens are ``[CLS, patch_0 .. patch_{P-1}]`` (row-major patches), ``[B, P+1, D]``.
 
 Parameters: ``patch_embed`` (kernel ``[p, p, C, D]`` ('conv_h','conv_w','conv_in','embed'),
-bias ``[D]``), ``cls_token [D]`` ('embed'), ``pos_embed [P+1, D]`` ('positions','embed'),
+bias ``[D]``), ``cls_token [D]`` ('embed'), ``pos_embed [P+1, D]`` ('positions','embed'; absent
+with ``posemb='sincos2d'``, a fixed 2-D sine-cosine code),
 ``pre_norm`` (CLIP), ``encoder`` (`TransformerStack`: ``layers_i`` or scanned ``layers``),
 ``final_norm``, ``pooler`` (dense+tanh pool only).
 """
@@ -35,6 +36,24 @@ from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.layers.transformer import ACT_AXES, BlockConfig, TransformerStack, check_remat_policy
 
 POOLS = ("cls_norm", "dense_tanh", "none")
+POSEMBS = ("learned", "sincos2d")
+
+
+def sincos2d_posemb(side: int, width: int, temperature: float = 10_000.0):
+    """Fixed 2-D sine-cosine position code of a ``side x side`` patch grid -> f32 ``[side*side, width]``,
+    row-major like the patches. A quarter of the channels each: sin / cos of the column index and
+    sin / cos of the row index, at ``width/4`` frequencies ``temperature^(-i/(width/4))`` (the
+    from-scratch ViT of MAE / big_vision). Every entry lies in [-1, 1]; ``width % 4 == 0``."""
+    import numpy as np
+    if width % 4:
+        raise ValueError(f"sincos2d position embeddings need a width divisible by 4; got {width}.")
+    quarter = width // 4
+    freq = temperature ** (-np.arange(quarter) / quarter)                       # [D/4]
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")   # [side, side] each
+    ang_c = cols.reshape(-1, 1) * freq[None]                                     # [P, D/4]
+    ang_r = rows.reshape(-1, 1) * freq[None]
+    table = np.concatenate([np.sin(ang_c), np.cos(ang_c), np.sin(ang_r), np.cos(ang_r)], axis=1)
+    return jnp.asarray(table, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +68,10 @@ class ViTConfig:
     scan_layers: one `nn.scan` over the blocks (params ``encoder/layers`` stacked on a
       leading 'layers' axis) instead of ``encoder/layers_i``.
     remat_policy: see `vlm_jax.layers.transformer.REMAT_POLICIES`.
+    posemb: 'learned' (a ``pos_embed [P+1, D]`` parameter: every pretrained tower) or 'sincos2d'
+      (a fixed `sincos2d_posemb` of the patch grid, zeros for [CLS], no parameter: for towers
+      trained from scratch, whose learned table starts at N(0, 0.02) beside patch embeddings ~10x
+      larger and may never grow; the synthetic BLIP-2 variants, README).
     """
     image_size: int = 224
     patch_size: int = 16
@@ -69,6 +92,7 @@ class ViTConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     implementation: str | None = None
+    posemb: str = "learned"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -79,6 +103,10 @@ class ViTConfig:
                              f"num_heads={self.num_heads}.")
         if self.pool not in POOLS:
             raise ValueError(f"ViTConfig.pool={self.pool!r}; use one of {POOLS}.")
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"ViTConfig.posemb={self.posemb!r}; use one of {POSEMBS}.")
+        if self.posemb == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"ViTConfig.posemb='sincos2d' needs hidden_size divisible by 4; got {self.hidden_size}.")
         check_remat_policy(self.remat_policy, field="ViTConfig.remat_policy")
 
     @property
@@ -142,8 +170,12 @@ class VisionTransformer(nn.Module):
         x = x.reshape(b, -1, d)                                              # [B, P, D]
         cls = self.param("cls_token", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("embed",)),
                          (d,), self.param_dtype)
-        pos = self.param("pos_embed", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("positions", "embed")),
-                         (c.num_patches + 1, d), self.param_dtype)
+        if c.posemb == "learned":
+            pos = self.param("pos_embed", nn.with_logical_partitioning(DEFAULT_KERNEL_INIT, ("positions", "embed")),
+                             (c.num_patches + 1, d), self.param_dtype)
+        else:                                                                # fixed: [CLS] gets zeros
+            grid = sincos2d_posemb(c.image_size // c.patch_size, d)          # [P, D]
+            pos = jnp.concatenate([jnp.zeros((1, d), grid.dtype), grid], axis=0)
         x = jnp.concatenate([jnp.broadcast_to(jnp.asarray(cls, self.dtype), (b, 1, d)), x], axis=1)
         x = x + jnp.asarray(pos, self.dtype)[None]
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)

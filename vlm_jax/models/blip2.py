@@ -423,6 +423,16 @@ def make_language_model(config: Blip2LMConfig, *, dtype: Any = jnp.float32, para
     return cls(config.lm, dtype=dtype, param_dtype=param_dtype, **kw)
 
 
+def shift_right(text, text_mask, start_id: int):
+    """Teacher-forcing decoder input of an encoder-decoder LM: ``text [B, T]`` (right padded,
+    ``text_mask`` bool ``[B, T]``) -> (``[start; text[:, :-1]]`` ``[B, T]``, its mask ``[B, T]``:
+    the start token is always real). Row j of the decoder then predicts ``text[:, j]``."""
+    b = text.shape[0]
+    dec_in = jnp.concatenate([jnp.full((b, 1), start_id, text.dtype), text[:, :-1]], axis=1)
+    dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), jnp.asarray(text_mask).astype(bool)[:, :-1]], axis=1)
+    return dec_in, dec_mask
+
+
 def _check_left_padded(mask, name: str):
     """Raise when a concrete ``mask [B, T]`` has padding in its last column (skipped under jit)."""
     if mask is None:
@@ -543,9 +553,7 @@ class Blip2LMModel(nn.Module):
                                     deterministic=deterministic)
             q = logits.shape[1] - tp - tt
             return logits[:, q + tp - 1:q + tp + tt - 1], tm
-        start = jnp.full((b, 1), self.config.decoder_start_id, text.dtype)
-        dec_in = jnp.concatenate([start, text[:, :-1]], axis=1)
-        dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), tm[:, :-1]], axis=1)
+        dec_in, dec_mask = shift_right(text, tm, self.config.decoder_start_id)
         logits = self.lm_logits(images, prompt, pm, decoder_tokens=dec_in, decoder_mask=dec_mask,
                                 deterministic=deterministic)
         return logits, tm
@@ -603,4 +611,4 @@ def generate(model: Blip2LMModel, params, images, prompt, prompt_mask=None, *, m
                                 decoder_start_id=c.decoder_start_id, **common)
 
 
-__all__ += ["Blip2LMConfig", "Blip2LMModel", "make_language_model", "generate"]
+__all__ += ["Blip2LMConfig", "Blip2LMModel", "make_language_model", "generate", "shift_right"]

@@ -70,7 +70,7 @@ def build_vision(config):
         return VisionTransformer(getattr(vit_lib, v.preset)(image_size=int(config.data.image_size)), dtype=dtype)
     cfg = ViTConfig(image_size=int(config.data.image_size), patch_size=int(v.patch_size), hidden_size=int(v.width),
                     num_layers=int(v.num_layers), num_heads=int(v.num_heads), mlp_dim=int(v.mlp_dim),
-                    norm_eps=1e-6, pool="none")
+                    norm_eps=1e-6, pool="none", posemb=str(v.posemb))
     return VisionTransformer(cfg, dtype=dtype)
 
 
@@ -289,6 +289,12 @@ def validate(config) -> None:
     if not lo <= float(config.model.init_temperature) <= hi:
         raise ConfigError(f"config.model.init_temperature={config.model.init_temperature} must lie in the clamp "
                           f"range [{lo}, {hi}].")
+    from vlm_jax.layers.vit import POSEMBS
+    check_choice(config, "model.vision.posemb", POSEMBS)
+    if config.model.vision.posemb == "sincos2d" and int(config.model.vision.width) % 4:
+        raise ConfigError(f"config.model.vision.posemb='sincos2d' needs model.vision.width divisible by 4; got "
+                          f"{config.model.vision.width}. Use a width like {int(config.model.vision.width) // 4 * 4 + 4} "
+                          "or posemb='learned'.")
     q = config.model.qformer
     if q.width % q.num_heads:
         raise ConfigError(f"config.model.qformer.width={q.width} is not divisible by num_heads={q.num_heads}.")
@@ -730,7 +736,7 @@ class Blip2TextLMTask(Task):
         return {"params": {LM: self.model.init({"params": rng}, *args)["params"]}, "model_state": {}}
 
     def loss_fn(self, params, model_state, batch, rng, *, train):
-        from vlm_jax.models.blip2 import Blip2LMConfig
+        from vlm_jax.models.blip2 import Blip2LMConfig, shift_right
         from vlm_jax.objectives.captioning import masked_cross_entropy
         pad, tokens = self.tokenizer.pad_id, batch["tokens"]
         kw = dict(deterministic=not train, rngs={"dropout": rng} if train else {})
@@ -738,9 +744,7 @@ class Blip2TextLMTask(Task):
             # as stage 2's T5 path (Blip2LMModel.text_logits): decoder [start; text[:-1]] predicts text
             enc, targets = batch["enc_tokens"], tokens
             valid = targets != pad
-            start = jnp.full((tokens.shape[0], 1), Blip2LMConfig.decoder_start_id, tokens.dtype)
-            dec_in = jnp.concatenate([start, tokens[:, :-1]], axis=1)
-            dec_mask = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid[:, :-1]], axis=1)
+            dec_in, dec_mask = shift_right(tokens, valid, Blip2LMConfig.decoder_start_id)
             out = self.model.apply({"params": params[LM]}, enc, dec_in, attention_mask=enc != pad,
                                    decoder_mask=dec_mask, **kw)
         else:
