@@ -36,8 +36,8 @@ Variants (`--config configs/blip2.py:VARIANT[,key=value,...]`):
                     1920 / 1520, the stage-1 optimiser settings.
 
 Shortcut inside the arg: ``stage1=<workdir>`` sets config.init.{vision, ln_vision, qformer} to
-that stage-1 run's final checkpoint (source='checkpoint') and builds the tower with that run's
-``model.vision.posemb`` (its config.json); ``lm=<workdir>`` (stage 2, OPT) sets
+that stage-1 run's final checkpoint (source='checkpoint') and builds the Q-Former with that run's
+shape and the tower with its ``model.vision.posemb`` (its config.json); ``lm=<workdir>`` (stage 2, OPT) sets
 config.init.lm to that stage-0 run, reads its LM shape (config.json) and vocabulary (vocab.json)
 and freezes the LM (``model.freeze_lm=True``).
 
@@ -72,6 +72,8 @@ SYNTHETIC = ("tiny", "stage1_synthetic", "lm_opt_synthetic", "lm_t5_synthetic", 
 # lm=<workdir>). OPT: max_positions = the whole document; T5: the encoder's length (context +
 # prompt), num_layers in each of encoder and decoder (2 + 2 layers ~ the OPT's 4 in parameters)
 STAGE0_LM = dict(width=96, num_layers=4, num_heads=4, mlp_dim=384, max_positions=64)
+# the Q-Former's shape, read back from a stage-1 run by stage1=<workdir>
+QFORMER_SHAPE = ("num_queries", "width", "num_layers", "num_heads", "mlp_dim", "max_positions", "cross_attention_every")
 STAGE0_T5 = dict(width=96, num_layers=2, num_heads=4, mlp_dim=256, max_positions=48)
 
 
@@ -306,9 +308,14 @@ def get_config(arg=None):
     if stage1:
         for name in ("vision", "ln_vision", "qformer"):
             c.init[name].source, c.init[name].path = "checkpoint", stage1
-        # the tower is restored, so it must be built as stage 1 built it (runs from before the key: 'learned')
-        m.vision.posemb = config_lib.run_config_section(stage1, "model.vision",
-                                                        what=f"configs/blip2.py stage1={stage1}").get("posemb", "learned")
+        # the tower and the Q-Former are restored, so they are built as stage 1 built them: the Q-Former's shape and
+        # the ViT's position code (runs from before that key: 'learned') come from the run's config.json
+        what = f"configs/blip2.py stage1={stage1}"
+        m.vision.posemb = config_lib.run_config_section(stage1, "model.vision", what=what).get("posemb", "learned")
+        saved_q = config_lib.run_config_section(stage1, "model.qformer", what=what)
+        for key in QFORMER_SHAPE:
+            if key in saved_q:
+                q[key] = type(q[key])(saved_q[key])
     lm = overrides.pop("lm", "")
     if lm:
         # stage 2 over a stage-0 LM (lm_opt_synthetic / lm_t5_synthetic), frozen as in the paper: its shape comes from

@@ -434,8 +434,8 @@ def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir, tmp_path
 def test_vision_posemb_is_checked_and_follows_the_stage1_run(data_dir, tmp_path):
     """model.vision.posemb: the synthetic variants build their from-scratch ViT with the fixed sincos2d
     code; a wrong name or a width not divisible by 4 is a ConfigError naming the key; stage 2
-    (``stage1=<workdir>``) builds the tower as that run did (its config.json; a run from before the key
-    had the learned table)."""
+    (``stage1=<workdir>``) builds the tower and the Q-Former as that run did (its config.json: posemb,
+    a run from before the key had the learned table; the Q-Former's shape keys)."""
     from vlm_jax.tasks import blip2 as blip2_task
     assert blip2_config(data_dir).model.vision.posemb == "sincos2d"
     with pytest.raises(config_lib.ConfigError, match="model.vision.posemb"):
@@ -447,8 +447,13 @@ def test_vision_posemb_is_checked_and_follows_the_stage1_run(data_dir, tmp_path)
                         ({"posemb": "sincos2d"}, "sincos2d")):
         run = tmp_path / want / str(len(saved))
         run.mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps({"model": {"vision": saved}}))
-        assert blip2_config(data_dir, f"tiny,stage1={run}", model__stage="opt").model.vision.posemb == want
+        (run / "config.json").write_text(json.dumps({"model": {"vision": saved, "qformer": {
+            "num_layers": 3, "cross_attention_every": 1, "dropout": 0.5}}}))
+        c = blip2_config(data_dir, f"tiny,stage1={run}", model__stage="opt")
+        assert c.model.vision.posemb == want
+        # the Q-Former's shape follows the run, its training settings do not
+        assert (c.model.qformer.num_layers, c.model.qformer.cross_attention_every) == (3, 1)
+        assert c.model.qformer.dropout == blip2_config(data_dir).model.qformer.dropout
     with pytest.raises(config_lib.ConfigError, match="stage1=.*cannot read model.vision"):
         blip2_config(data_dir, f"tiny,stage1={tmp_path / 'nowhere'}", model__stage="opt")
 
