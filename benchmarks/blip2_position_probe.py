@@ -168,10 +168,13 @@ def main(argv=None):
                 j = perm[lo:lo + bs]
                 ps, opt_state = step_fn(ps, opt_state, jnp.asarray(feats_tr[idx_tr[j]]), jnp.asarray(cond_tr[j]),
                                         jnp.asarray(y_tr[j]))
-        acc = lambda f, i, c, y: float(np.mean(np.concatenate([                              # noqa: E731
-            np.asarray(predict(ps, jnp.asarray(f[i[lo:lo + 512]]), jnp.asarray(c[lo:lo + 512])))
-            for lo in range(0, len(y), 512)]) == y))
-        return acc(feats_tr, idx_tr, cond_tr, y_tr), acc(feats_te, idx_te, cond_te, y_te)
+        def accuracy(feats, idx, cond, y, chunk=512):
+            """Share of objects whose position the probe names, predicted in chunks of objects."""
+            pred = [np.asarray(predict(ps, jnp.asarray(feats[idx[lo:lo + chunk]]), jnp.asarray(cond[lo:lo + chunk])))
+                    for lo in range(0, len(y), chunk)]
+            return float(np.mean(np.concatenate(pred) == y))
+
+        return accuracy(feats_tr, idx_tr, cond_tr, y_tr), accuracy(feats_te, idx_te, cond_te, y_te)
 
     rows = [("blind (colour + shape one-hot only)", "blind", "vit"),
             ("control: vit features + each token's grid row/column, attention probe", "attn", "vit+grid"),
