@@ -48,6 +48,27 @@ def test_wrong_type_names_key_and_type():
         load(model__gate="maybe")
 
 
+def test_optimizer_groups_from_the_command_line():
+    """--config.optim.groups.<name>.<field>=v creates the group with ParamGroup's defaults for the other
+    fields; its fields keep their types; an unknown field or a group without a pattern is refused."""
+    import dataclasses
+
+    from vlm_jax import optim
+    defaults = {f.name: f.default for f in dataclasses.fields(optim.ParamGroup) if f.name != "name"}
+    assert config_lib.OPEN_SECTIONS["optim.groups"] == dict(defaults, pattern="")
+    c = load(**{"optim__groups__slow__pattern": "encoder/.*", "optim__groups__slow__lr_mult": "0.1",
+                "optim__groups__cold__pattern": "decoder/embed/.*", "optim__groups__cold__trainable": "false"})
+    got = {g.name: g for g in optim.groups_from_config(c)}
+    assert got["slow"] == optim.ParamGroup("slow", pattern="encoder/.*", lr_mult=0.1)
+    assert got["cold"] == optim.ParamGroup("cold", pattern="decoder/embed/.*", trainable=False)
+    with pytest.raises(ConfigError, match=r"optim.groups.slow.speed.*fields \['dtype', 'lr_mult'"):
+        load(optim__groups__slow__speed=2)
+    with pytest.raises(ConfigError, match=r"'optim.groups.slow.lr_mult'.*must be a number"):
+        load(optim__groups__slow__pattern="x", optim__groups__slow__lr_mult="fast")
+    with pytest.raises(ConfigError, match=r"optim.groups.slow.pattern is empty"):
+        optim.groups_from_config(load(optim__groups__slow__lr_mult=0.5))
+
+
 def test_unknown_variant():
     with pytest.raises(ConfigError, match=r"unknown config variant 'huge'.*tiny"):
         load("huge")

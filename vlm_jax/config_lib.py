@@ -107,11 +107,38 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
                       f"(current value {current!r}); e.g. --config.{key}={current!r}.")
 
 
+# Sections whose entries the command line may create: 'optim.groups.<name>.<field>=value' adds the group <name> with
+# these fields (vlm_jax/optim.py ParamGroup's defaults; its pattern must then be given).
+OPEN_SECTIONS = {"optim.groups": dict(pattern="", trainable=True, lr_mult=1.0, weight_decay=True, dtype="")}
+
+
+def _open_entry(config: ml_collections.ConfigDict, parts: list[str]) -> None:
+    """Create the entry that 'section.<name>.<field>' names in an `OPEN_SECTIONS` section, if it is missing."""
+    for section, fields in OPEN_SECTIONS.items():
+        head = section.split(".")
+        if len(parts) != len(head) + 2 or parts[:len(head)] != head:
+            continue
+        node = config
+        for p in head:
+            if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+                return
+            node = node[p]
+        name, field = parts[len(head)], parts[-1]
+        if name in node:
+            return
+        if field not in fields:
+            raise ConfigError(f"unknown config key {'.'.join(parts)!r}: an entry of {section} has the fields "
+                              f"{sorted(fields)}.")
+        node[name] = ml_collections.ConfigDict(dict(fields))
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]) -> None:
-    """Apply 'a.b=value' overrides with the type of the existing field."""
+    """Apply 'a.b=value' overrides with the type of the existing field ('optim.groups.<name>.<field>' may name a
+    new group: `OPEN_SECTIONS`)."""
     for key, raw in overrides.items():
         node, *_ = config, None
         parts = key.split(".")
+        _open_entry(config, parts)
         for p in parts[:-1]:
             if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
                 raise ConfigError(f"unknown config key {key!r}: {p!r} is not a section; "
