@@ -1,0 +1,90 @@
+"""Does a stage-2 BLIP-2 run's soft prefix tell its LM where each object is? Teacher-forced position
+words of the synthetic set's location captions, with the right image and with another image.
+
+Every test image of the synthetic set has one caption that places each object ("a large red circle
+at the top left, a small blue square in the center, ..."). The stage-2 model reads that caption
+teacher-forced after its image prefix (as in training); at every position word of it (top, middle,
+bottom, left, center, right) we take the LM's choice among those six words, and, as a control of the
+probe, at every colour word its choice among the colours. The same captions are
+read again with each image's prefix swapped for the next test image's ("shuffled"): what the text
+before the word and the LM's prior give. A prefix that carries the layout scores above shuffled;
+VQA 'position' questions then depend on whether the LM can also *answer* from it.
+
+    python benchmarks/blip2_caption_position_probe.py --workdir runs/blip2_opt_frozen \\
+        --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1,lm=runs/blip2_lm
+
+Reads the latest checkpoint, writes nothing; prints one table.
+"""
+import argparse
+import os
+import re
+import sys
+
+POSITION_WORDS = ("top", "middle", "bottom", "left", "center", "right")
+LOCATED = re.compile(r"\b(at|on|in) the (top|middle|bottom|left|center|right)\b")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default="configs/blip2.py:stage2_opt_synthetic")
+    p.add_argument("--batch_size", type=int, default=100)
+    args, rest = p.parse_known_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import hardware, restore_run
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
+    if not cfg.model.stage.startswith(("opt", "t5")) or cfg.model.stage.endswith("_text"):
+        raise SystemExit(f"--config {args.config}: a stage-2 run (model.stage 'opt' or 't5') is needed, "
+                         f"not model.stage={cfg.model.stage!r}.")
+    from vlm_jax.data import pipeline, synthetic
+    from vlm_jax.models.blip2 import Blip2LMModel
+    params = state.full_params()
+    tok = task.tokenizer
+
+    def word_ids(words):
+        pieces = {w: tok.encode(w, add_special_tokens=False) for w in words}
+        if any(len(v) != 1 for v in pieces.values()):
+            raise SystemExit(f"the run's tokenizer splits a word into several tokens ({pieces}); this probe "
+                             "scores one-token words (the synthetic set's word vocabulary).")
+        return np.array([v[0] for v in pieces.values()])
+
+    # position words, and as a control the colour words of the same captions (a prefix that names the objects'
+    # colours scores above shuffled there)
+    word_sets = {"position": word_ids(POSITION_WORDS), "colour (control)": word_ids(synthetic.COLORS)}
+    logits_fn = jax.jit(lambda im, pr, pm, tx, tm: task.model.apply(
+        {"params": params}, im, pr, pm, tx, tm, method=Blip2LMModel.text_logits)[0])
+
+    es = pipeline.load_eval_split(cfg, tok, "test")
+    images, captions = [], []
+    for batch in es.batches(args.batch_size):
+        for k, image_id in enumerate(batch["image_id"][batch["valid"]].tolist()):
+            located = [c for c in es.references[int(image_id)] if LOCATED.search(c)]
+            if located:
+                images.append(batch["image"][k])
+                captions.append(located[0])
+    length = int(cfg.data.max_caption_len) + 2
+    tokens = np.stack([tok.encode_padded(c, length) for c in captions])
+    images = np.stack(images)
+    prompt, pm, text, tm = (np.asarray(x) for x in task._split(jnp.asarray(tokens)))
+    logits = {}
+    for name, shift in (("right image", 0), ("shuffled (the next image's prefix)", 1)):
+        parts = [np.asarray(logits_fn(np.roll(images, shift, axis=0)[lo:lo + args.batch_size],
+                                      *(x[lo:lo + args.batch_size] for x in (prompt, pm, text, tm))))
+                 for lo in range(0, len(images), args.batch_size)]
+        logits[name] = np.concatenate(parts)
+    print(f"\n{args.workdir} step {step}; {hardware()}; {len(captions)} location captions")
+    print("| words (choice among the set) | count | most frequent | right image | shuffled (the next image's prefix) |")
+    print("|---|---|---|---|---|")
+    for kind, ids in word_sets.items():
+        where = np.isin(text, ids) & tm
+        prior = np.unique(text[where], return_counts=True)[1].max() / where.sum()
+        acc = {name: float((ids[np.argmax(lg[..., ids], axis=-1)] == text)[where].mean()) for name, lg in logits.items()}
+        print(f"| {kind} | {int(where.sum())} | {prior:.3f} | " + " | ".join(f"{a:.3f}" for a in acc.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
