@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 
 import ml_collections
@@ -340,6 +341,27 @@ def test_blind_changes_images_not_captions(pipe_dir, tok):
             next(blind), next(seeing)
     # fresh random images per epoch: most captions met two different images in two epochs
     assert sum(len(v) == 2 for v in paired.values()) > len(paired) // 2
+
+
+def test_caption_pattern_trains_on_the_matching_captions_only(pipe_dir, tok):
+    """config.data.caption_pattern: an epoch is exactly the training pairs whose caption the expression finds."""
+    located = r"\b(at|on|in) the (top|middle|bottom|left|center|right)\b"
+    cfg = data_config(pipe_dir, caption_pattern=located)
+    ds = pipeline.get_dataset(cfg.data)
+    prep = pipeline.ImagePreprocessor(S, cfg.data.mean, cfg.data.std)
+    src, meta = ds.source("train"), ds.meta("train")
+    want = {pair_key(prep(src[r]["image"]), tok.encode_padded(c, cfg.data.max_caption_len + 2))
+            for r, caps in enumerate(meta.captions) for c in caps if re.search(located, c)}
+    assert 16 <= len(want) < 96              # every image has a located caption; the others are left out
+    it = pipeline.make_train_iterator(cfg, tok, process_index=0, process_count=1)
+    n = len(want) // 8                       # whole batches within the first epoch
+    got = [pair_key(i, t) for b in (next(it) for _ in range(n)) for i, t in zip(b["image"], b["tokens"])]
+    assert set(got) <= want and len(set(got)) == len(got) == 8 * n
+    with pytest.raises(ValueError, match=r"caption_pattern='\(unclosed'.*not a regular expression"):
+        pipeline.validate_data_config(data_config(pipe_dir, caption_pattern="(unclosed").data)
+    with pytest.raises(ValueError, match=r"caption_pattern='zebra'.*finds none of the 96"):
+        pipeline.make_train_iterator(data_config(pipe_dir, caption_pattern="zebra"), tok, process_index=0,
+                                     process_count=1)
 
 
 def test_eval_split(pipe_dir, tok):

@@ -33,6 +33,7 @@ def caption_data(**overrides) -> ml_collections.ConfigDict:
     d.vocab_min_count = 1
     d.vocab_max_size = 10000
     d.blind = False                    # blind baseline: every caption paired with a random other image
+    d.caption_pattern = ""             # regex: train only on the captions it finds ('' = all; a diagnostic)
     d.worker_count = 0
     d.mean = (0.5, 0.5, 0.5)
     d.std = (0.25, 0.25, 0.25)

@@ -19,6 +19,9 @@ Config fields read (all under `config.data`; the pipeline modules read the rest)
   vocab_min_count: int  a word needs this many training occurrences to enter the vocabulary
   vocab_max_size: int   cap on the vocabulary size including the 4 specials (0 = no cap)
   blind: bool           blind baseline (see vlm_jax/data/train_input.py BlindImage)
+  caption_pattern: str  optional; a regular expression: train only on the captions it finds
+                        (re.search), '' = all (a diagnostic: e.g. the synthetic set's location
+                        captions alone). Evaluation keeps every reference.
   worker_count: int     grain worker processes (0 = in-process; >0 needs a __main__ guard)
   mean, std: tuple[float, float, float]
                         per-channel normalisation on the [0, 1] scale: x = (pixel/255 - mean)/std
@@ -34,6 +37,7 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import time
 from typing import Callable
 
@@ -95,6 +99,13 @@ def validate_data_config(data) -> None:
         bad("vocab_max_size", "must exceed the 4 special tokens (or be 0 for no cap).")
     if not isinstance(data.blind, bool):
         bad("blind", "must be True or False.")
+    if "caption_pattern" in data:
+        if not isinstance(data.caption_pattern, str):
+            bad("caption_pattern", "must be a regular expression string ('' = every caption).")
+        try:
+            re.compile(data.caption_pattern)
+        except re.error as e:
+            bad("caption_pattern", f"is not a regular expression ({e}); '' trains on every caption.")
     for k in ("mean", "std"):
         v = tuple(data[k])
         if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):

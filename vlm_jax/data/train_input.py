@@ -12,6 +12,7 @@ batching.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Sequence
 
 import grain.python as grain
@@ -97,6 +98,24 @@ class CaptionPairSource(grain.RandomAccessDataSource):
                 f"blind={self._blind})")
 
 
+def select_captions(captions: Sequence[Sequence[str]], pattern: str, name: str = "") -> list[list[str]]:
+    """Each record's captions that ``pattern`` finds (``re.search``); all of them for ''.
+
+    Records left with none drop out of training (their images are not paired). ValueError,
+    naming ``config.data.caption_pattern``, when no caption of the split matches."""
+    if not pattern:
+        return [list(c) for c in captions]
+    rx = re.compile(pattern)
+    kept = [[c for c in caps if rx.search(c)] for caps in captions]
+    n_kept, n_all = sum(map(len, kept)), sum(map(len, captions))
+    if n_kept == 0:
+        raise ValueError(f"config.data.caption_pattern={pattern!r} finds none of the {n_all} training captions "
+                         f"of {name}; fix the expression or set it to '' (every caption).")
+    log.info("config.data.caption_pattern=%r: training on %d of %d captions (%d of %d images).", pattern,
+             n_kept, n_all, sum(1 for c in kept if c), len(kept))
+    return kept
+
+
 def make_caption_pair_iterator(config, tokenizer, *, process_index: int | None = None,
                                process_count: int | None = None) -> grain.DataLoaderIterator:
     """Infinite, checkpointable iterator over this process's (image, caption) batches.
@@ -115,7 +134,8 @@ def make_caption_pair_iterator(config, tokenizer, *, process_index: int | None =
     meta = ds.meta("train")
     images = ds.images("train")
     preprocess = preprocessor_for(data)
-    pairs = CaptionPairSource(images, meta.captions, meta.image_ids, tokenizer,
+    captions = select_captions(meta.captions, data.get("caption_pattern", ""), f"{ds.full_name}:train")
+    pairs = CaptionPairSource(images, captions, meta.image_ids, tokenizer,
                               data.max_caption_len + 2, preprocess, blind=data.blind,
                               name=f"{ds.full_name}:train")
     blind = [BlindImage(images, meta.image_ids, preprocess)] if data.blind else []
