@@ -15,6 +15,11 @@ It reads, frozen:
 Each probe trains on the train split's objects (Adam, fixed epochs, seeded) and is scored on the
 test split's. A representation that does not carry layout scores near ``blind``.
 
+First it prints how sharp the Q-Former's cross-attention is on the test split's one-object images: per
+cross-attention layer, the attention mass on the tokens whose patch holds object pixels, averaged over
+heads x queries, and for the one head/query that puts most there (uniform attention gives the object
+tokens' share of the keys). ``--attention_only`` stops there.
+
     python benchmarks/blip2_position_probe.py --workdir runs/blip2_stage1
     python benchmarks/blip2_position_probe.py --workdir runs/blip2_opt_frozen \\
         --config configs/blip2.py:stage2_opt_synthetic,stage1=runs/blip2_stage1,lm=runs/blip2_lm
@@ -35,6 +40,49 @@ def position_class(bbox) -> int:
     return 3 * row + col
 
 
+def cross_attention_sharpness(cfg, task, params, pipeline):
+    """Prints, per cross-attention layer, the attention mass on the object's tokens of one-object test images."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    es = pipeline.load_eval_split(cfg, task.tokenizer, "test")
+    patch = int(cfg.model.vision.patch_size)
+    images, on_object = [], []
+    for batch in es.batches(100):
+        for k, image_id in enumerate(batch["image_id"][batch["valid"]].tolist()):
+            if len(es.objects[int(image_id)]) != 1:
+                continue
+            x = np.asarray(batch["image"][k])
+            pixels = np.abs(x - x[0, 0]).sum(-1) > 1e-3          # differs from the (uniform) background
+            side = x.shape[0] // patch
+            cells = pixels[:side * patch, :side * patch].reshape(side, patch, side, patch).any((1, 3)).reshape(-1)
+            images.append(x)
+            on_object.append(cells)
+    images, on_object = np.stack(images), np.stack(on_object)                       # [B, S, S, 3], [B, P]
+
+    def image_only_pass(m, im):
+        return m.qformer(m.image_features(im))[0]
+
+    _, inter = task.model.apply({"params": params}, jnp.asarray(images), method=image_only_pass,
+                                capture_intermediates=True)
+    layers = inter["intermediates"]["qformer"]
+    share = on_object.sum(1).mean() / on_object.shape[1]
+    print(f"Q-Former cross-attention on {len(images)} one-object test images (object tokens "
+          f"{on_object.sum(1).mean():.1f} of {on_object.shape[1]} patches: uniform mass {share:.3f})")
+    print("| layer | mass on the object, mean over heads x queries | best head/query per image: mean | median |")
+    print("|---|---|---|---|")
+    for name in sorted((k for k in layers if k.startswith("layers_")), key=lambda k: int(k.split("_")[1])):
+        if "cross_attn" not in layers[name]:
+            continue
+        q = layers[name]["cross_attn"]["query"]["__call__"][0]                     # [B, Q, H, K]
+        k = layers[name]["cross_attn"]["key"]["__call__"][0]                       # [B, Nv, H, K]
+        a = jax.nn.softmax(jnp.einsum("bqhk,bnhk->bhqn", q, k) / np.sqrt(q.shape[-1]), -1)
+        patches = a[..., -on_object.shape[1]:]                                     # drop [CLS] if present
+        mass = np.asarray(jnp.einsum("bhqn,bn->bhq", patches, jnp.asarray(on_object, a.dtype)))
+        best = mass.max(axis=(1, 2))
+        print(f"| {name} | {mass.mean():.3f} | {best.mean():.3f} | {np.median(best):.3f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
@@ -42,6 +90,7 @@ def main(argv=None):
     p.add_argument("--train_images", type=int, default=6000)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention_only", action="store_true", help="print the cross-attention sharpness only")
     args, rest = p.parse_known_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_common import hardware, restore_run
@@ -57,6 +106,10 @@ def main(argv=None):
     feats_fn = jax.jit(lambda x: model.apply({"params": params}, x, method=lambda m, im: m.image_features(im)))
     query_fn = jax.jit(lambda f: model.apply({"params": params}, f, method=lambda m, ff: m.qformer(ff)[0]))
     cond_words = list(synthetic.COLORS) + list(synthetic.SHAPES)
+    print(f"\n{args.workdir} step {step}; {hardware()}")
+    cross_attention_sharpness(cfg, task, params, pipeline)
+    if args.attention_only:
+        return
 
     def gather(split, limit):
         es = pipeline.load_eval_split(cfg, task.tokenizer, split).subset(limit)
@@ -188,7 +241,7 @@ def main(argv=None):
     prior = np.bincount(test[4], minlength=9).max() / len(test[4])
     alone = test[5]
     prior1 = np.bincount(test[4][alone], minlength=9).max() / max(1, alone.sum())
-    print(f"\n{args.workdir} step {step}; {hardware()}; {args.epochs} epochs; test majority class {prior:.3f} "
+    print(f"\n{args.epochs} epochs; test majority class {prior:.3f} "
           f"(one-object images: {int(alone.sum())} objects, majority {prior1:.3f})")
     print("| probe | train accuracy | test accuracy | test, one-object images |\n|---|---|---|---|")
     for name, kind, source in rows:
