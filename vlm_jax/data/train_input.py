@@ -98,13 +98,13 @@ class CaptionPairSource(grain.RandomAccessDataSource):
                 f"blind={self._blind})")
 
 
-def select_captions(captions: Sequence[Sequence[str]], pattern: str, name: str = "") -> list[list[str]]:
-    """Each record's captions that ``pattern`` finds (``re.search``); all of them for ''.
+def select_captions(captions: Sequence[Sequence[str]], pattern: str, name: str = "") -> Sequence[Sequence[str]]:
+    """Each record's captions that ``pattern`` finds (``re.search``); ``captions`` itself for ''.
 
     Records left with none drop out of training (their images are not paired). ValueError,
     naming ``config.data.caption_pattern``, when no caption of the split matches."""
     if not pattern:
-        return [list(c) for c in captions]
+        return captions
     rx = re.compile(pattern)
     kept = [[c for c in caps if rx.search(c)] for caps in captions]
     n_kept, n_all = sum(map(len, kept)), sum(map(len, captions))
