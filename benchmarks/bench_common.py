@@ -1,4 +1,4 @@
-"""Helpers shared by the step benchmarks (flamingo_step.py, blip2_step.py). Import this module
+"""Helpers shared by the step benchmarks (flamingo_step.py, blip2_step.py) and the probes (*_probe.py). Import this module
 before jax / torch: `limit_threads` must size the thread pools before they start."""
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ def hardware() -> str:
         return d.device_kind
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{cpu_model()}, {len(os.sched_getaffinity(0))} threads, load {load:.1f} at start"
+
+
+def probe_run(doc: str, default_config: str, argv=None, add_arguments=None):
+    """The probes' shared command line: ``--workdir`` (a trained run), ``--config`` ('configs/x.py:VARIANT',
+    default ``default_config``) and the run's own ``--config.a.b=v`` overrides, as for eval.py;
+    ``add_arguments(parser)`` adds a probe's own flags. ``doc``: the probe's module docstring (its first
+    paragraph is the --help description). -> (args, config, task, step, state) of the latest checkpoint."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the trained run's workdir")
+    p.add_argument("--config", default=default_config, help="the run's config spec (+ its --config.* overrides)")
+    if add_arguments is not None:
+        add_arguments(p)
+    args, rest = p.parse_known_args(argv)
+    return (args, *restore_run(args.config, args.workdir, rest))
 
 
 def restore_run(config_spec: str, workdir: str, argv_rest):

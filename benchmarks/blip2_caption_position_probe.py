@@ -24,7 +24,6 @@ probe the run's own ``--config.*`` overrides (its Q-Former shape, objectives), a
 
 Reads the latest checkpoint, writes nothing; prints one table.
 """
-import argparse
 import functools
 import os
 import re
@@ -35,18 +34,15 @@ LOCATED = re.compile(r"\b(at|on|in) the (top|middle|bottom|left|center|right)\b"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default="configs/blip2.py:stage2_opt_synthetic")
-    p.add_argument("--batch_size", type=int, default=100)
-    args, rest = p.parse_known_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_common import hardware, restore_run
+    from bench_common import hardware, probe_run
+    args, cfg, task, step, state = probe_run(
+        __doc__, "configs/blip2.py:stage2_opt_synthetic", argv,
+        lambda p: p.add_argument("--batch_size", type=int, default=100))
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
     stage1 = cfg.model.stage == "qformer"
     if not stage1 and (not cfg.model.stage.startswith(("opt", "t5")) or cfg.model.stage.endswith("_text")):
         raise SystemExit(f"--config {args.config}: a stage-1 run (model.stage 'qformer') or a stage-2 run "
@@ -56,6 +52,7 @@ def main(argv=None):
                          f"{cfg.model.objectives!r}); the probe reads its text through the ITG pass.")
     from vlm_jax.data import pipeline, synthetic
     from vlm_jax.models.blip2 import Blip2LMModel, Blip2QFormerModel
+    from vlm_jax.objectives.blip2 import itg_forward
     params = state.full_params()
     tok = task.tokenizer
 
@@ -78,8 +75,7 @@ def main(argv=None):
         """The ITG pass: position t of [DEC] w1 .. predicts t + 1, aligned here with the targets tokens[:, 1:]."""
         call = functools.partial(task.model.apply, {"params": params})
         feats = call(images, method=Blip2QFormerModel.image_features)
-        logits, _ = call(feats, tokens.at[:, 0].set(task.dec_id), tokens != tok.pad_id,
-                         method=Blip2QFormerModel.itg_pass)
+        logits, _ = itg_forward(call, feats, tokens, tokens != tok.pad_id, dec_id=task.dec_id)
         return logits[:, :-1]
 
     logits_fn = jax.jit(itg_logits if stage1 else stage2_logits)

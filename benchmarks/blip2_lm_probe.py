@@ -14,25 +14,22 @@ encoder and generates the answer with its decoder (the prefix-LM split of stage 
 
 Reads the latest checkpoint, writes nothing.
 """
-import argparse
 import os
 import sys
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default="configs/blip2.py:lm_opt_synthetic")
-    p.add_argument("--questions", type=int, default=600)
-    p.add_argument("--max_len", type=int, default=5)
-    args, rest = p.parse_known_args(argv)
+    def flags(p):
+        p.add_argument("--questions", type=int, default=600)
+        p.add_argument("--max_len", type=int, default=5)
+
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_common import restore_run
+    from bench_common import probe_run
+    args, cfg, task, step, state = probe_run(__doc__, "configs/blip2.py:lm_opt_synthetic", argv, flags)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
     from vlm_jax.data import pipeline
     from vlm_jax.data.datasets import get_dataset
     from vlm_jax.evaluation.vqa import vqa_scores

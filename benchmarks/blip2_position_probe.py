@@ -26,7 +26,6 @@ tokens' share of the keys). ``--attention_only`` stops there.
 
 Reads the latest checkpoint, writes nothing; prints one table.
 """
-import argparse
 import os
 import sys
 import time
@@ -84,22 +83,20 @@ def cross_attention_sharpness(cfg, task, params, pipeline):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default="configs/blip2.py:stage1_synthetic")
-    p.add_argument("--train_images", type=int, default=6000)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention_only", action="store_true", help="print the cross-attention sharpness only")
-    args, rest = p.parse_known_args(argv)
+    def flags(p):
+        p.add_argument("--train_images", type=int, default=6000)
+        p.add_argument("--epochs", type=int, default=30)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--attention_only", action="store_true", help="print the cross-attention sharpness only")
+
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_common import hardware, restore_run
+    from bench_common import hardware, probe_run
+    args, cfg, task, step, state = probe_run(__doc__, "configs/blip2.py:stage1_synthetic", argv, flags)
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
     from vlm_jax.data import pipeline, synthetic
     params = state.full_params()
     model = task.model

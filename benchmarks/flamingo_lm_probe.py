@@ -8,22 +8,18 @@ the nonce episodes: accuracy of the next-token prediction of the nonce word, spl
 Episodes are drawn from indices no training step reached (100000 + j); reads the latest checkpoint,
 writes nothing.
 """
-import argparse
 import os
 import sys
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default="configs/flamingo.py:lm_synthetic")
-    p.add_argument("--episodes", type=int, default=64)
-    args, rest = p.parse_known_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_common import restore_run
+    from bench_common import probe_run
+    args, cfg, task, step, state = probe_run(
+        __doc__, "configs/flamingo.py:lm_synthetic", argv,
+        lambda p: p.add_argument("--episodes", type=int, default=64))
     import jax
     import numpy as np
-    cfg, task, step, state = restore_run(args.config, args.workdir, rest)
     params = state.full_params()
     src = task._sources("train")["nonce"]
     tok, words = task.tokenizer, set(task.nonce_pool())

@@ -44,6 +44,15 @@ def parse_objectives(spec) -> tuple[str, ...]:
     return tuple(n for n in OBJECTIVES if n in names)
 
 
+def itg_forward(call, feats, tokens, valid, *, dec_id: int, deterministic: bool = True, rngs=None):
+    """The ITG pass on a stage-1 batch's tokens: ``tokens [B, T]`` come [CLS] first (the ITC / ITM
+    text), and ITG reads them with [DEC] in its place (paper section 3.2). ``call``: the model's
+    ``apply`` bound to its params. -> (text logits f32 ``[B, T, V]``: position t predicts token t + 1,
+    query outputs ``[B, Q, D]``)."""
+    return call(feats, tokens.at[:, 0].set(dec_id), valid, deterministic=deterministic, rngs=rngs or {},
+                method=Blip2QFormerModel.itg_pass)
+
+
 def stage1_loss(model: Blip2QFormerModel, params, batch, rng, *, dec_id: int, pad_id: int,
                 itc_smoothing: float = 0.1, itg_smoothing: float = 0.1, itm_negatives: str = "hard",
                 objectives=OBJECTIVES, train: bool = True):
@@ -72,9 +81,8 @@ def stage1_loss(model: Blip2QFormerModel, params, batch, rng, *, dec_id: int, pa
     # ITG pass; its query outputs also give the ITC image embeddings (else an image-only pass).
     need_sim = "itc" in use or ("itm" in use and itm_negatives == "hard")
     if "itg" in use:
-        dec_tokens = tokens.at[:, 0].set(dec_id)
-        itg_logits, q_out = call(feats, dec_tokens, valid, deterministic=det, rngs=drop(0),
-                                 method=Blip2QFormerModel.itg_pass)           # [B, T, V], [B, Q, D]
+        itg_logits, q_out = itg_forward(call, feats, tokens, valid, dec_id=dec_id, deterministic=det,
+                                        rngs=drop(0))                        # [B, T, V], [B, Q, D]
         img_emb = call(q_out, method=Blip2QFormerModel.project_queries)      # [B, Q, E]
     elif need_sim:
         img_emb, _ = call(feats, deterministic=det, rngs=drop(0), method=Blip2QFormerModel.image_embeds)
