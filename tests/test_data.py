@@ -364,6 +364,23 @@ def test_caption_pattern_trains_on_the_matching_captions_only(pipe_dir, tok):
                                      process_count=1)
 
 
+def test_caption_pattern_repeat_oversamples_and_keeps_the_rest(pipe_dir):
+    """caption_pattern_repeat=n: every caption stays, each one the pattern finds appears n times; 0 is the filter."""
+    from vlm_jax.data.train_input import select_captions
+    caps = [["a red circle at the top", "a red circle"], ["two objects"], ["a cross on the left"]]
+    rx = r"\b(at|on) the (top|left)\b"
+    assert select_captions(caps, rx) == [["a red circle at the top"], [], ["a cross on the left"]]
+    assert select_captions(caps, rx, repeat=3) == [["a red circle at the top"] * 3 + ["a red circle"],
+                                                  ["two objects"], ["a cross on the left"] * 3]
+    assert select_captions(caps, rx, repeat=1) == caps
+    assert select_captions(caps, "", repeat=3) is caps
+    for bad_value, message in ((-1, "must be an int >= 0"), (1.5, "must be an int >= 0"),
+                               (2, "caption_pattern is ''")):
+        cfg = data_config(pipe_dir, caption_pattern="" if bad_value == 2 else rx, caption_pattern_repeat=bad_value)
+        with pytest.raises(ValueError, match=f"caption_pattern_repeat.*{message}"):
+            pipeline.validate_data_config(cfg.data)
+
+
 def test_eval_split(pipe_dir, tok):
     cfg = data_config(pipe_dir)
     ev = pipeline.load_eval_split(cfg, tok, "val")

@@ -34,6 +34,7 @@ def caption_data(**overrides) -> ml_collections.ConfigDict:
     d.vocab_max_size = 10000
     d.blind = False                    # blind baseline: every caption paired with a random other image
     d.caption_pattern = ""             # regex: train only on the captions it finds ('' = all; a diagnostic)
+    d.caption_pattern_repeat = 0       # with caption_pattern: 0 = only those; n >= 1 = every caption, those n times
     d.worker_count = 0
     d.mean = (0.5, 0.5, 0.5)
     d.std = (0.25, 0.25, 0.25)

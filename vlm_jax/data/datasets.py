@@ -22,6 +22,8 @@ Config fields read (all under `config.data`; the pipeline modules read the rest)
   caption_pattern: str  optional; a regular expression: train only on the captions it finds
                         (re.search), '' = all (a diagnostic: e.g. the synthetic set's location
                         captions alone). Evaluation keeps every reference.
+  caption_pattern_repeat: int  optional, default 0: with caption_pattern, 0 trains only on the
+                        captions it finds; n >= 1 trains on every caption, those it finds n times
   worker_count: int     grain worker processes (0 = in-process; >0 needs a __main__ guard)
   mean, std: tuple[float, float, float]
                         per-channel normalisation on the [0, 1] scale: x = (pixel/255 - mean)/std
@@ -106,6 +108,14 @@ def validate_data_config(data) -> None:
             re.compile(data.caption_pattern)
         except re.error as e:
             bad("caption_pattern", f"is not a regular expression ({e}); '' trains on every caption.")
+    if "caption_pattern_repeat" in data:
+        r = data.caption_pattern_repeat
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            bad("caption_pattern_repeat", "must be an int >= 0 (0: only the captions caption_pattern finds; "
+                "n >= 1: every caption, those it finds n times).")
+        elif r and not data.get("caption_pattern", ""):
+            bad("caption_pattern_repeat", f"={r} repeats the captions caption_pattern finds, but caption_pattern "
+                "is ''; set the expression or leave caption_pattern_repeat at 0.")
     for k in ("mean", "std"):
         v = tuple(data[k])
         if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):

@@ -98,21 +98,32 @@ class CaptionPairSource(grain.RandomAccessDataSource):
                 f"blind={self._blind})")
 
 
-def select_captions(captions: Sequence[Sequence[str]], pattern: str, name: str = "") -> Sequence[Sequence[str]]:
-    """Each record's captions that ``pattern`` finds (``re.search``); ``captions`` itself for ''.
+def select_captions(captions: Sequence[Sequence[str]], pattern: str, name: str = "",
+                    repeat: int = 0) -> Sequence[Sequence[str]]:
+    """The training captions under ``config.data.caption_pattern`` / ``caption_pattern_repeat``.
 
-    Records left with none drop out of training (their images are not paired). ValueError,
-    naming ``config.data.caption_pattern``, when no caption of the split matches."""
+    pattern '': ``captions`` itself. Else, with repeat 0, each record's captions that ``pattern``
+    finds (``re.search``); records left with none drop out of training (their images are not
+    paired). With repeat n >= 1, every caption, each one the pattern finds n times (an epoch then
+    holds those pairs n times: oversampling, e.g. the synthetic set's location captions, without
+    dropping the others). ValueError, naming ``config.data.caption_pattern``, when no caption of the
+    split matches."""
     if not pattern:
         return captions
     rx = re.compile(pattern)
-    kept = [[c for c in caps if rx.search(c)] for caps in captions]
-    n_kept, n_all = sum(map(len, kept)), sum(map(len, captions))
-    if n_kept == 0:
+    n_all = sum(map(len, captions))
+    n_found = sum(1 for caps in captions for c in caps if rx.search(c))
+    if n_found == 0:
         raise ValueError(f"config.data.caption_pattern={pattern!r} finds none of the {n_all} training captions "
                          f"of {name}; fix the expression or set it to '' (every caption).")
+    if repeat:
+        kept = [[c for c in caps for _ in range(repeat if rx.search(c) else 1)] for caps in captions]
+        log.info("config.data.caption_pattern=%r, caption_pattern_repeat=%d: %d of %d captions found, %d "
+                 "training pairs.", pattern, repeat, n_found, n_all, sum(map(len, kept)))
+        return kept
+    kept = [[c for c in caps if rx.search(c)] for caps in captions]
     log.info("config.data.caption_pattern=%r: training on %d of %d captions (%d of %d images).", pattern,
-             n_kept, n_all, sum(1 for c in kept if c), len(kept))
+             n_found, n_all, sum(1 for c in kept if c), len(kept))
     return kept
 
 
@@ -134,7 +145,8 @@ def make_caption_pair_iterator(config, tokenizer, *, process_index: int | None =
     meta = ds.meta("train")
     images = ds.images("train")
     preprocess = preprocessor_for(data)
-    captions = select_captions(meta.captions, data.get("caption_pattern", ""), f"{ds.full_name}:train")
+    captions = select_captions(meta.captions, data.get("caption_pattern", ""), f"{ds.full_name}:train",
+                               repeat=data.get("caption_pattern_repeat", 0))
     pairs = CaptionPairSource(images, captions, meta.image_ids, tokenizer,
                               data.max_caption_len + 2, preprocess, blind=data.blind,
                               name=f"{ds.full_name}:train")
