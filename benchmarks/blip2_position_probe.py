@@ -44,6 +44,7 @@ def cross_attention_sharpness(cfg, task, params, pipeline):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from vlm_jax.layers.attention import attention_logits       # the layers' own logits (scale 1/sqrt(K))
     es = pipeline.load_eval_split(cfg, task.tokenizer, "test")
     patch = int(cfg.model.vision.patch_size)
     images, on_object = [], []
@@ -75,7 +76,7 @@ def cross_attention_sharpness(cfg, task, params, pipeline):
             continue
         q = layers[name]["cross_attn"]["query"]["__call__"][0]                     # [B, Q, H, K]
         k = layers[name]["cross_attn"]["key"]["__call__"][0]                       # [B, Nv, H, K]
-        a = jax.nn.softmax(jnp.einsum("bqhk,bnhk->bhqn", q, k) / np.sqrt(q.shape[-1]), -1)
+        a = jax.nn.softmax(attention_logits(q, k, q.shape[-1] ** -0.5), -1)         # [B, H, Q, Nv] (no mask)
         patches = a[..., -on_object.shape[1]:]                                     # drop [CLS] if present
         mass = np.asarray(jnp.einsum("bhqn,bn->bhq", patches, jnp.asarray(on_object, a.dtype)))
         best = mass.max(axis=(1, 2))
