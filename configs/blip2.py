@@ -190,6 +190,7 @@ def get_config(arg=None):
     ec.length_penalty = 0.0
     ec.max_len = 30
     ec.max_examples = 0
+    ec.meteor = True                   # METEOR (a Java process, ~7 s a call on a 2-core CPU); tiny: off
     c.evals.vqa = ev = ml_collections.ConfigDict()         # stage 2: zero-shot VQA (+ the question-only baseline)
     ev.enabled = True
     ev.every = 0
@@ -249,6 +250,7 @@ def get_config(arg=None):
         e.k_test = 4
         e.num_figures = 1
         ev.max_questions, ev.batch_size, ev.beam_size, ev.max_len, ev.prompt_len = 8, 8, 2, 3, 12
+        ec.meteor = False              # test_caption_eval checks METEOR
     elif variant == "stage1_paper":
         d.name = "karpathy_captions"
         d.builder_config = "coco"

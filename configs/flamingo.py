@@ -140,6 +140,7 @@ def get_config(arg=None):
     ec.max_examples = 200
     ec.shots = 2                       # fixed caption demonstrations before the query image (Flamingo's few-shot captioning)
     ec.blind_baseline = True           # also evaluate 'caption_blind': the same model, no token sees the image
+    ec.meteor = True                   # METEOR (a Java process, ~7 s a call on a 2-core CPU); tiny: off
 
     # Open-ended few-shot generation (vlm_jax/evaluation/fewshot_generation.py): k demonstrations from
     # the first support_size items of support_split, random or RICES, open_flamingo's 0-shot.
@@ -150,6 +151,7 @@ def get_config(arg=None):
             trials=3, selection=("random", "rices"), num_queries=64, support_size=256, beam_size=3,
             max_len=max_len, batch_size=32))   # template '' (VQA) = data.qa_template
     c.evals.fewshot_caption.demo_caption = "shortest"   # 'first' (open_flamingo) | 'shortest': more shots fit
+    c.evals.fewshot_caption.meteor = True       # METEOR in every caption scoring (shots x selections x trials)
     # the longest shortest synthetic caption is 21 words (24 tokens a demonstration): 3 shots + 24 new
     # tokens fit max_tokens + 8 = 104 positions, 4 may not
     c.evals.fewshot_caption.shots = (0, 1, 2, 3)
@@ -191,6 +193,7 @@ def get_config(arg=None):
             c.evals[name].update(dict(shots=(0, 1), trials=2, num_queries=6, support_size=8, beam_size=2,
                                       max_len=4, batch_size=8))
         c.evals.fewshot_caption.trials = 1     # every caption scoring runs Java (PTB tokenizer, METEOR)
+        ec.meteor = c.evals.fewshot_caption.meteor = False   # test_caption_eval checks METEOR
     if variant.startswith("paper_"):
         _paper_layout(c, variant)
     lm = overrides.pop("lm", "")

@@ -141,6 +141,7 @@ def get_config(arg=None):
     e.max_len = 26                     # generated words incl. eos
     e.num_figures = 6                  # attention figures (PNG) written per evaluation
     e.max_examples = 0                 # 0 = the whole split
+    e.meteor = True                    # METEOR (a Java process, ~7 s a call on a 2-core CPU); tiny: off
 
     if variant == "tiny":
         d.image_size = 16
@@ -162,6 +163,7 @@ def get_config(arg=None):
         e.beam_size = 2
         e.max_len = 8
         e.num_figures = 1
+        e.meteor = False               # test_caption_eval checks METEOR; test_trainer's end-to-end run turns it on
     elif variant == "coco":
         d.name = "karpathy_captions"
         d.builder_config = "coco"

@@ -157,11 +157,15 @@ def test_workdir_with_other_model_gives_clear_error(data_dir, tmp_path):
 
 
 def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
-    """The main job on the tiny config: checkpoints, TensorBoard events, results/metrics JSON, PNGs."""
+    """The main job on the tiny config: checkpoints, TensorBoard events, results/metrics JSON, PNGs;
+    METEOR too (the tiny configs leave it out elsewhere: evals.caption.meteor)."""
+    from vlm_jax.evaluation.captioning import java_available
     workdir = str(tmp_path)
-    metrics = train_lib.train_and_evaluate(tiny(data_dir, train__peak_tflops=1000), workdir)["caption"]
+    metrics = train_lib.train_and_evaluate(tiny(data_dir, train__peak_tflops=1000, evals__caption__meteor="true"),
+                                           workdir)["caption"]
     for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
         assert key in metrics
+    assert ("METEOR" in metrics) == java_available()
     ck = ckpt_lib.Checkpointer(workdir)
     assert ck.latest_step() == 4
     ck.close()
@@ -186,6 +190,7 @@ def test_end_to_end_train_and_eval_writes_everything(data_dir, tmp_path):
     again = eval_lib.evaluate(tiny(data_dir), workdir)["caption"]
     for key in ("Bleu_4", "CIDEr", "ROUGE_L", "attribute_precision", "localization_rate"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-9), key
+    assert "METEOR" not in again                      # the tiny config's default
 
 
 def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
@@ -209,6 +214,9 @@ def test_step_flops_counts_forward_and_backward(data_dir, tmp_path):
         p, m, b, jax.random.key(0), train=True)[0]), state.params, state.model_state, batch)
     assert 0 < fwd < step.flops == grad
     assert step.flops <= 3 * fwd          # backward <= dX + dW per matmul/conv (images need no gradient)
+    # what train() counts: the jitted step's own trace on the step's arguments (here abstract ones)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    assert s.step_flops(s.abstract_state, batch, key) == step
     # linear in the batch: half the batch, half the FLOPs
     half = train_lib.build_program(tiny(data_dir, train__batch_size=bs // 2), task, mesh).step_flops()
     assert half.flops * 2 == step.flops

@@ -71,8 +71,13 @@ def _walk(jaxpr, whiles: list) -> int:
 
 def count(fn: Callable, *args, **kwargs) -> FlopCount:
     """`FlopCount` of ``fn(*args, **kwargs)`` (traced, not run)."""
+    return count_jaxpr(jax.make_jaxpr(fn)(*args, **kwargs))
+
+
+def count_jaxpr(closed_jaxpr) -> FlopCount:
+    """`FlopCount` of a program already traced: a (closed) jaxpr, e.g. ``jax.jit(f).trace(...).jaxpr``."""
     whiles: list = []
-    flops = _walk(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, whiles)
+    flops = _walk(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), whiles)
     return FlopCount(flops=flops, while_loops=len(whiles))
 
 

@@ -78,7 +78,7 @@ class TrainProgram:
     init_variables: Callable[[jax.Array], dict]        # rng -> full (unboxed) variables on the mesh
     state_from_variables: Callable[[dict], TrainState]  # split / cast / optimizer init
     train_step: Callable                # (state, batch, rng) -> (state, metrics), traced under the rules
-    step_flops: Callable[[], flops_lib.FlopCount]   # dot/conv FLOPs of one global-batch step (traced)
+    step_flops: Callable[..., flops_lib.FlopCount]  # dot/conv FLOPs of one global-batch step (traced)
 
     def init_state(self, rng: jax.Array, sources=()) -> TrainState:
         """Random init, then every `config.init` source seeds its subtree, then the state."""
@@ -144,8 +144,14 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
                          donate_argnums=(0,))
     init_variables = jax.jit(lambda r: nn.meta.unbox(task.init(r, local)), out_shardings=var_sh)
 
-    def step_flops() -> flops_lib.FlopCount:
-        """Traces (does not run) one step on the global batch shape."""
+    def step_flops(*step_args) -> flops_lib.FlopCount:
+        """Traces (does not run) one step on the global batch shape. Given the step's own arguments
+        ``(state, batch, rng)`` (arrays or ShapeDtypeStructs), it counts the jitted step's own trace,
+        which jit keeps for its first call with those arguments: the trainer traces the step once,
+        not twice (~2 s of every run's start on a tiny config, 2-core CPU)."""
+        if step_args:
+            with sharding.rules_context(mesh):
+                return flops_lib.count_jaxpr(train_step.trace(*step_args).jaxpr)
         example = task.example_batch(config.train.batch_size)
         batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), example)
         plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_state)
@@ -506,11 +512,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
     n_train, n_frozen = _count(state.params), _count(state.frozen)
     log.info("task=%s params=%s trainable=%s frozen=%s mesh=%s devices=%d", config.task,
              f"{n_train + n_frozen:,}", f"{n_train:,}", f"{n_frozen:,}", dict(mesh.shape), jax.device_count())
-    fc = program.step_flops()
     peak = flops_lib.peak_tflops(jax.devices()[0], float(config.train.get("peak_tflops", 0.0)))
-    log.info("model FLOPs per step (dot/conv, traced): %.4g%s; MFU against %s", fc.flops,
-             f" ({fc.while_loops} while_loop bodies counted once)" if fc.while_loops else "",
-             f"{peak:g} TFLOP/s per device" if peak else "no known peak (set --config.train.peak_tflops)")
+    fc = None      # the step's FLOPs, counted from its own trace before the first step (step_flops)
 
     preempted = {"flag": False, "local": False}   # local: this process got SIGTERM; flag: all agree
 
@@ -538,6 +541,11 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> TrainResult:
         while step < stop:
             local = next(train_iter)
             batch = sharding.put_batch(local, mesh, program.batch_sharding)
+            if fc is None:   # traces the step; its first call below reuses that trace
+                fc = program.step_flops(state, batch, rng)
+                log.info("model FLOPs per step (dot/conv, traced): %.4g%s; MFU against %s", fc.flops,
+                         f" ({fc.while_loops} while_loop bodies counted once)" if fc.while_loops else "",
+                         f"{peak:g} TFLOP/s per device" if peak else "no known peak (set --config.train.peak_tflops)")
             with jax.transfer_guard("disallow"):    # no hidden host<->device copies in the step
                 state, metrics = program.train_step(state, batch, rng)
             step += 1

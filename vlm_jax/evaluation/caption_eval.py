@@ -44,16 +44,17 @@ class CaptionEvaluator(ev_lib.Evaluator):
       tokenizer: decodes ``tokens`` (``decode``, ``eos_id``, ``id_to_word``).
       batch_size: GLOBAL eval batch. max_examples: 0 = the whole split.
       num_figures: attention PNGs per run (needs 'alphas'). grid: attention grid side G.
-      mesh: the device mesh.
+      mesh: the device mesh. meteor: compute METEOR (`captioning.caption_metrics`).
     """
 
     def __init__(self, *, name: str, every: int, predict: Callable, input_keys, load_split: Callable,
-                 tokenizer, batch_size: int, max_examples: int, num_figures: int, grid: int, mesh):
+                 tokenizer, batch_size: int, max_examples: int, num_figures: int, grid: int, mesh,
+                 meteor: bool = True):
         self.name, self.every = name, int(every)
         self._predict = ev_lib.make_predict_fn(predict, mesh, input_keys)   # compiled once, reused
         self._load_split, self._tokenizer = load_split, tokenizer
         self._batch_size, self._max_examples = int(batch_size), int(max_examples)
-        self._num_figures, self._grid = int(num_figures), int(grid)
+        self._num_figures, self._grid, self._meteor = int(num_figures), int(grid), bool(meteor)
 
     def run(self, params, model_state, *, step: int, workdir: str, final: bool) -> dict[str, float]:
         from vlm_jax.evaluation import captioning, plots
@@ -78,7 +79,8 @@ class CaptionEvaluator(ev_lib.Evaluator):
         if jax.process_index() != 0:  # every process holds all predictions; process 0 scores and writes
             return {}
         refs = {i: split.references[i] for i in predictions}
-        metrics = score_captions(predictions, split, words=words, alphas=alphas, grid=self._grid)
+        metrics = score_captions(predictions, split, words=words, alphas=alphas, grid=self._grid,
+                                 meteor=self._meteor)
         metrics["generation_seconds"] = gen_time
 
         out_dir = ev_lib.eval_dir(workdir, step)
@@ -98,14 +100,15 @@ class CaptionEvaluator(ev_lib.Evaluator):
 
 
 def score_captions(predictions: dict[int, str], split, *, words: dict[int, list[str]] | None = None,
-                   alphas: dict[int, np.ndarray] | None = None, grid: int = 1) -> dict[str, float]:
+                   alphas: dict[int, np.ndarray] | None = None, grid: int = 1,
+                   meteor: bool = True) -> dict[str, float]:
     """The caption metrics of ``predictions {image id: caption}`` against an eval split (its
     references; where it has object annotations also attribute precision and the grounded
     metrics; with per-word ``alphas`` f32[n_words, G*G] and their ``words``, attention
     localization) + ``num_images``. Shared by every evaluator that scores captions."""
     from vlm_jax.evaluation import captioning, grounded, localization
     refs = {i: split.references[i] for i in predictions}
-    metrics = captioning.caption_metrics(refs, predictions)
+    metrics = captioning.caption_metrics(refs, predictions, meteor=meteor)
     objects = {i: split.objects.get(i, []) for i in predictions}
     if any(objects.values()):
         colors, shapes = attribute_vocabularies(split.objects.values())

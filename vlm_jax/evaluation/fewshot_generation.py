@@ -154,6 +154,7 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
         `VQA_TEMPLATE`). shots, trials, selection: as `FewShotClassificationEvaluator`.
       num_queries: queries per trial (<= 0: the whole split). support_size: support items.
       demo_caption: which reference a caption demonstration shows ('first' | 'shortest').
+      meteor: caption scorings compute METEOR (`captioning.caption_metrics`).
       beam_size, max_len, length_penalty: decoding. batch_size: queries per generation call.
       vision_features: RICES features ``(params, images) -> f32[n, D]`` (default
         `fewshot.default_vision_features`). mesh: optional device mesh. seed: base seed.
@@ -168,7 +169,7 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
                  trials: int = 3, selection: str | Sequence[str] = "random", num_queries: int = 100,
                  support_size: int = 256, beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0,
                  batch_size: int = 16, vision_features: Callable | None = None, mesh=None, seed: int = 0,
-                 feature_batch_size: int = 64, demo_caption: str = "first"):
+                 feature_batch_size: int = 64, demo_caption: str = "first", meteor: bool = True):
         if kind not in KINDS:
             raise ValueError(f"{name}: kind={kind!r}; use one of {KINDS}.")
         self.name, self.every, self.kind = name, int(every), kind
@@ -196,7 +197,7 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
         self._trials, self._num, self._support_size = int(trials), int(num_queries), int(support_size)
         self._beam, self._max_len, self._lp = int(beam_size), int(max_len), float(length_penalty)
         self._bs, self._vision_features, self._mesh = int(batch_size), vision_features, mesh
-        self._seed, self._feat_bs = int(seed), int(feature_batch_size)
+        self._seed, self._feat_bs, self._meteor = int(seed), int(feature_batch_size), bool(meteor)
         if demo_caption not in DEMO_CAPTIONS:
             raise ValueError(f"{name}: demo_caption={demo_caption!r}; use one of {DEMO_CAPTIONS}.")
         self._demo_caption = demo_caption
@@ -267,7 +268,7 @@ class FewShotGenerationEvaluator(ev_lib.Evaluator):
     def _score(self, split, queries, answers: list[str]) -> dict[str, float]:
         if self.kind == "caption":
             from vlm_jax.evaluation.caption_eval import score_captions
-            return score_captions({q.key: a for q, a in zip(queries, answers)}, split)
+            return score_captions({q.key: a for q, a in zip(queries, answers)}, split, meteor=self._meteor)
         from vlm_jax.evaluation.vqa import vqa_scores
         table = split.question_table()
         return vqa_scores({q.key: a for q, a in zip(queries, answers)}, {q.key: table[q.key] for q in queries})

@@ -570,7 +570,7 @@ class Blip2GenerationTask(Blip2Task):
             self._evaluators = [CaptionEvaluator(
                 name="caption", every=int(e.every), predict=predict, input_keys=("image",), load_split=load_split,
                 tokenizer=tok, batch_size=int(e.batch_size), max_examples=int(e.max_examples), num_figures=0,
-                grid=1, mesh=self.mesh)]
+                grid=1, mesh=self.mesh, meteor=bool(e.meteor))]
             if "vqa" in self.config.evals and self.config.evals.vqa.enabled:
                 self._evaluators += self.vqa_evaluators()
         return self._evaluators

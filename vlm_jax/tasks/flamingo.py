@@ -404,7 +404,8 @@ class FlamingoTask(Task):
                     evs.append(CaptionEvaluator(
                         name=name, every=int(e.every), predict=functools.partial(predict, blind=blind),
                         input_keys=("image",), load_split=load_split, tokenizer=tok, batch_size=int(e.batch_size),
-                        max_examples=int(e.max_examples), num_figures=0, grid=1, mesh=self.mesh))
+                        max_examples=int(e.max_examples), num_figures=0, grid=1, mesh=self.mesh,
+                        meteor=bool(e.meteor)))
                 evs += self.fewshot_generation_evaluators()
             self._evaluators = evs
         return self._evaluators
@@ -428,7 +429,7 @@ class FlamingoTask(Task):
                 shots=tuple(int(k) for k in e.shots), trials=int(e.trials), selection=tuple(e.selection),
                 num_queries=int(e.num_queries), support_size=int(e.support_size), beam_size=int(e.beam_size),
                 max_len=int(e.max_len), batch_size=int(e.batch_size), mesh=self.mesh, seed=int(c.seed),
-                **({"demo_caption": str(e.demo_caption)} if kind == "caption" else {})))
+                **({"demo_caption": str(e.demo_caption), "meteor": bool(e.meteor)} if kind == "caption" else {})))
         return out
 
 

@@ -320,7 +320,7 @@ class SATTask(ImageCaptionTask):
                 predict=lambda params, model_state, batch: predict(params, model_state, batch["image"]),
                 input_keys=("image",), load_split=load_split, tokenizer=tok, batch_size=int(e.batch_size),
                 max_examples=int(e.max_examples), num_figures=int(e.num_figures), grid=int(self.config.model.grid),
-                mesh=self.mesh)]
+                mesh=self.mesh, meteor=bool(e.meteor))]
         return self._evaluators
 
 
