@@ -420,6 +420,38 @@ def test_stage2_starts_from_the_stage1_checkpoint(stage1_run, data_dir):
     assert any(re.search(r"(^|/)lm/", s) for s in slots) and not any(re.search(r"(^|/)vision/", s) for s in slots)
 
 
+def test_prefix_lm_split_cuts_each_caption_into_an_encoder_prompt_and_a_target(data_dir):
+    """objectives.blip2.prefix_lm_split: without an rng the <bos> is the prompt and the rest the
+    target; with one, each caption of m words is cut at k in {0, .., m-1} (every k drawn over
+    draws), prompt = <bos> w_1..w_k (right padded, masked), target = w_k+1..w_m <eos> left-aligned,
+    and prompt + target give back the caption. The split is refused for a decoder-only stage 2."""
+    from vlm_jax.objectives.blip2 import prefix_lm_split
+    from vlm_jax.tasks import blip2 as blip2_task
+    pad = 0
+    tokens = np.array([[1, 5, 6, 7, 2, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0, 0], [1, 3, 4, 5, 6, 8, 11, 2]], np.int32)
+    p, pm, t, tm = map(np.asarray, prefix_lm_split(jnp.asarray(tokens), pad))
+    np.testing.assert_array_equal(p, tokens[:, :1])
+    np.testing.assert_array_equal(t, tokens[:, 1:])
+    np.testing.assert_array_equal(tm, tokens[:, 1:] != pad)
+    split = jax.jit(prefix_lm_split, static_argnums=1)
+    seen = [set() for _ in tokens]
+    for seed in range(60):
+        p, pm, t, tm = map(np.asarray, split(jnp.asarray(tokens), pad, jax.random.key(seed)))
+        assert p.shape == t.shape == tokens.shape
+        for r, row in enumerate(tokens):
+            real = row[row != pad]
+            k = int(pm[r].sum()) - 1
+            seen[r].add(k)
+            assert pm[r, 0] and not pm[r, k + 1:].any() and (p[r, k + 1:] == pad).all()
+            np.testing.assert_array_equal(np.concatenate([p[r][pm[r]], t[r][tm[r]]]), real)
+            assert tm[r].sum() >= 2 and t[r][tm[r]][-1] == 2 and not tm[r, tm[r].sum():].any()
+    assert seen == [set(range(len(r[r != pad]) - 2)) for r in tokens]     # k = 0 .. m-1, each drawn
+    with pytest.raises(config_lib.ConfigError, match="prefix_lm_split='random'.*plain LM loss"):
+        blip2_task.validate(blip2_config(data_dir, model__stage="opt", model__prefix_lm_split="random"))
+    with pytest.raises(config_lib.ConfigError, match="model.prefix_lm_split"):
+        blip2_task.validate(blip2_config(data_dir, model__stage="t5", model__prefix_lm_split="half"))
+
+
 def test_vision_posemb_is_checked_and_follows_the_stage1_run(data_dir, tmp_path):
     """model.vision.posemb: the synthetic variants build their from-scratch ViT with the fixed sincos2d
     code; a wrong name or a width not divisible by 4 is a ConfigError naming the key; stage 2
@@ -664,7 +696,7 @@ def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
 def test_t5_stage0_lm_then_frozen_t5_stage2(stage1_run, data_dir, tmp_path):
     """Stage 0 for the T5 path (model.stage='t5_text', odd sizes: 22 wide, 2 heads of 11, 3 + 3
     layers): the encoder reads context <bos> prompt, the decoder learns the rest (per-kind
-    metrics); stage 2 with ``lm=<that workdir>`` (model.stage='t5') reads the shape and vocabulary,
+    metrics); stage 2 with ``lm=<that workdir>`` (model.stage='t5', prefix-LM split) reads the shape and vocabulary,
     keeps the LM bit-identical while the Q-Former and projection train, and answers zero-shot
     through the shared seq2seq decoding. An OPT stage 2 over a T5 stage 0 is refused."""
     import json
@@ -682,7 +714,8 @@ def test_t5_stage0_lm_then_frozen_t5_stage2(stage1_run, data_dir, tmp_path):
     vocab = WordTokenizer.load(os.path.join(w0, "vocab.json"))
 
     _, p0 = final_params(c0, w0)
-    c2 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="t5", train__num_steps=2)
+    c2 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="t5", train__num_steps=2,
+                      model__prefix_lm_split="random")      # the paper's prefix-LM split of the captions
     assert c2.model.freeze_lm and c2.model.lm.width == 22 and c2.model.lm.num_layers == 3
     w2 = str(tmp_path / "stage2_t5")
     train_lib.train(c2, w2)

@@ -314,7 +314,7 @@ def test_caption_evaluator_writes_grounded_metrics(tmp_path, monkeypatch):
     rows = {i: {"tokens": np.asarray(tok.encode(t)[1:], np.int32)} for i, t in texts.items()}
     monkeypatch.setattr(evaluator, "make_predict_fn", lambda *a, **k: None)
     monkeypatch.setattr(evaluator, "predict_over_split", lambda *a, **k: rows)
-    monkeypatch.setattr(captioning, "caption_metrics", lambda refs, preds: {"CIDEr": 0.0})   # no Java here
+    monkeypatch.setattr(captioning, "caption_metrics", lambda refs, preds, meteor=True: {"CIDEr": 0.0})   # no Java here
     split = types.SimpleNamespace(split="test", references={1: ["x"], 2: ["y"]}, objects=objs,
                                   batches=lambda batch_size: [])
     ev = caption_eval.CaptionEvaluator(name="caption", every=0, predict=None, input_keys=("image",),

@@ -1,4 +1,5 @@
-"""BLIP-2 stage-1 objective: ITC + ITM (hard negatives) + ITG in one step (paper section 3.2).
+"""BLIP-2 stage-1 objective: ITC + ITM (hard negatives) + ITG in one step (paper section 3.2), and
+stage 2's prefix-LM split of a caption for an encoder-decoder LM (section 3.3, `prefix_lm_split`).
 
 Dimension letters: B global batch, S image side, T text length ([CLS] w1 .. wn [SEP] pad..),
 Nv image tokens, Dv image width, Q queries, E ITC width, V vocabulary.
@@ -31,6 +32,32 @@ from vlm_jax.objectives.contrastive import itc_loss, same_image_pairs, sample_ha
 
 
 OBJECTIVES = ("itc", "itm", "itg")
+PREFIX_LM_SPLITS = ("none", "random")
+
+
+def prefix_lm_split(tokens, pad_id: int, rng=None):
+    """Stage 2's caption split -> (prompt, prompt_mask, text, text_mask) for `Blip2LMModel.text_logits`.
+
+    ``tokens [B, T]``: <bos> w_1 .. w_m <eos> pad... Without ``rng``: prompt = the <bos> ``[B, 1]``,
+    text = the rest ``[B, T-1]`` (the decoder-only LM's plain LM loss; a T5 then generates the whole
+    caption). With ``rng``: the paper's prefix-LM split for an encoder-decoder LM (section 3.3: "the
+    prefix text is concatenated with the visual representation as input to the LLM's encoder; the
+    suffix text is used as the generation target"): per caption a cut k ~ U{0, .., m-1};
+    prompt = <bos> w_1 .. w_k ``[B, T]`` right padded, text = w_k+1 .. w_m <eos> ``[B, T]``
+    left-aligned and right padded, so at least one word and the <eos> are generated.
+    """
+    if rng is None:
+        prompt, text = tokens[:, :1], tokens[:, 1:]
+        return prompt, prompt != pad_id, text, text != pad_id
+    b, t = tokens.shape
+    words = jnp.maximum(jnp.sum(tokens != pad_id, axis=1) - 2, 1)               # m [B]
+    cut = jnp.floor(jax.random.uniform(rng, (b,)) * words).astype(jnp.int32)    # k [B], 0 <= k <= m - 1
+    j = jnp.arange(t)[None, :]
+    prompt_mask = j < 1 + cut[:, None]                                          # <bos> + k words
+    prompt = jnp.where(prompt_mask, tokens, pad_id)
+    src = j + 1 + cut[:, None]                                                  # text[j] = tokens[1 + k + j]
+    text = jnp.where(src < t, jnp.take_along_axis(tokens, jnp.minimum(src, t - 1), axis=1), pad_id)
+    return prompt, prompt_mask, text, text != pad_id
 
 
 def parse_objectives(spec) -> tuple[str, ...]:

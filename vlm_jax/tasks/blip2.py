@@ -270,6 +270,12 @@ def validate(config) -> None:
     from vlm_jax.config_lib import ConfigError, check_choice, check_positive, validate_data_section
     check_choice(config, "model.stage", STAGES)
     check_choice(config, "model.itm_negatives", ("hard", "random"))
+    from vlm_jax.objectives.blip2 import PREFIX_LM_SPLITS
+    check_choice(config, "model.prefix_lm_split", PREFIX_LM_SPLITS)
+    if config.model.prefix_lm_split != "none" and config.model.stage != "t5":
+        raise ConfigError(f"config.model.prefix_lm_split={config.model.prefix_lm_split!r} is the encoder-decoder "
+                          f"(T5) stage 2's split; model.stage={config.model.stage!r} trains with the plain LM loss "
+                          "(the paper). Set --config.model.prefix_lm_split=none.")
     try:
         parse_objectives(config.model.objectives)
     except ValueError as e:
@@ -432,7 +438,9 @@ class Blip2GenerationTask(Blip2Task):
 
     The caption's tokens are split into the prompt (its first token: the tokenizer's <bos> /
     OPT's ``</s>``; the paper pretrains stage 2 without a text prompt) and the text to learn (the
-    rest, ending with <eos>); loss = token cross-entropy on the text only
+    rest, ending with <eos>); with ``model.prefix_lm_split='random'`` (T5) the prompt also takes the
+    caption's first k words, k drawn per caption and step (`objectives.blip2.prefix_lm_split`, the
+    paper's prefix-LM split); loss = token cross-entropy on the text only
     (`Blip2LMModel.text_logits` gives the target mask: never the prefix, the prompt or padding).
 
     Parameters: ``vision`` (frozen: it comes from stage 1), ``ln_vision``, ``qformer`` (incl. the
@@ -512,15 +520,12 @@ class Blip2GenerationTask(Blip2Task):
         images, tokens = jnp.asarray(batch["image"]), jnp.asarray(batch["tokens"])
         return {"params": self.model.init({"params": rng}, images, tokens)["params"], "model_state": {}}
 
-    def _split(self, tokens):
-        pad = self.tokenizer.pad_id
-        prompt, text = tokens[:, :1], tokens[:, 1:]
-        return prompt, prompt != pad, text, text != pad
-
     def loss_fn(self, params, model_state, batch, rng, *, train):
         from vlm_jax.models.blip2 import Blip2LMModel
         from vlm_jax.objectives.captioning import masked_cross_entropy
-        prompt, pm, text, tm = self._split(batch["tokens"])
+        from vlm_jax.objectives.blip2 import prefix_lm_split
+        cut_rng = jax.random.fold_in(rng, 7) if train and self.config.model.prefix_lm_split == "random" else None
+        prompt, pm, text, tm = prefix_lm_split(batch["tokens"], self.tokenizer.pad_id, cut_rng)
         logits, target_mask = self.model.apply({"params": params}, batch["image"], prompt, pm, text, tm,
                                                deterministic=not train, rngs={"dropout": rng} if train else {},
                                                method=Blip2LMModel.text_logits)
