@@ -52,7 +52,7 @@ def main(argv=None):
                          f"{cfg.model.objectives!r}); the probe reads its text through the ITG pass.")
     from vlm_jax.data import pipeline, synthetic
     from vlm_jax.models.blip2 import Blip2LMModel, Blip2QFormerModel
-    from vlm_jax.objectives.blip2 import itg_forward
+    from vlm_jax.objectives.blip2 import itg_forward, prefix_lm_split
     params = state.full_params()
     tok = task.tokenizer
 
@@ -68,8 +68,9 @@ def main(argv=None):
     word_sets = {"position": word_ids(POSITION_WORDS), "colour (control)": word_ids(synthetic.COLORS)}
 
     def stage2_logits(images, tokens):
-        """The LM's logits at the caption's text positions (the task's prompt / text split)."""
-        return task.model.apply({"params": params}, images, *task._split(tokens), method=Blip2LMModel.text_logits)[0]
+        """The LM's logits at the caption's text positions (<bos> prompt, the rest the text: no cut)."""
+        return task.model.apply({"params": params}, images, *prefix_lm_split(tokens, task.tokenizer.pad_id),
+                               method=Blip2LMModel.text_logits)[0]
 
     def itg_logits(images, tokens):
         """The ITG pass: position t of [DEC] w1 .. predicts t + 1, aligned here with the targets tokens[:, 1:]."""
@@ -94,7 +95,7 @@ def main(argv=None):
     if stage1:                                   # targets: every token after [DEC]
         text, tm = tokens[:, 1:], tokens[:, 1:] != tok.pad_id
     else:
-        _, _, text, tm = (np.asarray(x) for x in task._split(jnp.asarray(tokens)))
+        _, _, text, tm = (np.asarray(x) for x in prefix_lm_split(jnp.asarray(tokens), tok.pad_id))
     logits = {}
     for name, shift in (("right image", 0), ("shuffled (the next image's prefix)", 1)):
         parts = [np.asarray(logits_fn(np.roll(images, shift, axis=0)[lo:lo + args.batch_size],
