@@ -9,7 +9,13 @@ whether the frozen LM can answer from a description in its context — what stag
 prefix then has to supply; (b) is the answer prior. A T5 stage 0 reads the same text in its
 encoder and generates the answer with its decoder (the prefix-LM split of stage 2).
 
-    python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600]
+With ``--clauses``, a second table on the position questions whose answer a caption states: the
+context is that caption, then one clause naming only the asked object's place in the captions'
+word order (``a red circle at the top left``), then the same clause position first (``at the top
+left there is a red circle``): does the LM read a place whatever the word order, or copy the words
+that follow the object's name?
+
+    python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600] [--clauses]
     python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm_t5 --config configs/blip2.py:lm_t5_synthetic
 
 Reads the latest checkpoint, writes nothing.
@@ -22,6 +28,7 @@ def main(argv=None):
     def flags(p):
         p.add_argument("--questions", type=int, default=600)
         p.add_argument("--max_len", type=int, default=5)
+        p.add_argument("--clauses", action="store_true", help="also the one-clause position contexts (module doc)")
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_common import probe_run
@@ -81,32 +88,70 @@ def main(argv=None):
         return [tok.decode(o).strip() for o in out]
 
     from vlm_jax.data.synthetic import answer_evidence
-    rows = {}
-    for name, context in (("caption in context", "any"), ("answer-stating caption in context", "stating"),
-                          ("question alone", "")):
-        prompts = []
-        for qid, q in table.items():
-            ids = [tok.bos_id] + list(tok.encode(cfg.evals.vqa.prompt.format(q["question"]), add_special_tokens=False))
-            if context:
-                caps = meta.captions[record[q["image_id"]]]
-                k = (qid % 1000) % len(caps)
-                stating = answer_evidence(q, caps) if context == "stating" else []
-                if stating:                       # the same rule as qa_context_caption='stating'
-                    k = stating[qid % len(stating)]
-                ctx = list(tok.encode(caps[k], add_special_tokens=False))
-                room = 0 if task.seq2seq else args.max_len       # T5's answer goes to the decoder
-                ids = ctx[max(0, len(ctx) + len(ids) + room - t_len):] + ids
-            prompts.append(ids)
+
+    def prompt_ids(q, context: str):
+        ids = [tok.bos_id] + list(tok.encode(cfg.evals.vqa.prompt.format(q["question"]), add_special_tokens=False))
+        if context:
+            ctx = list(tok.encode(context, add_special_tokens=False))
+            room = 0 if task.seq2seq else args.max_len       # T5's answer goes to the decoder
+            ids = ctx[max(0, len(ctx) + len(ids) + room - t_len):] + ids
+        return ids
+
+    def scores(questions: dict, contexts: list) -> dict:
+        prompts = [prompt_ids(q, c) for q, c in zip(questions.values(), contexts)]
         preds = []
         for lo in range(0, len(prompts), 128):
             preds += (answer_seq2seq if task.seq2seq else answer)(prompts[lo:lo + 128])
-        rows[name] = vqa_scores(dict(zip(table, preds)), table)
+        return vqa_scores(dict(zip(questions, preds)), questions)
+
+    rows = {}
+    for name, context in (("caption in context", "any"), ("answer-stating caption in context", "stating"),
+                          ("question alone", "")):
+        contexts = []
+        for qid, q in table.items():
+            if not context:
+                contexts.append("")
+                continue
+            caps = meta.captions[record[q["image_id"]]]
+            k = (qid % 1000) % len(caps)
+            stating = answer_evidence(q, caps) if context == "stating" else []
+            if stating:                       # the same rule as qa_context_caption='stating'
+                k = stating[qid % len(stating)]
+            contexts.append(caps[k])
+        rows[name] = scores(table, contexts)
     types = sorted(k.split("/", 1)[1] for k in rows["question alone"] if k.startswith("accuracy/"))
     print(f"step {step}, {len(table)} test questions, greedy")
     print("| prompt | overall | " + " | ".join(types) + " |")
     print("|---|---|" + "---|" * len(types))
     for name, m in rows.items():
         print(f"| {name} | {m['accuracy']:.3f} | " + " | ".join(f"{m['accuracy/' + t]:.3f}" for t in types) + " |")
+    if args.clauses:
+        clause_table(table, meta, record, scores)
+
+
+def clause_table(table: dict, meta, record: dict, scores) -> None:
+    """The ``--clauses`` table (module doc): position questions whose answer some caption states."""
+    import re
+
+    from vlm_jax.data.synthetic import answer_evidence
+    picked, contexts = {}, {"answer-stating caption": [], "one clause, the captions' order": [],
+                            "one clause, position first": [], "question alone": []}
+    for qid, q in table.items():
+        m = re.match(r"where is the (\w+) (\w+)\?", q["question"])
+        caps = meta.captions[record[q["image_id"]]]
+        stating = answer_evidence(q, caps) if m else []
+        place = re.search(rf"\b{m.group(1)} {m.group(2)} ((at|on|in) the [a-z ]+?)(,| and |$| corner)",
+                          caps[stating[0]]) if stating else None
+        if place is None:
+            continue
+        picked[qid] = q
+        obj, where = f"{m.group(1)} {m.group(2)}", place.group(1)
+        for name, text in zip(contexts, (caps[stating[0]], f"a {obj} {where}", f"{where} there is a {obj}", "")):
+            contexts[name].append(text)
+    print(f"\n{len(picked)} position questions, greedy")
+    print("| context | position accuracy |\n|---|---|")
+    for name, ctx in contexts.items():
+        print(f"| {name} | {scores(picked, ctx)['accuracy']:.3f} |")
 
 
 if __name__ == "__main__":
