@@ -15,7 +15,12 @@ word order (``a red circle at the top left``), then the same clause position fir
 left there is a red circle``): does the LM read a place whatever the word order, or copy the words
 that follow the object's name?
 
-    python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600] [--clauses]
+With ``--bos_at Q`` (OPT), every prompt's ``<bos>`` sits at position Q (the context just before it),
+where stage 2 puts it after a Q-vector image prefix, instead of at the context's length: can the
+LM read at the positions stage 2 uses? (A stage 0 whose documents all start at position 0 rarely
+sees text there; ``data.text.random_offset``.)
+
+    python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm [--questions 600] [--clauses] [--bos_at 32]
     python benchmarks/blip2_lm_probe.py --workdir runs/blip2_lm_t5 --config configs/blip2.py:lm_t5_synthetic
 
 Reads the latest checkpoint, writes nothing.
@@ -29,6 +34,9 @@ def main(argv=None):
         p.add_argument("--questions", type=int, default=600)
         p.add_argument("--max_len", type=int, default=5)
         p.add_argument("--clauses", action="store_true", help="also the one-clause position contexts (module doc)")
+        p.add_argument("--bos_at", type=int, default=-1,
+                       help="OPT: put each prompt's <bos> at this position (stage 2: the prefix length); -1: after "
+                            "the context, from position 0")
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_common import probe_run
@@ -47,7 +55,16 @@ def main(argv=None):
     table = pipeline.load_eval_split(cfg, tok, "test").question_table()
     table = dict(list(table.items())[: args.questions])
 
-    fwd = jax.jit(lambda t: task.model.apply({"params": params}, t, attention_mask=t != tok.pad_id).logits)
+    if args.bos_at >= 0 and task.seq2seq:
+        raise SystemExit("blip2_lm_probe: --bos_at is for a decoder-only (OPT) LM; T5's relative positions do not "
+                         "depend on where the prompt starts.")
+    fwd = jax.jit(lambda t, pos: task.model.apply({"params": params}, t, attention_mask=t != tok.pad_id,
+                                                  position_ids=pos).logits)
+
+    def positions(prompts):
+        """[B, T] position ids: 0.. from each row's start, or (--bos_at) shifted so <bos> sits at bos_at."""
+        start = [0 if args.bos_at < 0 else args.bos_at - list(x).index(tok.bos_id) for x in prompts]
+        return np.clip(np.asarray(start)[:, None] + np.arange(t_len)[None], 0, cfg.model.lm.max_positions - 1)
 
     from vlm_jax import generate as gen
     from vlm_jax.models.blip2 import Blip2LMConfig
@@ -73,10 +90,11 @@ def main(argv=None):
         lens = np.array([len(x) for x in prompts])
         for i, x in enumerate(prompts):
             toks[i, :len(x)] = x
+        pos = jnp.asarray(positions(prompts), jnp.int32)
         out = [[] for _ in range(b)]
         done = np.zeros(b, bool)
         for _ in range(args.max_len):
-            nxt = np.asarray(jnp.argmax(fwd(jnp.asarray(toks))[np.arange(b), lens - 1], -1))
+            nxt = np.asarray(jnp.argmax(fwd(jnp.asarray(toks), pos)[np.arange(b), lens - 1], -1))
             for i in range(b):
                 if not done[i]:
                     if nxt[i] == tok.eos_id or lens[i] >= t_len:

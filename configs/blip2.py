@@ -95,6 +95,11 @@ def get_config(arg=None):
     # the answer where only some do (position / relation; vlm_jax/data/synthetic.py:answer_evidence); the
     # lm_*_synthetic variants set 'stating'
     d.text.qa_context_caption = "random"
+    # OPT stage 0: each document at a uniformly drawn start position in the LM's window (position ids
+    # o..o+n-1, o ~ U{0..max_positions-n}), as web documents land anywhere in a pretraining window; False =
+    # every document from position 0. Stage 2 puts the text after Q prefix vectors, at positions Q.., which
+    # documents from 0 rarely reach (README, BLIP-2, sixth session). T5: refused (relative positions).
+    d.text.random_offset = False
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -307,6 +312,7 @@ def get_config(arg=None):
         # a reading corpus whose contexts state the answer (position / relation), so the stand-in LLM reads layout
         # from text as a web-pretrained one does (README, BLIP-2: stage 0 with answer-stating contexts)
         d.text.qa_context_caption = "stating"
+        d.text.random_offset = m.stage == "opt_text"
         m.lm.update(STAGE0_LM if m.stage == "opt_text" else STAGE0_T5)
         o.lr, o.warmup_steps, o.end_lr_fraction, o.weight_decay, o.grad_clip = 1e-3, 100, 0.05, 0.05, 1.0
         t.batch_size = 64

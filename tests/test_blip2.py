@@ -526,6 +526,25 @@ def test_context_text_documents():
         ContextTextSource("qa", caps, [[], []], tokenizer=tok, template=template, max_tokens=24, num_docs=5, seed=0)
 
 
+def test_random_start_positions():
+    """data.text.random_offset (OPT stage 0): each right-padded document's real tokens get the
+    contiguous positions o..o+n-1 with o uniform over {0..P-n}: never past the table, every start
+    drawn; pads stay inside the table."""
+    from vlm_jax.tasks.blip2 import random_start_positions
+    P, T = 13, 12
+    lens = np.array([1, 5, 12])
+    mask = np.arange(T)[None] < lens[:, None]
+    starts = [set() for _ in lens]
+    for s in range(300):
+        pos = np.asarray(random_start_positions(jax.random.PRNGKey(s), jnp.asarray(mask), P))
+        assert pos.shape == (3, T) and pos.min() >= 0 and pos.max() <= P - 1
+        for b, n in enumerate(lens):
+            o = pos[b, 0]
+            np.testing.assert_array_equal(pos[b, :n], o + np.arange(n))
+            starts[b].add(int(o))
+    assert [sorted(x) for x in starts] == [list(range(P - n + 1)) for n in lens]
+
+
 def test_context_text_documents_seq2seq_layout():
     """layout='seq2seq' (the T5 stage 0): the encoder gets context <bos> prompt, the decoder's
     targets the rest + <eos>; the same draws as the decoder layout; cut from the context's start."""
@@ -662,7 +681,8 @@ def test_stage0_lm_then_frozen_stage2(stage1_run, data_dir, tmp_path):
     stage1_dir, _ = stage1_run
     w0 = str(tmp_path / "stage0")
     c0 = blip2_config(data_dir, "tiny", model__stage="opt_text", model__lm__width=18, model__lm__num_heads=3,
-                      model__lm__num_layers=3, model__lm__mlp_dim=26, model__lm__max_positions=40, train__num_steps=2)
+                      model__lm__num_layers=3, model__lm__mlp_dim=26, model__lm__max_positions=40, train__num_steps=2,
+                      data__text__random_offset=True)      # documents at random starts in the position table
     train_lib.train(c0, w0)
     lines = [json.loads(x) for x in open(os.path.join(w0, "metrics.jsonl"))]
     assert {"describe/loss", "qa_context/accuracy", "caption/loss", "qa/loss"} <= set(lines[-1])
@@ -734,6 +754,8 @@ def test_t5_stage0_lm_then_frozen_t5_stage2(stage1_run, data_dir, tmp_path):
     out = task2.answer(p2, {}, batch, beam_size=2, max_len=3, length_penalty=0.0)
     assert out["tokens"].shape == (2, 3)
     from vlm_jax.tasks import blip2 as blip2_task
+    with pytest.raises(config_lib.ConfigError, match="random_offset=True places the OPT stage 0"):
+        blip2_task.validate(blip2_config(data_dir, "tiny", model__stage="t5_text", data__text__random_offset=True))
     opt_over_t5 = blip2_config(data_dir, f"tiny,stage1={stage1_dir},lm={w0}", model__stage="opt")
     with pytest.raises(config_lib.ConfigError, match="lm_t5_synthetic -> stage2_t5_synthetic"):
         blip2_task.validate(opt_over_t5)

@@ -272,6 +272,12 @@ def validate(config) -> None:
     check_choice(config, "model.itm_negatives", ("hard", "random"))
     from vlm_jax.objectives.blip2 import PREFIX_LM_SPLITS
     check_choice(config, "model.prefix_lm_split", PREFIX_LM_SPLITS)
+    if config.data.get("text") is not None and config.data.text.get("random_offset", False) \
+            and config.model.stage != "opt_text":
+        raise ConfigError("config.data.text.random_offset=True places the OPT stage 0's documents in its position "
+                          f"window (model.stage='opt_text'); model.stage={config.model.stage!r} does not read it "
+                          "(T5's relative position biases do not depend on where a document starts). Set "
+                          "--config.data.text.random_offset=false.")
     if config.model.prefix_lm_split != "none" and config.model.stage != "t5":
         raise ConfigError(f"config.model.prefix_lm_split={config.model.prefix_lm_split!r} is the encoder-decoder "
                           f"(T5) stage 2's split; model.stage={config.model.stage!r} trains with the plain LM loss "
@@ -665,6 +671,7 @@ class Blip2TextLMTask(Task):
         self.seq2seq = config.model.stage == "t5_text"
         self.target_len = int(config.data.max_caption_len) + 2 if self.seq2seq else 0
         self.kinds = tuple(k for k in config.data.text.mixture if float(config.data.text.mixture[k]) > 0)
+        self.random_offset = bool(config.data.text.get("random_offset", False))
 
     @property
     def qa_template(self) -> str:
@@ -755,7 +762,14 @@ class Blip2TextLMTask(Task):
         else:
             inputs, targets = tokens[:, :-1], tokens[:, 1:]
             valid = targets != pad
-            out = self.model.apply({"params": params[LM]}, inputs, attention_mask=inputs != pad, **kw)
+            mask = inputs != pad
+            position_ids = None
+            if train and self.random_offset:
+                rng, pos_rng = jax.random.split(rng)
+                kw["rngs"] = {"dropout": rng}
+                position_ids = random_start_positions(pos_rng, mask, self.seq_len)
+            out = self.model.apply({"params": params[LM]}, inputs, attention_mask=mask, position_ids=position_ids,
+                                   **kw)
         x = masked_cross_entropy(out.logits, targets, valid)
         metrics = {"loss": x.loss, "accuracy": x.accuracy, "num_tokens": x.num_tokens}
         for i, k in enumerate(self.kinds):       # per kind (source_index follows self.kinds)
@@ -763,6 +777,18 @@ class Blip2TextLMTask(Task):
             xk = masked_cross_entropy(out.logits, targets, mk)
             metrics[f"{k}/loss"], metrics[f"{k}/accuracy"] = xk.loss, xk.accuracy
         return x.loss, (metrics, model_state)
+
+
+def random_start_positions(rng, mask, max_positions: int):
+    """Position ids ``[B, T]`` of right-padded documents (``mask`` bool ``[B, T]``, n_b real tokens
+    each) that start at a uniformly drawn o_b in {0, ..., max_positions - n_b}: o_b .. o_b + n_b - 1 on
+    the real tokens (pads: clipped to the last row; they are masked). ``data.text.random_offset``."""
+    m = jnp.asarray(mask).astype(jnp.int32)
+    n = m.sum(-1)                                                            # [B]
+    hi = jnp.maximum(max_positions - n, 0)                                   # largest start
+    o = jnp.floor(jax.random.uniform(rng, n.shape) * (hi + 1)).astype(jnp.int32)
+    pos = o[:, None] + jnp.arange(m.shape[1], dtype=jnp.int32)[None]
+    return jnp.minimum(pos, max_positions - 1)
 
 
 def _with_data(config, **fields):
