@@ -90,7 +90,7 @@ def get_config(arg=None):
     # (vlm_jax/data/context_text.py) and the sampling weight of each kind
     d.text = ml_collections.ConfigDict(dict(num_docs=100_000))
     # (qa_context 2 and 8000 steps: the caption-in-context answers of the README's probe, 0.617 vs 0.447 at 1 / 3000)
-    d.text.mixture = ml_collections.ConfigDict(dict(describe=1.0, qa_context=2.0, caption=0.5, qa=0.5))
+    d.text.mixture = ml_collections.ConfigDict(dict(describe=1.0, qa_context=2.0, caption=0.5, qa=0.5, restate=0.0))
     # qa_context documents: 'random' = any caption of the image as the context; 'stating' = one that states
     # the answer where only some do (position / relation; vlm_jax/data/synthetic.py:answer_evidence); the
     # lm_*_synthetic variants set 'stating'
@@ -100,6 +100,9 @@ def get_config(arg=None):
     # every document from position 0. Stage 2 puts the text after Q prefix vectors, at positions Q.., which
     # documents from 0 rarely reach (README, BLIP-2, sixth session). T5: refused (relative positions).
     d.text.random_offset = False
+    # stage 0: the probability that a document's location caption (context, describe target) is reworded
+    # (clauses reordered, place first, ...: vlm_jax/data/synthetic.py:paraphrase_location); synthetic set only
+    d.text.paraphrase = 0.0
 
     # ---------------------------------------------------------------- model
     c.model = m = ml_collections.ConfigDict()
@@ -130,6 +133,10 @@ def get_config(arg=None):
     # stage2_t5_paper: 'random'. The synthetic T5 keeps 'none': with the split its small frozen stage-0
     # LM answers VQA from the caption continuation (0.170 vs 0.420, README "BLIP-2", fifth session).
     m.prefix_lm_split = "none"
+    # Stage 2: how query outputs become the LM's prefix. 'linear' (the paper: a Dense to the LM's embedding
+    # width) | 'vocab_mixture' (a named deviation: a Dense to the LM's vocabulary, softmax, then the mean of the
+    # frozen LM's word embeddings under it; each prefix vector a mixture of words; README, BLIP-2, sixth session)
+    m.prefix_projection = "linear"
     m.lm_tokenizer_dir = ""            # the LM's tokenizer.json folder ('' = the word vocabulary)
     m.lm_dtype = "float32"             # LM compute dtype (bfloat16 / float16 on accelerators)
     m.lm_param_dtype = ""              # storage dtype of the frozen LM ('' = train.param_dtype)

@@ -526,6 +526,90 @@ def test_context_text_documents():
         ContextTextSource("qa", caps, [[], []], tokenizer=tok, template=template, max_tokens=24, num_docs=5, seed=0)
 
 
+def _location_pairs(caption, forms_seen=None):
+    """{(object, place)} of a location caption in any `LOCATION_FORMS` wording (None if a clause is not
+    one); the index of each clause's form is added to ``forms_seen``."""
+    import re
+    obj, loc = r"(an? (?:small |large )?\w+ \w+)", r"((?:at|on|in) the [a-z ]+?)"
+    forms = [rf"^{obj} {loc}$", rf"^{loc} there is {obj}$", rf"^{obj} is {loc}$", rf"^{loc} is {obj}$"]
+    pairs = set()
+    for clause in caption.split(", "):
+        for k, f in enumerate(forms):
+            m = re.match(f, clause)
+            if m:
+                pairs.add((m.group(1), m.group(2)) if k in (0, 2) else (m.group(2), m.group(1)))
+                if forms_seen is not None:
+                    forms_seen.add(k)
+                break
+        else:
+            return None
+    return pairs
+
+
+def test_location_paraphrase_and_restate():
+    """`synthetic.paraphrase_location` rewords a location caption (clauses reordered, each in one of
+    the four forms) keeping every object-place pair, and refuses other captions; stage-0 documents
+    with ``paraphrase=1`` reword location contexts (p=0: the same documents as without it); the
+    'restate' kind puts a caption and a rewording of it on both sides of <bos>; bad settings are
+    refused."""
+    from vlm_jax.data.context_text import ContextTextSource
+    from vlm_jax.data.synthetic import LOCATION_FORMS, paraphrase_location
+    from vlm_jax.data.tokenizer import WordTokenizer
+    loc = "a large red circle at the top left, a small blue square in the center, a green cross on the right"
+    want = {("a large red circle", "at the top left"), ("a small blue square", "in the center"),
+            ("a green cross", "on the right")}
+    assert _location_pairs(loc) == want
+    rng = np.random.default_rng(0)
+    seen_first, seen_forms = set(), set()
+    for _ in range(200):
+        out = paraphrase_location(loc, rng)
+        assert _location_pairs(out, seen_forms) == want
+        first = _location_pairs(out.split(", ")[0])
+        seen_first |= {o for o, _ in first}
+    assert seen_first == {o for o, _ in want} and seen_forms == set(range(len(LOCATION_FORMS)))
+    for other in ("there are two objects: a red circle and a blue square", "a red circle to the left of a cross",
+                  "the only shape in the image is a red circle in the top left corner of the image"):
+        assert paraphrase_location(other, rng) is None
+
+    caps = [[loc, "there are three objects: a red circle, a blue square and a green cross"],
+            ["a small white triangle at the bottom", "an image containing only a small white triangle"]]
+    qs = [[{"question": "where is the red circle?", "answer": "top left"}],
+          [{"question": "where is the white triangle?", "answer": "bottom"}]]
+    template = "Question: {} Short answer: {}"
+    tok = WordTokenizer.build([c for cs in caps for c in cs] + [template.format(q["question"], q["answer"])
+                                                                  for x in qs for q in x] + ["there is"])
+    kw = dict(tokenizer=tok, template=template, max_tokens=64, num_docs=40, seed=1)
+    plain = ContextTextSource("qa_context", caps, qs, **kw)
+    same = ContextTextSource("qa_context", caps, qs, paraphrase=0.0, rewrite=paraphrase_location, **kw)
+    always = ContextTextSource("qa_context", caps, qs, paraphrase=1.0, rewrite=paraphrase_location, **kw)
+    reworded = 0
+    for j in range(40):
+        assert same.text(j) == plain.text(j)
+        (c0, t0), (c1, t1) = plain.text(j), always.text(j)
+        assert t1 == t0
+        if _location_pairs(c0) is None:
+            assert c1 == c0
+        else:
+            assert _location_pairs(c1) == _location_pairs(c0)
+            reworded += c1 != c0
+    assert reworded >= 10
+    restate = ContextTextSource("restate", caps, qs, paraphrase=0.5, rewrite=paraphrase_location, **kw)
+    originals = 0
+    for j in range(40):
+        context, text = restate.text(j)
+        pairs = _location_pairs(text)
+        assert pairs is not None and _location_pairs(context) == pairs
+        assert any(_location_pairs(c) == pairs for cs in caps for c in cs)
+        originals += context in (caps[0][0], caps[1][0])
+    assert 5 <= originals <= 35                                    # the context itself reworded about half the time
+    with pytest.raises(ValueError, match="needs a rewrite function"):
+        ContextTextSource("restate", caps, qs, **kw)
+    with pytest.raises(ValueError, match=r"paraphrase=1.5 must lie in \[0, 1\]"):
+        ContextTextSource("qa", caps, qs, paraphrase=1.5, rewrite=paraphrase_location, **kw)
+    with pytest.raises(ValueError, match="needs a rewrite"):
+        ContextTextSource("qa", caps, qs, paraphrase=0.5, **kw)
+
+
 def test_random_start_positions():
     """data.text.random_offset (OPT stage 0): each right-padded document's real tokens get the
     contiguous positions o..o+n-1 with o uniform over {0..P-n}: never past the table, every start

@@ -330,6 +330,42 @@ def test_stage1_qformer_tree_is_accepted(models):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# ------------------------------------------------------------- vocab-mixture prefix
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_vocab_mixture_prefix(models, lm):
+    """``Blip2LMConfig(prefix='vocab_mixture')`` (a named deviation): ``language_projection`` maps
+    the query outputs to the LM's vocabulary, each prefix vector is softmax(logits) @ the frozen
+    LM's word embeddings; one-hot weights give exactly the word embeddings; logits run through
+    the LM. An unknown prefix kind is refused."""
+    _, module, variables, _ = models[lm]
+    cfg = dataclasses.replace(module.config, prefix="vocab_mixture")
+    mix = mb.Blip2LMModel(vision=module.vision, config=cfg)
+    _, images = _pixels(6, n=2)
+    tokens = jnp.asarray([[2, 17, 33], [2, 5, 9]], jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(mix.init, jax.random.key(0), images, tokens)["params"])
+    d, v = shapes["language_projection"]["kernel"].shape
+    assert v == cfg.lm.vocab_size and d == cfg.qformer.width
+    params = dict(variables["params"])
+    rng = np.random.default_rng(0)
+    params["language_projection"] = {"kernel": jnp.asarray(rng.normal(size=(d, v)), jnp.float32),
+                                     "bias": jnp.asarray(rng.normal(size=(v,)), jnp.float32)}
+    prefix = mix.apply({"params": params}, images, method="image_prefix")
+    feats = module.apply(variables, images, method="image_features")
+    h = module.apply(variables, feats, method="query_outputs")                                     # [B, Q, D]
+    table = params["lm"]["token_embed" if lm == "opt" else "shared"]["embedding"]                  # [V, E]
+    w = jax.nn.softmax(h @ params["language_projection"]["kernel"] + params["language_projection"]["bias"], -1)
+    np.testing.assert_allclose(np.asarray(prefix), np.asarray(w @ table), atol=1e-5, rtol=0)
+    lm_mod = mb.make_language_model(cfg)
+    one_hot = jax.nn.one_hot(tokens, v)
+    np.testing.assert_array_equal(np.asarray(lm_mod.apply({"params": params["lm"]}, one_hot, method="embed_mixture")),
+                                  np.asarray(lm_mod.apply({"params": params["lm"]}, tokens, method="embed_tokens")))
+    kw = {"decoder_tokens": tokens} if lm == "t5" else {}
+    logits = mix.apply({"params": params}, images, tokens, method="lm_logits", **kw)
+    assert np.isfinite(np.asarray(logits)).all()
+    with pytest.raises(ValueError, match="Blip2LMConfig.prefix='bogus'"):
+        dataclasses.replace(module.config, prefix="bogus")
+
+
 # -------------------------------------------------------------------- strict import
 def test_import_is_strict(models):
     _, _, _, d = models["opt"]

@@ -9,6 +9,9 @@ on documents in which a caption of an image sits exactly where the prefix will s
 ``<bos>`` that starts the text (dimension letter T: padded token length)::
 
     describe    caption_i <bos> caption_j <eos>                  (another caption of the same image)
+    restate     caption_i <bos> caption_i' <eos>                 (the same caption in other words:
+                                                                  ``rewrite``, below; only captions
+                                                                  it can reword)
     qa_context  caption_i <bos> Question: q Short answer: a <eos>   (one of the image's questions)
     caption     <bos> caption_i <eos>                            (the caption prior: no context)
     qa          <bos> Question: q Short answer: a <eos>          (what the question alone gives:
@@ -22,7 +25,12 @@ is in the context only when that caption mentions it (captions differ in what th
 a ``qa_context`` document's context is one of the captions that state the answer whenever some
 do (position and relation questions on the synthetic set, which only some captions answer),
 as a reading-comprehension corpus pairs questions with the passage that answers them;
-otherwise (``'random'``) any caption of the image, and the LM learns what it can.
+otherwise (``'random'``) any caption of the image, and the LM learns what it can. With
+``paraphrase=p`` and ``rewrite`` (a dataset's ``(caption, rng) -> another wording or None``, e.g.
+`vlm_jax.data.synthetic.paraphrase_location`; config ``data.text.paraphrase``), a document's
+context and its describe target are each, with probability p, said another way (clauses
+reordered, the place first ...), so what the LM learns to read is what the text says, not
+where its words sit.
 
 For an encoder-decoder LM (T5, ``layout='seq2seq'``; `configs/blip2.py:lm_t5_synthetic`) the
 same documents are split the way BLIP-2's T5 stage 2 splits its input (prefix-LM: the prefix and
@@ -47,7 +55,7 @@ import numpy as np
 
 __all__ = ["KINDS", "LAYOUTS", "ContextTextSource"]
 
-KINDS = ("describe", "qa_context", "caption", "qa")
+KINDS = ("describe", "qa_context", "caption", "qa", "restate")
 LAYOUTS = ("decoder", "seq2seq")
 
 
@@ -62,6 +70,8 @@ class ContextTextSource:
     `vlm_jax.data.tokenizer.WordTokenizer`-like object (bos_id, eos_id, pad_id,
     ``encode(text, add_special_tokens=False)``); layout: 'decoder' (one sequence of
     ``max_tokens``) | 'seq2seq' (encoder ``max_tokens``, decoder ``max_target_tokens``; module doc).
+    paraphrase / rewrite: the probability that the context (and a describe target) is reworded by
+    ``rewrite(text, rng) -> text or None`` (None: kept as it is; module doc).
     """
 
     _codes = {k: i for i, k in enumerate(KINDS)}
@@ -69,7 +79,8 @@ class ContextTextSource:
     def __init__(self, kind: str, captions: Sequence[Sequence[str]], questions: Sequence[Sequence[dict]], *,
                  tokenizer, template: str, max_tokens: int, num_docs: int, seed: int,
                  evidence: Callable[[dict, Sequence[str]], Sequence[int]] | None = None,
-                 layout: str = "decoder", max_target_tokens: int = 0):
+                 layout: str = "decoder", max_target_tokens: int = 0, paraphrase: float = 0.0,
+                 rewrite: Callable[[str, np.random.Generator], str | None] | None = None):
         if kind not in KINDS:
             raise ValueError(f"ContextTextSource: kind={kind!r} is not one of {KINDS}.")
         if layout not in LAYOUTS:
@@ -78,6 +89,10 @@ class ContextTextSource:
             raise ValueError(f"ContextTextSource: layout='seq2seq' needs max_target_tokens >= 2 (got "
                              f"{max_target_tokens}).")
         self.layout, self._td = layout, int(max_target_tokens)
+        if not 0.0 <= paraphrase <= 1.0 or (paraphrase > 0 and rewrite is None):
+            raise ValueError(f"ContextTextSource: paraphrase={paraphrase} must lie in [0, 1] and needs a rewrite "
+                             "function (e.g. vlm_jax.data.synthetic.paraphrase_location).")
+        self._paraphrase, self._rewrite = float(paraphrase), rewrite
         if template.count("{}") != 2:
             raise ValueError(f"ContextTextSource: template {template!r} needs two '{{}}' (question, answer).")
         if max_tokens < 4:
@@ -85,13 +100,23 @@ class ContextTextSource:
         self.kind, self._caps, self._qs, self._tok = kind, captions, questions, tokenizer
         self._template, self._t, self._n, self._seed = template, int(max_tokens), int(num_docs), int(seed)
         self._evidence = evidence
-        if kind in ("qa", "qa_context"):
+        if kind == "restate" and rewrite is None:
+            raise ValueError("ContextTextSource(restate): needs a rewrite function (e.g. "
+                             "vlm_jax.data.synthetic.paraphrase_location).")
+        if kind == "restate":                          # (record, caption) pairs the rewrite accepts and that fit
+            probe = np.random.default_rng(0)           # twice in max_tokens (a rewording adds <= 2 words a clause)
+            fits = lambda c: 2 * (len(tokenizer.encode(c, add_special_tokens=False)) + 2 * (c.count(",") + 1)) + 2 \
+                <= max_tokens                                                                     # noqa: E731
+            self._restatable = [(r, i) for r, cs in enumerate(captions) for i, c in enumerate(cs)
+                                if fits(c) and rewrite(c, probe) is not None]
+            self._records = sorted({r for r, _ in self._restatable})
+        elif kind in ("qa", "qa_context"):
             self._records = [r for r, qs in enumerate(questions) if qs]
         else:
             self._records = [r for r, cs in enumerate(captions) if cs]
         if not self._records:
             raise ValueError(f"ContextTextSource({kind}): no record of the split has "
-                             f"{'questions' if 'qa' in kind else 'captions'}.")
+                             f"{'questions' if 'qa' in kind else 'captions the rewrite can reword' if kind == 'restate' else 'captions'}.")
 
     def __len__(self) -> int:
         return self._n
@@ -113,6 +138,10 @@ class ContextTextSource:
 
     def _draw(self, j: int) -> tuple[str, str, dict | None]:
         rng = np.random.default_rng([self._seed, self._codes[self.kind], int(j)])
+        if self.kind == "restate":
+            r, i = self._restatable[int(rng.integers(len(self._restatable)))]
+            caption = self._caps[r][i]
+            return self._reword(caption, rng), self._rewrite(caption, rng), None
         r = self._records[int(rng.integers(len(self._records)))]
         caps = self._caps[r]
         i = int(rng.integers(len(caps)))
@@ -128,7 +157,16 @@ class ContextTextSource:
         else:
             text = caps[i]
         context = caps[i] if self.kind in ("describe", "qa_context") else ""
+        if self._paraphrase > 0:                       # drawn after the document, so p=0 keeps every draw
+            context = self._reword(context, rng)
+            if self.kind == "describe":
+                text = self._reword(text, rng)
         return context, text, q
+
+    def _reword(self, text: str, rng) -> str:
+        if not text or rng.random() >= self._paraphrase:
+            return text
+        return self._rewrite(text, rng) or text
 
     def __getitem__(self, j):
         if self.layout == "seq2seq":

@@ -455,3 +455,24 @@ class SyntheticShapes(PackageBuilderMixin, tfds.core.GeneratorBasedBuilder):
                                  bbox=np.asarray(o.bbox, np.float32)) for o in objs],
                 "questions": questions,
             }
+
+
+_CLAUSE = re.compile(r"^(an? (?:small |large )?\w+ \w+) ((?:at|on|in) the [a-z ]+)$")
+#: The clause forms of `paraphrase_location`: {np} the object ('a small red circle'), {loc} its place ('at the top')
+LOCATION_FORMS = ("{np} {loc}", "{loc} there is {np}", "{np} is {loc}", "{loc} is {np}")
+
+
+def paraphrase_location(caption: str, rng: np.random.Generator) -> str | None:
+    """A location caption ('a large red circle at the top left, a small blue square in the center')
+    said another way, or None when ``caption`` is not one: its clauses in a random order, each in a
+    random form of `LOCATION_FORMS` ('at the top left there is a large red circle', 'a small blue
+    square is in the center', ...), with the same objects and places. Only words the captions
+    already use. The stage-0 text corpus uses it (`vlm_jax.data.context_text`, ``paraphrase``) so
+    the stand-in LM reads *where* an object is whatever the wording, as a web-pretrained LM does."""
+    clauses = [_CLAUSE.match(c) for c in caption.split(", ")]
+    if not clauses or not all(clauses):
+        return None
+    order = rng.permutation(len(clauses))
+    return ", ".join(LOCATION_FORMS[int(rng.integers(len(LOCATION_FORMS)))].format(np=clauses[i].group(1),
+                                                                                  loc=clauses[i].group(2))
+                     for i in order)

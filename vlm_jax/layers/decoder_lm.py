@@ -233,6 +233,12 @@ class DecoderLM(nn.Module):
         """
         return self.token_embed(tokens)
 
+    def embed_mixture(self, weights):
+        """``weights [B, T, V]`` (distributions over the vocabulary) -> ``[B, T, E]``: each row the
+        weighted mean of the word embeddings (a soft token inside the words' convex hull)."""
+        table = jnp.asarray(self.token_embed.embedding, self.dtype)
+        return jnp.einsum("btv,ve->bte", weights.astype(self.dtype), table)
+
     def logits_from_hidden(self, hidden):
         """Final hidden states ``[B, T, E]`` (`TextOutput.hidden`) -> f32 logits ``[B, T, V]``."""
         if self.config.tie_embeddings:

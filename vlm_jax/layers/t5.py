@@ -211,6 +211,12 @@ class T5(nn.Module):
         """``tokens [B, T]`` -> shared embeddings ``[B, T, D]`` (to build ``inputs_embeds``)."""
         return self.shared(tokens)
 
+    def embed_mixture(self, weights):
+        """``weights [B, T, V]`` (distributions over the vocabulary) -> ``[B, T, D]``: each row the
+        weighted mean of the shared embeddings (a soft token inside the words' convex hull)."""
+        table = jnp.asarray(self.shared.embedding, self.dtype)
+        return jnp.einsum("btv,vd->btd", weights.astype(self.dtype), table)
+
     def encode(self, tokens=None, *, attention_mask=None, inputs_embeds=None, output_hidden_states: bool = False,
                deterministic: bool = True):
         """Encoder: ``tokens [B, S]`` (or ``inputs_embeds [B, S, D]``), ``attention_mask [B, S]``

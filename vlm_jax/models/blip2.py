@@ -367,6 +367,8 @@ def itc_similarity(image_embeds, text_embeds):
 # Tt text (target) length, Td decoder length, S = Q + Tp LM encoder length (T5).
 #
 #   soft prefix        p = W_lm QFormer(queries, f)           [B, Q, E]     ``language_projection``
+#     (``prefix='vocab_mixture'``, a named deviation: p = softmax(W_v QFormer(queries, f)) @ E_words,
+#      W_v [D, V], E_words [V, E] the frozen LM's word embeddings: each prefix vector a mixture of words)
 #   decoder-only LM    logits = LM([p; embed(prompt); embed(text)])          OPT / GPT-2 (`DecoderLM`)
 #                      loss on the text positions only: the prefix and the prompt are context
 #   encoder-decoder    encoded = Enc([p; embed(prompt)]);  logits = Dec(text, encoded)       T5
@@ -382,6 +384,9 @@ from vlm_jax.layers.decoder_lm import DecoderLM, DecoderLMConfig  # noqa: E402
 from vlm_jax.layers.t5 import T5, T5Config  # noqa: E402
 
 
+PREFIXES = ("linear", "vocab_mixture")
+
+
 @dataclasses.dataclass(frozen=True)
 class Blip2LMConfig:
     """Stage-2 model: frozen image encoder -> ``ln_vision`` -> Q-Former -> linear projection to the
@@ -393,14 +398,20 @@ class Blip2LMConfig:
       checkpoint restores into the same tree, but they are not used here).
     feature_layer / vision_norm_eps: as in `Blip2Config`.
     decoder_start_id: T5's first decoder token (its pad id, 0).
+    prefix: 'linear' (the paper: ``language_projection [D, E]``) | 'vocab_mixture' (a deviation, for
+      small LMs that read only word-like inputs: ``language_projection [D, V]``, softmax over the LM's
+      vocabulary, then the mean of its word embeddings under that distribution; `PREFIXES`).
     """
     lm: DecoderLMConfig | T5Config
     qformer: QFormerConfig = QFormerConfig(text_input=False, lm_head=False)
     feature_layer: int = -1
     vision_norm_eps: float = 1e-6
     decoder_start_id: int = 0
+    prefix: str = "linear"
 
     def __post_init__(self):
+        if self.prefix not in PREFIXES:
+            raise ValueError(f"Blip2LMConfig.prefix={self.prefix!r}; use one of {PREFIXES}.")
         if not isinstance(self.lm, (DecoderLMConfig, T5Config)):
             raise ValueError(f"Blip2LMConfig.lm must be a DecoderLMConfig (OPT) or a T5Config (Flan-T5); got "
                              f"{type(self.lm).__name__}.")
@@ -473,7 +484,8 @@ class Blip2LMModel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.ln_vision = LayerNorm(c.vision_norm_eps, name="ln_vision")            # f32 compute and params
         self.qformer = QFormer(c.qformer, name="qformer", **kw)
-        self.language_projection = Dense(c.prefix_width, ("embed", None), name="language_projection", **kw)
+        width = c.prefix_width if c.prefix == "linear" else c.lm.vocab_size
+        self.language_projection = Dense(width, ("embed", None), name="language_projection", **kw)
         self.lm = make_language_model(c, dtype=self.lm_dtype or self.dtype, param_dtype=self.param_dtype, name="lm")
 
     # ------------------------------------------------------------------ image -> prefix
@@ -490,6 +502,9 @@ class Blip2LMModel(nn.Module):
     def image_prefix(self, images, *, deterministic: bool = True):
         """``images`` -> soft prefix ``[B, Q, E]`` in the LM's compute dtype."""
         h = self.query_outputs(self.image_features(images), deterministic=deterministic)
+        if self.config.prefix == "vocab_mixture":                                     # [B, Q, V] -> [B, Q, E]
+            weights = jax.nn.softmax(self.language_projection(h).astype(jnp.float32), axis=-1)
+            return self.lm.embed_mixture(weights).astype(self.lm_dtype or self.dtype)
         return self.language_projection(h).astype(self.lm_dtype or self.dtype)
 
     def embed_inputs(self, prefix, tokens):

@@ -272,6 +272,8 @@ def validate(config) -> None:
     check_choice(config, "model.itm_negatives", ("hard", "random"))
     from vlm_jax.objectives.blip2 import PREFIX_LM_SPLITS
     check_choice(config, "model.prefix_lm_split", PREFIX_LM_SPLITS)
+    from vlm_jax.models.blip2 import PREFIXES
+    check_choice(config, "model.prefix_projection", PREFIXES)
     if config.data.get("text") is not None and config.data.text.get("random_offset", False) \
             and config.model.stage != "opt_text":
         raise ConfigError("config.data.text.random_offset=True places the OPT stage 0's documents in its position "
@@ -476,7 +478,7 @@ class Blip2GenerationTask(Blip2Task):
             # the stage-1 Q-Former layout (text params, LM head) so the stage-1 checkpoint fits it
             qcfg = qformer_config(self.config, self.stage1_vocab_size)
             cfg = Blip2LMConfig(lm=lm_config(self.config, self.lm_vocab_size, int(m.qformer.num_queries)), qformer=qcfg,
-                                feature_layer=int(m.feature_layer))
+                                feature_layer=int(m.feature_layer), prefix=str(m.get("prefix_projection", "linear")))
             self._model = Blip2LMModel(vision=build_vision(self.config), config=cfg,
                                        dtype=_dtype(self.config.train.dtype, "train.dtype"),
                                        lm_dtype=_dtype(m.lm_dtype, "model.lm_dtype"))
@@ -719,11 +721,18 @@ class Blip2TextLMTask(Task):
         evidence = None
         if self.config.data.text.get("qa_context_caption", "random") == "stating":
             from vlm_jax.data.synthetic import answer_evidence as evidence
+        paraphrase, rewrite = float(self.config.data.text.get("paraphrase", 0.0)), None
+        if paraphrase > 0:
+            if self.config.data.name != "synthetic_shapes":
+                raise ValueError(f"data.text.paraphrase={paraphrase} rewords the synthetic set's location captions "
+                                 f"(vlm_jax/data/synthetic.py:paraphrase_location); data.name="
+                                 f"{self.config.data.name!r} has no such grammar. Set it to 0.")
+            from vlm_jax.data.synthetic import paraphrase_location as rewrite
         return {k: ContextTextSource(k, meta.captions, meta.questions, tokenizer=self.tokenizer,
                                      template=self.qa_template, max_tokens=self.seq_len,
                                      num_docs=int(self.config.data.text.num_docs), seed=int(self.config.seed),
                                      evidence=evidence, layout="seq2seq" if self.seq2seq else "decoder",
-                                     max_target_tokens=self.target_len)
+                                     max_target_tokens=self.target_len, paraphrase=paraphrase, rewrite=rewrite)
                 for k in self.kinds}
 
     def train_iterator(self, *, process_index=None, process_count=None):
