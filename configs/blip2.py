@@ -319,7 +319,11 @@ def get_config(arg=None):
         # a reading corpus whose contexts state the answer (position / relation), so the stand-in LLM reads layout
         # from text as a web-pretrained one does (README, BLIP-2: stage 0 with answer-stating contexts)
         d.text.qa_context_caption = "stating"
-        d.text.random_offset = m.stage == "opt_text"
+        if m.stage == "opt_text":
+            # the OPT stage 0 that carries position answers through stage 2 (README, BLIP-2, sixth session):
+            # documents at random starts, location captions restated and reworded (the earlier rows:
+            # --config.data.text.random_offset=false --config.data.text.paraphrase=0 --config.data.text.mixture.restate=0)
+            d.text.random_offset, d.text.paraphrase, d.text.mixture.restate = True, 0.5, 1.0
         m.lm.update(STAGE0_LM if m.stage == "opt_text" else STAGE0_T5)
         o.lr, o.warmup_steps, o.end_lr_fraction, o.weight_decay, o.grad_clip = 1e-3, 100, 0.05, 0.05, 1.0
         t.batch_size = 64
