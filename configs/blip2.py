@@ -97,8 +97,9 @@ def get_config(arg=None):
     d.text.qa_context_caption = "random"
     # OPT stage 0: each document at a uniformly drawn start position in the LM's window (position ids
     # o..o+n-1, o ~ U{0..max_positions-n}), as web documents land anywhere in a pretraining window; False =
-    # every document from position 0. Stage 2 puts the text after Q prefix vectors, at positions Q.., which
-    # documents from 0 rarely reach (README, BLIP-2, sixth session). T5: refused (relative positions).
+    # every document from position 0. Stage 2 puts the text after Q prefix vectors, at positions Q..: with Q = 32
+    # an LM trained from 0 reads there far worse (README, BLIP-2, sixth session). OPT stage 0 only (T5: relative
+    # positions).
     d.text.random_offset = False
     # stage 0: the probability that a document's location caption (context, describe target) is reworded
     # (clauses reordered, place first, ...: vlm_jax/data/synthetic.py:paraphrase_location); synthetic set only

@@ -608,6 +608,13 @@ def test_location_paraphrase_and_restate():
         ContextTextSource("qa", caps, qs, paraphrase=1.5, rewrite=paraphrase_location, **kw)
     with pytest.raises(ValueError, match="needs a rewrite"):
         ContextTextSource("qa", caps, qs, paraphrase=0.5, **kw)
+    from vlm_jax.tasks import blip2 as blip2_task
+    blip2_task.validate(config_lib.load_config("configs/blip2.py:lm_opt_synthetic", {}))   # restate + paraphrase 0.5
+    with pytest.raises(config_lib.ConfigError, match="paraphrase=1.5 is a probability"):
+        blip2_task.validate(config_lib.load_config("configs/blip2.py:lm_opt_synthetic", {"data.text.paraphrase": 1.5}))
+    with pytest.raises(config_lib.ConfigError, match="has no such grammar"):
+        blip2_task.validate(config_lib.load_config("configs/blip2.py:lm_opt_synthetic",
+                                                   {"data.name": "karpathy_captions"}))
 
 
 def test_random_start_positions():

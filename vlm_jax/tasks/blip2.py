@@ -280,6 +280,15 @@ def validate(config) -> None:
                           f"window (model.stage='opt_text'); model.stage={config.model.stage!r} does not read it "
                           "(T5's relative position biases do not depend on where a document starts). Set "
                           "--config.data.text.random_offset=false.")
+    text = config.data.get("text")
+    reword = text is not None and (float(text.get("paraphrase", 0.0)) > 0
+                                   or float(text.get("mixture", {}).get("restate", 0.0)) > 0)
+    if reword and config.model.stage in TEXT_STAGES and config.data.name != "synthetic_shapes":
+        raise ConfigError(f"config.data.text.paraphrase / mixture.restate reword the synthetic set's location captions "
+                          f"(vlm_jax/data/synthetic.py:paraphrase_location); data.name={config.data.name!r} has no "
+                          "such grammar. Set --config.data.text.paraphrase=0 --config.data.text.mixture.restate=0.")
+    if text is not None and not 0.0 <= float(text.get("paraphrase", 0.0)) <= 1.0:
+        raise ConfigError(f"config.data.text.paraphrase={text.paraphrase} is a probability: use a value in [0, 1].")
     if config.model.prefix_lm_split != "none" and config.model.stage != "t5":
         raise ConfigError(f"config.model.prefix_lm_split={config.model.prefix_lm_split!r} is the encoder-decoder "
                           f"(T5) stage 2's split; model.stage={config.model.stage!r} trains with the plain LM loss "
@@ -722,11 +731,7 @@ class Blip2TextLMTask(Task):
         if self.config.data.text.get("qa_context_caption", "random") == "stating":
             from vlm_jax.data.synthetic import answer_evidence as evidence
         paraphrase, rewrite = float(self.config.data.text.get("paraphrase", 0.0)), None
-        if paraphrase > 0:
-            if self.config.data.name != "synthetic_shapes":
-                raise ValueError(f"data.text.paraphrase={paraphrase} rewords the synthetic set's location captions "
-                                 f"(vlm_jax/data/synthetic.py:paraphrase_location); data.name="
-                                 f"{self.config.data.name!r} has no such grammar. Set it to 0.")
+        if paraphrase > 0 or "restate" in self.kinds:      # the synthetic grammar's rewording (validate)
             from vlm_jax.data.synthetic import paraphrase_location as rewrite
         return {k: ContextTextSource(k, meta.captions, meta.questions, tokenizer=self.tokenizer,
                                      template=self.qa_template, max_tokens=self.seq_len,
