@@ -842,7 +842,8 @@ def test_t5_stage0_lm_then_frozen_t5_stage2(stage1_run, data_dir, tmp_path):
     q = task2.encode_question("what color is the circle?")
     batch = {"image": np.zeros((2, c2.data.image_size, c2.data.image_size, 3), np.float32),
              "prompt": np.stack([q["prompt"]] * 2), "prompt_mask": np.stack([q["prompt_mask"]] * 2)}
-    out = task2.answer(p2, {}, batch, beam_size=2, max_len=3, length_penalty=0.0)
+    answer = jax.jit(lambda p, b: task2.answer(p, {}, b, beam_size=2, max_len=3, length_penalty=0.0))
+    out = answer(p2, batch)                  # jitted, as the VQA evaluator runs it (one program, not op by op)
     assert out["tokens"].shape == (2, 3)
     from vlm_jax.tasks import blip2 as blip2_task
     with pytest.raises(config_lib.ConfigError, match="random_offset=True places the OPT stage 0"):

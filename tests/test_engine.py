@@ -270,9 +270,15 @@ def test_partial_restore_seeds_named_subtrees_from_an_earlier_run(data_dir, tmp_
     for sub in ("encoder", "att_a"):
         for k, v in _leaves(seeded[sub]).items():
             np.testing.assert_array_equal(v, _leaves(a_params[sub])[k], err_msg=f"{sub}/{k}")
-    # the rest is B's own random init
-    for k, v in _leaves(seeded["lstm_h"]).items():
-        np.testing.assert_array_equal(v, _leaves(fresh["lstm_h"])[k])
+    # the rest is B's own random init, bitwise what the full init gives, though the seeded init skipped
+    # the seeded subtrees (init_variables_except: None there, so their random draws were never compiled)
+    rest = sorted(set(fresh) - {"encoder", "att_a"})
+    assert "lstm_h" in rest and "init_h" in rest
+    for sub in rest:
+        for k, v in _leaves(seeded[sub]).items():
+            np.testing.assert_array_equal(v, _leaves(fresh[sub])[k], err_msg=f"{sub}/{k}")
+    pruned = prog.init_variables_except(("att_a", "encoder"))(jax.random.key(0))["params"]
+    assert pruned["encoder"] is None and pruned["att_a"] is None and pruned["lstm_h"] is not None
     assert seeded["init_h"]["kernel"].shape[-1] == 40
 
     # a target that B does not have, and a subtree whose shapes differ (hidden 32 vs 40); B's
@@ -287,6 +293,25 @@ def test_partial_restore_seeds_named_subtrees_from_an_earlier_run(data_dir, tmp_
     not_a_run = [init_sources.InitSource(name="encoder", target="encoder", source="checkpoint", path=str(tmp_path))]
     with pytest.raises(init_sources.InitSourceError, match=r"holds no checkpoints/"):
         init_sources.apply_sources(variables, not_a_run, prog.variable_sharding)
+
+
+def test_prune_unprune_and_unseeded_leaves_are_named():
+    """`init_sources.prune` drops a target's subtree from params and from each model-state collection
+    that has it; `unprune` puts back its shapes; a shape left unseeded is an error naming it."""
+    import jax.numpy as jnp
+    v = {"params": {"enc": {"w": jnp.ones(2)}, "dec": {"w": jnp.ones(3)}},
+         "model_state": {"batch_stats": {"enc": {"mean": jnp.zeros(2)}}, "other": {"x": jnp.zeros(1)}}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), v)
+    p = init_sources.prune(v, ("enc",))
+    assert p["params"]["enc"] is None and p["model_state"]["batch_stats"]["enc"] is None
+    assert p["params"]["dec"] is v["params"]["dec"] and p["model_state"]["other"] is v["model_state"]["other"]
+    assert v["params"]["enc"] is not None                       # the input is not modified
+    u = init_sources.unprune(p, abstract, ("enc",))
+    assert u["params"]["enc"]["w"] == abstract["params"]["enc"]["w"]
+    assert u["model_state"]["batch_stats"]["enc"]["mean"] == abstract["model_state"]["batch_stats"]["enc"]["mean"]
+    with pytest.raises(init_sources.InitSourceError, match=r"left \[.*enc/.*\] \(2 leaves\)"):
+        init_sources.check_all_seeded({"params": u["params"], "model_state": u["model_state"]}, ("enc",))
+    init_sources.check_all_seeded(v, ("enc",))
 
 
 def test_checkpoint_source_reads_a_frozen_subtree_of_the_earlier_run(data_dir, tmp_path):

@@ -146,6 +146,56 @@ def check_same_tree(want, got, *, where: str, source: InitSource) -> None:
         "name the same module.")
 
 
+def _collections(variables: dict):
+    """(key path, tree) of 'params' and of each model-state collection of ``variables``."""
+    yield ("params",), variables["params"]
+    for coll, tree in (variables.get("model_state") or {}).items():
+        if isinstance(tree, dict):
+            yield ("model_state", coll), tree
+
+
+def _with(variables: dict, keys: tuple, tree) -> dict:
+    out = dict(variables)
+    if keys == ("params",):
+        out["params"] = tree
+    else:
+        out["model_state"] = dict(out["model_state"], **{keys[1]: tree})
+    return out
+
+
+def prune(variables: dict, targets: tuple) -> dict:
+    """``variables`` ({'params', 'model_state'}) with the subtree at each target path replaced by None,
+    in 'params' and in every model-state collection that has it (a target absent from the model is
+    left for `apply_sources` to report). Used on the variables, and on their shardings."""
+    for keys, tree in list(_collections(variables)):
+        for t in targets:
+            if _get(tree, t) is not None:
+                tree = _set(tree, t, None)
+        variables = _with(variables, keys, tree)
+    return variables
+
+
+def unprune(variables: dict, abstract: dict, targets: tuple) -> dict:
+    """The inverse of `prune` on shapes: each pruned subtree becomes its ShapeDtypeStructs from
+    ``abstract`` (the full variables' shapes), which `apply_sources` then replaces with values."""
+    for (keys, tree), (_, full) in zip(list(_collections(variables)), list(_collections(abstract))):
+        for t in targets:
+            if _get(full, t) is not None:
+                tree = _set(tree, t, _get(full, t))
+        variables = _with(variables, keys, tree)
+    return variables
+
+
+def check_all_seeded(variables: dict, targets: tuple) -> None:
+    """After `apply_sources` on `unprune`'s output every leaf must be an array (never a shape)."""
+    from vlm_jax.optim import path_str
+    left = [path_str(p) for p, x in jax.tree_util.tree_leaves_with_path(variables)
+            if isinstance(x, jax.ShapeDtypeStruct)]
+    if left:
+        raise InitSourceError(f"config.init seeded targets {list(targets)} but left {left[:5]} "
+                              f"({len(left)} leaves) without values; each target's source must hold them all.")
+
+
 # ----------------------------------------------------------------------------- readers
 def _read_hf(src: InitSource) -> dict[str, Any]:
     from vlm_jax.convert import load_hf

@@ -79,12 +79,24 @@ class TrainProgram:
     state_from_variables: Callable[[dict], TrainState]  # split / cast / optimizer init
     train_step: Callable                # (state, batch, rng) -> (state, metrics), traced under the rules
     step_flops: Callable[..., flops_lib.FlopCount]  # dot/conv FLOPs of one global-batch step (traced)
+    abstract_variables: dict            # {'params', 'model_state'}: ShapeDtypeStructs of the full variables
+    init_variables_except: Callable[[tuple], Callable[[jax.Array], dict]]  # targets -> rng -> pruned variables
 
     def init_state(self, rng: jax.Array, sources=()) -> TrainState:
-        """Random init, then every `config.init` source seeds its subtree, then the state."""
-        variables = self.init_variables(rng)
-        if sources:
-            variables = init_sources.apply_sources(variables, list(sources), self.variable_sharding)
+        """Random init, then every `config.init` source seeds its subtree, then the state.
+
+        With sources, the random init skips the subtrees they seed (`init_sources.prune`): jit drops
+        the dead random draws, so a stage that reads a large frozen tower from a checkpoint or HF
+        compiles and runs the init of the new modules only. Every other leaf gets exactly the
+        value the full init gives it (flax derives each parameter's key from its module path)."""
+        if not sources:
+            return self.state_from_variables(self.init_variables(rng))
+        sources = list(sources)
+        targets = tuple(sorted({s.target for s in sources}))
+        variables = self.init_variables_except(targets)(rng)
+        variables = init_sources.unprune(variables, self.abstract_variables, targets)  # seeded: ShapeDtypeStructs
+        variables = init_sources.apply_sources(variables, sources, self.variable_sharding)
+        init_sources.check_all_seeded(variables, targets)
         return self.state_from_variables(variables)
 
     def abstract_checkpoint_item(self) -> dict:
@@ -144,6 +156,13 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
                          donate_argnums=(0,))
     init_variables = jax.jit(lambda r: nn.meta.unbox(task.init(r, local)), out_shardings=var_sh)
 
+    @functools.lru_cache(maxsize=None)
+    def init_variables_except(targets: tuple) -> Callable[[jax.Array], dict]:
+        """rng -> the variables without the subtrees at ``targets`` (None there), jitted."""
+        prune = functools.partial(init_sources.prune, targets=targets)
+        fn = jax.jit(lambda r: prune(nn.meta.unbox(task.init(r, local))), out_shardings=prune(var_sh))
+        return _traced_under_rules(fn, mesh)
+
     def step_flops(*step_args) -> flops_lib.FlopCount:
         """Traces (does not run) one step on the global batch shape. Given the step's own arguments
         ``(state, batch, rng)`` (arrays or ShapeDtypeStructs), it counts the jitted step's own trace,
@@ -164,7 +183,8 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
         init_variables=_traced_under_rules(init_variables, mesh),
         state_from_variables=_traced_under_rules(
             jax.jit(state_from_variables, out_shardings=state_sh, donate_argnums=(0,)), mesh),
-        train_step=_traced_under_rules(train_step, mesh), step_flops=step_flops)
+        train_step=_traced_under_rules(train_step, mesh), step_flops=step_flops,
+        abstract_variables=abstract_vars, init_variables_except=init_variables_except)
 
 
 def _opt_state_shardings(abstract_opt, abstract_params, param_sh, default):
