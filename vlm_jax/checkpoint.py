@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 #: slice of it. Each slice is a small jitted program per array shape and device, compiled at a run's
 #: first save: ~160 compiles, ~6 s for a tiny BLIP-2 on 8 CPU devices, for arrays whose writes take
 #: microseconds. Arrays whose slices would be under this size are written whole by one replica;
-#: large ones (a 7B model's replicated embeddings, norms stay small) keep the parallel write.
+#: large replicated arrays (e.g. a 7B LM's embedding table) keep the parallel write. Registered for
+#: jax.Array in Orbax's global handler registry when this module is imported.
 MIN_REPLICA_SLICE_BYTES = 4 << 20
 
 
