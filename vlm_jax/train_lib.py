@@ -89,10 +89,8 @@ class TrainProgram:
         the dead random draws, so a stage that reads a large frozen tower from a checkpoint or HF
         compiles and runs the init of the new modules only. Every other leaf gets exactly the
         value the full init gives it (flax derives each parameter's key from its module path)."""
-        if not sources:
-            return self.state_from_variables(self.init_variables(rng))
         sources = list(sources)
-        targets = tuple(sorted({s.target for s in sources}))
+        targets = tuple(sorted({s.target for s in sources}))     # () = the full random init
         variables = self.init_variables_except(targets)(rng)
         variables = init_sources.unprune(variables, self.abstract_variables, targets)  # seeded: ShapeDtypeStructs
         variables = init_sources.apply_sources(variables, sources, self.variable_sharding)
@@ -154,11 +152,9 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
     step_fn = functools.partial(_train_step, task=task, tx=tx, accum=accum, guard=DivergenceGuard.from_config(config))
     train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
-    init_variables = jax.jit(lambda r: nn.meta.unbox(task.init(r, local)), out_shardings=var_sh)
-
     @functools.lru_cache(maxsize=None)
     def init_variables_except(targets: tuple) -> Callable[[jax.Array], dict]:
-        """rng -> the variables without the subtrees at ``targets`` (None there), jitted."""
+        """rng -> the variables without the subtrees at ``targets`` (None there), jitted; () = all of them."""
         prune = functools.partial(init_sources.prune, targets=targets)
         fn = jax.jit(lambda r: prune(nn.meta.unbox(task.init(r, local))), out_shardings=prune(var_sh))
         return _traced_under_rules(fn, mesh)
@@ -180,7 +176,7 @@ def build_program(config, task: Task, mesh) -> TrainProgram:
     return TrainProgram(
         task=task, mesh=mesh, tx=tx, labels=labels, groups=table, abstract_state=abstract_state,
         state_sharding=state_sh, variable_sharding=var_sh, batch_sharding=batch_sh,
-        init_variables=_traced_under_rules(init_variables, mesh),
+        init_variables=init_variables_except(()),
         state_from_variables=_traced_under_rules(
             jax.jit(state_from_variables, out_shardings=state_sh, donate_argnums=(0,)), mesh),
         train_step=_traced_under_rules(train_step, mesh), step_flops=step_flops,
